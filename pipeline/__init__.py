@@ -1,0 +1,1 @@
+"""pipeline: the study's stages, configuration, orchestration (Ray Tune) and tracking (MLflow)."""

@@ -1,0 +1,58 @@
+"""`python -m pipeline <stage>`: the entry point that dvc.yaml calls for every stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    points = stages.add_parser("prepare-points", help="make the point-cloud dataset (and its meshes)")
+    points.add_argument("--params", type=Path, default=Path("params.yaml"))
+    points.add_argument("--out", type=Path, default=Path("data/prepared/points"))
+
+    images = stages.add_parser("prepare-images", help="render the point dataset's meshes as depth + normals")
+    images.add_argument("--params", type=Path, default=Path("params.yaml"))
+    images.add_argument("--points", type=Path, default=Path("data/prepared/points"))
+    images.add_argument("--out", type=Path, default=Path("data/prepared/images"))
+
+    check = stages.add_parser("check-params", help="validate params.yaml and print the resolved config")
+    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imports are deferred so that a bad params file fails before heavy libraries load.
+    from perception.data.arrays import DatasetError
+    from perception.data.meshio import UnusableMesh
+    from pipeline.stages.prepare_points import DataError
+
+    try:
+        config = load_config(args.params)
+        base_dir = args.params.resolve().parent
+        if args.stage == "check-params":
+            for key, value in config.flat().items():
+                print(f"{key}: {value}")
+        elif args.stage == "prepare-points":
+            from pipeline.stages.prepare_points import prepare_points
+
+            prepare_points(config, args.out, base_dir)
+        elif args.stage == "prepare-images":
+            from pipeline.stages.prepare_images import prepare_images
+
+            prepare_images(config, args.points, args.out)
+    except (ConfigError, DatasetError, DataError, UnusableMesh) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

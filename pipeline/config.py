@@ -1,0 +1,264 @@
+"""The study's configuration: `params.yaml` validated into typed, frozen dataclasses.
+
+Every knob lives in `params.yaml`, grouped by stage, with a top-level `seed`. `load_config` validates the
+whole file before any stage does work: an unknown key, a wrong type or an out-of-range value raises
+`ConfigError` with one line that names the key, the value and what is allowed. `StudyConfig.flat()` is the
+one flat resolved dict that goes unchanged to Ray Tune, MLflow and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from perception.data.shapes import SHAPE_NAMES
+
+DEFAULT_CLASSES = ("box", "sphere", "cylinder", "cone", "torus", "tetrahedron", "octahedron", "arrow")
+MESH_SUFFIXES = (".off", ".obj", ".ply", ".stl")
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml. The message is one line: key, value, what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, help: str = "") -> dict:
+    return {"min": lo, "max": hi, "help": help}
+
+
+@dataclass(frozen=True)
+class PointsConfig:
+    """Stage `prepare-points`: the point-cloud dataset (and the meshes it is sampled from)."""
+
+    source: Literal["procedural", "folder"] = "procedural"
+    # For `folder`: a dataset in ModelNet layout, <root>/<class>/{train,test}/*.{off,obj,ply,stl}.
+    root: str = "data/raw"
+    # The axis that points up in the folder's meshes; `y` meshes are turned so that +z is up, as everywhere.
+    up_axis: Literal["z", "y"] = "z"
+    classes: tuple[str, ...] = field(default=DEFAULT_CLASSES, metadata={"choices": SHAPE_NAMES})
+    train_per_class: int = field(default=64, metadata=_range(1, 100_000))
+    test_per_class: int = field(default=16, metadata=_range(1, 100_000))
+    num_points: int = field(default=1024, metadata=_range(8, 1_000_000))
+    # Each axis of a procedural instance is scaled by a factor drawn from [1 - a, 1 + a].
+    anisotropy: float = field(default=0.3, metadata=_range(0.0, 0.9))
+    # Standard deviation of Gaussian noise added to every point, in units of the unit ball's radius.
+    noise_std: float = field(default=0.0, metadata=_range(0.0, 0.5))
+    # True: a partial single-view scan by ray casting from a random viewpoint, instead of the whole surface.
+    partial: bool = False
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """Stage `prepare-images`: depth + normal renders of the same instances from a canonical camera."""
+
+    # The image models' patch size: every resolution must be a multiple of it.
+    patch_size: int = field(default=8, metadata=_range(1, 1024))
+    train_resolution: int = field(default=32, metadata=_range(8, 4096))
+    eval_resolutions: tuple[int, ...] = field(default=(32, 48, 64), metadata=_range(8, 4096))
+    camera_distance: float = field(default=2.5, metadata=_range(1.05, 100.0))
+    camera_azimuth_deg: float = field(default=-60.0, metadata=_range(-360.0, 360.0))
+    camera_elevation_deg: float = field(default=25.0, metadata=_range(-89.0, 89.0))
+    fov_deg: float = field(default=50.0, metadata=_range(1.0, 170.0))
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Every resolution the test split is rendered at, the training one included, ascending."""
+        return tuple(sorted({self.train_resolution, *self.eval_resolutions}))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the stages run; outputs never depend on these, so dvc.yaml does not track them."""
+
+    workers: int = field(default=0, metadata=_range(0, 1024, "0 means one per CPU core"))
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    points: PointsConfig = PointsConfig()
+    images: ImagesConfig = ImagesConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict, `section.key: value`, lists for tuples: for Ray Tune, MLflow and checkpoints."""
+        return _flatten(dataclasses.asdict(self))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: a small typed reader; every message names the key, the value and what is allowed.
+
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _describe(tp: Any, meta: dict) -> str:
+    origin = typing.get_origin(tp)
+    lo, hi = meta.get("min"), meta.get("max")
+    bounds = ""
+    if lo is not None and hi is not None:
+        bounds = f" from {lo} to {hi}"
+    elif lo is not None:
+        bounds = f" >= {lo}"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if "choices" in meta:
+            return "a list of names from: " + ", ".join(meta["choices"])
+        return f"a non-empty list, each {_describe(inner, {})}{bounds}"
+    name = {int: "an integer", float: "a number", bool: "a boolean (true or false)", str: "a string"}[tp]
+    extra = f" ({meta['help']})" if meta.get("help") else ""
+    return f"{name}{bounds}{extra}"
+
+
+def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    def bad(why: str = "") -> ConfigError:
+        allowed = _describe(tp, meta)
+        return ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}{why}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, list | tuple) or not value:
+            raise bad()
+        items = tuple(
+            _convert(f"{key}[{i}]", v, inner, {**meta, "choices": None}) for i, v in enumerate(value)
+        )
+        choices = meta.get("choices")
+        for item in items:
+            if choices and item not in choices:
+                raise ConfigError(f"{key}: unknown name {item!r}; allowed: {', '.join(choices)}")
+        if len(set(items)) != len(items):
+            raise bad(", without repeats")
+        return items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif tp is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a string: accept a numeric literal written that way.
+        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad()
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str) or not value:
+            raise bad()
+        return value
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad()
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} = {data!r} is not allowed: expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed in {where}: {', '.join(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(f"{prefix}{name}", data[name], tp, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
+    images = config.images
+    for key, res in [("images.train_resolution", images.train_resolution)] + [
+        (f"images.eval_resolutions[{i}]", r) for i, r in enumerate(images.eval_resolutions)
+    ]:
+        if res % images.patch_size:
+            raise ConfigError(
+                f"{key} = {res} is not allowed: "
+                f"expected a multiple of images.patch_size = {images.patch_size}"
+            )
+    points = config.points
+    if points.source == "folder":
+        root = resolve_path(points.root, base_dir)
+        if not root.is_dir():
+            raise ConfigError(
+                f"points.root = {points.root!r} is not allowed: "
+                "expected an existing folder in ModelNet layout "
+                "(<root>/<class>/train/*, <root>/<class>/test/*)"
+            )
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise ConfigError(
+                f"points.root = {points.root!r} is not allowed: it holds no class folders "
+                "(expected <root>/<class>/train/* and <root>/<class>/test/*)"
+            )
+        for class_dir in class_dirs:
+            for split in ("train", "test"):
+                if not (class_dir / split).is_dir():
+                    raise ConfigError(
+                        f"points.root = {points.root!r} is not allowed: {class_dir.name}/{split}/ is missing "
+                        "(every class folder needs train/ and test/)"
+                    )
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def parse_config(data: Any, base_dir: Path | str = ".") -> StudyConfig:
+    """Validate a params mapping (as read from YAML) into a StudyConfig, or raise ConfigError."""
+    config = _build(StudyConfig, data, "")
+    _check_cross_fields(config, Path(base_dir))
+    return config
+
+
+def load_config(path: Path | str = "params.yaml") -> StudyConfig:
+    """Read and validate a params file. Relative data paths are relative to the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the params file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    try:
+        return parse_config(data, path.resolve().parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

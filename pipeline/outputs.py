@@ -1,0 +1,36 @@
+"""Stage outputs are written to a temporary folder beside the target and renamed into place when whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _temporary_siblings(final: Path) -> list[Path]:
+    return sorted(final.parent.glob(f".{final.name}.tmp-*"))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `final` by a rename, on error it is removed.
+
+    Leftovers of a run that was killed (`.<name>.tmp-<pid>`) are removed first, so a reader never sees a
+    partial output under the real name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _temporary_siblings(final):
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)

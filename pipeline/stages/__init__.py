@@ -1,0 +1,1 @@
+"""One module per `dvc.yaml` stage: read the validated config, call the library, write declared outputs."""

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny params and mesh files the tests write themselves (nothing reads ../shared)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import StudyConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS = {
+    "seed": 7,
+    "points": {
+        "classes": ["box", "sphere", "cone", "torus"],
+        "train_per_class": 3,
+        "test_per_class": 2,
+        "num_points": 64,
+    },
+    "images": {"patch_size": 4, "train_resolution": 16, "eval_resolutions": [16, 24]},
+    "runtime": {"workers": 1, "progress": False},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    def make(**sections) -> StudyConfig:
+        return parse_config(merge(TINY_PARAMS, sections), tmp_path)
+
+    return make
+
+
+def write_params(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- mesh files -------------------------------------------------------------------------------------------
+
+CUBE_VERTICES = np.array(
+    [[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]], dtype=float
+)
+CUBE_QUADS = [[0, 3, 2, 1], [4, 5, 6, 7], [0, 1, 5, 4], [2, 3, 7, 6], [1, 2, 6, 5], [0, 4, 7, 3]]
+CUBE_TRIANGLES = np.array([t for q in CUBE_QUADS for t in ([q[0], q[1], q[2]], [q[0], q[2], q[3]])])
+
+
+def off_text(vertices: np.ndarray, faces: list, quirk: bool = False) -> str:
+    counts = f"{len(vertices)} {len(faces)} 0"
+    header = f"OFF{counts}\n" if quirk else f"OFF\n{counts}\n"
+    rows = [" ".join(f"{c:g}" for c in v) for v in vertices]
+    rows += [" ".join(map(str, [len(f), *f])) for f in faces]
+    return header + "\n".join(rows) + "\n"
+
+
+def stl_binary(triangles: np.ndarray) -> bytes:
+    """triangles float[F, 3, 3] -> binary STL bytes."""
+    data = bytearray(b"binary stl written by the tests".ljust(80, b" "))
+    data += struct.pack("<I", len(triangles))
+    for tri in triangles:
+        data += struct.pack("<12fH", 0, 0, 0, *tri.reshape(-1), 0)
+    return bytes(data)
+
+
+def stl_ascii(triangles: np.ndarray, name: str = "solid0") -> str:
+    lines = [f"solid {name}"]
+    for tri in triangles:
+        lines += ["facet normal 0 0 0", "outer loop", *[f"vertex {x:g} {y:g} {z:g}" for x, y, z in tri]]
+        lines += ["endloop", "endfacet"]
+    return "\n".join(lines + [f"endsolid {name}"]) + "\n"
+
+
+def ply_binary(vertices: np.ndarray, faces: np.ndarray | None) -> bytes:
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(vertices)}"]
+    header += ["property float x", "property float y", "property float z"]
+    if faces is not None:
+        header += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
+    body = np.asarray(vertices, dtype="<f4").tobytes()
+    if faces is not None:
+        body += b"".join(struct.pack("<B3i", 3, *f) for f in faces)
+    return ("\n".join(header + ["end_header"]) + "\n").encode() + body
+
+
+def ply_ascii_points(vertices: np.ndarray) -> str:
+    header = ["ply", "format ascii 1.0", f"element vertex {len(vertices)}"]
+    header += ["property float x", "property float y", "property float z", "end_header"]
+    return "\n".join(header + [" ".join(f"{c:g}" for c in v) for v in vertices]) + "\n"

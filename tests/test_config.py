@@ -1,0 +1,124 @@
+"""params.yaml validation: typed, frozen config; every bad value a one-line error naming key and allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, StudyConfig, load_config, parse_config
+from tests.conftest import REPO, TINY_PARAMS, merge, write_params
+
+
+def test_repo_params_file_is_valid_and_complete():
+    config = load_config(REPO / "params.yaml")
+    assert isinstance(config, StudyConfig)
+    flat = config.flat()
+    for key in ("seed", "points.source", "points.root", "points.num_points", "points.classes"):
+        assert key in flat
+    # Every knob of the config is written out in params.yaml (no hidden defaults).
+    import yaml
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in ("points", "images", "runtime"):
+        fields = {f.name for f in dataclasses.fields(getattr(config, section))}
+        assert fields == set(written[section]), section
+
+
+def test_config_is_frozen():
+    config = parse_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.points.num_points = 3  # type: ignore[misc]
+
+
+def test_flat_config_is_one_level_of_plain_values():
+    flat = parse_config(TINY_PARAMS).flat()
+    assert flat["points.classes"] == ["box", "sphere", "cone", "torus"]
+    assert flat["images.eval_resolutions"] == [16, 24]
+    assert all(not isinstance(v, dict | tuple) for v in flat.values())
+
+
+def test_yaml_exponent_without_dot_is_read_as_a_number():
+    assert parse_config({"points": {"noise_std": "1e-3"}}).points.noise_std == 0.001
+
+
+BAD = [
+    ({"points": {"num_points": -5}}, ["points.num_points", "-5", "integer from 8"]),
+    ({"points": {"num_points": 3.5}}, ["points.num_points", "3.5", "integer"]),
+    ({"points": {"num_points": True}}, ["points.num_points", "True", "integer"]),
+    ({"points": {"nmu_points": 10}}, ["points.nmu_points", "unknown key", "num_points"]),
+    ({"pionts": {}}, ["pionts", "unknown key", "points"]),
+    ({"points": {"classes": ["box", "blob"]}}, ["points.classes", "'blob'", "sphere"]),
+    ({"points": {"classes": []}}, ["points.classes", "list of names"]),
+    ({"points": {"classes": ["box", "box"]}}, ["points.classes", "without repeats"]),
+    ({"points": {"source": "mesh"}}, ["points.source", "'mesh'", "'procedural', 'folder'"]),
+    ({"points": {"partial": "yes"}}, ["points.partial", "'yes'", "boolean"]),
+    ({"points": {"noise_std": -0.1}}, ["points.noise_std", "-0.1", "from 0.0 to 0.5"]),
+    ({"points": {"anisotropy": 1.5}}, ["points.anisotropy", "1.5"]),
+    ({"points": {"up_axis": "x"}}, ["points.up_axis", "'z', 'y'"]),
+    ({"seed": "abc"}, ["seed", "'abc'", "integer"]),
+    ({"seed": -1}, ["seed", "-1"]),
+    ({"images": {"train_resolution": 0}}, ["images.train_resolution", "0"]),
+    (
+        {"images": {"eval_resolutions": [16, 18]}},
+        ["images.eval_resolutions[1] = 18", "multiple of images.patch_size = 4"],
+    ),
+    ({"images": {"train_resolution": 30}}, ["images.train_resolution = 30", "multiple of images.patch_size"]),
+    ({"images": {"eval_resolutions": 32}}, ["images.eval_resolutions", "list"]),
+    ({"images": {"fov_deg": 180}}, ["images.fov_deg", "180"]),
+    ({"runtime": {"workers": -1}}, ["runtime.workers", "-1"]),
+    (
+        {"points": {"source": "folder", "root": "no/such/dir"}},
+        ["points.root", "'no/such/dir'", "ModelNet layout"],
+    ),
+    ({"points": "many"}, ["points", "'many'", "mapping"]),
+]
+
+
+@pytest.mark.parametrize("override,expected", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_values_fail_with_one_line_naming_key_value_and_allowed(override, expected, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(merge(TINY_PARAMS, override), tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_folder_root_checks_layout(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    with pytest.raises(ConfigError, match="holds no class folders"):
+        parse_config({"points": {"source": "folder", "root": str(root)}}, tmp_path)
+    (root / "chair" / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="chair/test/ is missing"):
+        parse_config({"points": {"source": "folder", "root": "ds"}}, tmp_path)
+    (root / "chair" / "test").mkdir()
+    assert parse_config({"points": {"source": "folder", "root": "ds"}}, tmp_path).points.root == "ds"
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("points: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+
+
+def test_stage_command_fails_fast_with_one_line_and_writes_nothing(tmp_path):
+    params = write_params(tmp_path / "params.yaml", merge(TINY_PARAMS, {"points": {"num_points": -5}}))
+    out = tmp_path / "out" / "points"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prepare-points", "--params", str(params), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "points.num_points = -5" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
