@@ -1,0 +1,188 @@
+"""Exact neighbour graphs and farthest point sampling for batches of point clouds, in plain torch.
+
+torch-geometric 2.8's `knn_graph`/`radius_graph`/`fps` need pyg-lib (not installable here), and PyG's CPU
+`radius` caps neighbours at 32 and favours some quadrants, which breaks exact rotation invariance. These
+versions work on a dense batch `pos: float[B, N, D]` (D = 3 for coordinates, any D for feature space) with a
+per-sample distance matrix and `topk`: exact, uncapped, never linking two samples.
+
+Graphs come back PyG-style: `edge_index: long[2, E]` as (source, target) over the flattened B*N nodes (node
+`b * N + i` is point i of sample b), so messages flow from neighbour (source) to centre (target) as in
+`torch_geometric.nn.MessagePassing` with its default flow. Each fast path has a slow reference beside it
+(`*_ref`, plain Python loops over pairs) that the tests compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+# Distance matrices are built a few samples at a time so that b * M * N stays below this many elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_pos(pos: Tensor) -> None:
+    if pos.dim() != 3:
+        raise ValueError(f"pos must be [B, N, D], got shape {tuple(pos.shape)}")
+
+
+def _distance_chunks(target: Tensor, source: Tensor, exact: bool) -> Iterator[tuple[int, Tensor]]:
+    """Yield (first sample, distances float[b, M, N] from targets to sources) over chunks of the batch."""
+    batch, num_targets, _ = target.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, num_targets * source.shape[1]))
+    # Differences (not |a|^2 + |b|^2 - 2ab) keep distances exact up to rounding, hence rotation invariant.
+    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist"
+    for start in range(0, batch, step):
+        yield (
+            start,
+            torch.cdist(target[start : start + step], source[start : start + step], compute_mode=mode),
+        )
+
+
+def _knn(source: Tensor, target: Tensor, k: int, same: bool, loop: bool, exact: bool) -> Tensor:
+    batch, num_targets, _ = target.shape
+    num_sources = source.shape[1]
+    neighbours = []
+    for start, dist in _distance_chunks(target.detach(), source.detach(), exact):
+        if same and not loop:
+            dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+        idx = dist.topk(k, dim=2, largest=False).indices  # [b, M, k]
+        offsets = (torch.arange(idx.shape[0], device=idx.device) + start) * num_sources
+        neighbours.append(idx + offsets[:, None, None])
+    src = torch.cat(neighbours).reshape(-1)  # [B * M * k]
+    dst = torch.arange(batch * num_targets, device=target.device).repeat_interleave(k)
+    return torch.stack([src, dst])
+
+
+def knn_graph(pos: Tensor, k: int, loop: bool = False, exact: bool = True) -> Tensor:
+    """Edges from each point's k nearest neighbours (within its own sample) to the point.
+
+    pos: float[B, N, D]. Returns long[2, B * N * k]: (neighbour, centre), grouped by centre in point order.
+    With `loop`, a point counts as its own neighbour (distance 0). `exact=False` computes distances through a
+    matrix product: faster in high-dimensional feature space, but rounding may reorder near-ties.
+    """
+    _check_pos(pos)
+    available = pos.shape[1] if loop else pos.shape[1] - 1
+    if not 1 <= k <= available:
+        raise ValueError(f"k = {k} needs 1 <= k <= {available} for {pos.shape[1]} points (loop={loop})")
+    return _knn(pos, pos, k, same=True, loop=loop, exact=exact)
+
+
+def knn(source: Tensor, target: Tensor, k: int, exact: bool = True) -> Tensor:
+    """Bipartite edges from each target point's k nearest source points (same sample) to the target.
+
+    source: float[B, N, D], target: float[B, M, D]. Returns long[2, B * M * k]: (source node over B*N,
+    target node over B*M), grouped by target. A target that is also a source gets itself as a neighbour.
+    """
+    _check_pos(source)
+    _check_pos(target)
+    if source.shape[0] != target.shape[0] or source.shape[2] != target.shape[2]:
+        raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in B or D")
+    if not 1 <= k <= source.shape[1]:
+        raise ValueError(f"k = {k} needs 1 <= k <= {source.shape[1]} source points")
+    return _knn(source, target, k, same=False, loop=True, exact=exact)
+
+
+def radius_graph(pos: Tensor, r: float, loop: bool = False) -> Tensor:
+    """Edges between every pair of distinct points (within a sample) at distance <= r, with no neighbour cap.
+
+    pos: float[B, N, D]. Returns long[2, E]: (neighbour, centre), sorted by centre then neighbour.
+    """
+    _check_pos(pos)
+    if not r >= 0:
+        raise ValueError(f"r = {r} must be >= 0")
+    num_points = pos.shape[1]
+    edges = []
+    for start, dist in _distance_chunks(pos.detach(), pos.detach(), exact=True):
+        within = dist <= r
+        if not loop:
+            within.diagonal(dim1=1, dim2=2).fill_(False)
+        b, centre, neighbour = within.nonzero(as_tuple=True)
+        offset = (b + start) * num_points
+        edges.append(torch.stack([offset + neighbour, offset + centre]))
+    return torch.cat(edges, dim=1)
+
+
+def farthest_point_sampling(pos: Tensor, m: int) -> Tensor:
+    """Indices long[B, m] of m points per sample, each the farthest from those already chosen.
+
+    The first point is the one farthest from the sample's centroid, so the choice depends only on the
+    geometry: it is invariant to rotations, translations and the order of points (up to exact ties).
+    """
+    _check_pos(pos)
+    batch, num_points, _ = pos.shape
+    if not 1 <= m <= num_points:
+        raise ValueError(f"m = {m} needs 1 <= m <= {num_points}")
+    pos = pos.detach()
+    rows = torch.arange(batch, device=pos.device)
+    centred = pos - pos.mean(dim=1, keepdim=True)
+    current = centred.square().sum(-1).argmax(dim=1)  # [B]
+    chosen = torch.empty(batch, m, dtype=torch.long, device=pos.device)
+    nearest = torch.full((batch, num_points), float("inf"), dtype=pos.dtype, device=pos.device)
+    for step in range(m):
+        chosen[:, step] = current
+        # Squared distance from the newest pick to every point; keep each point's distance to the set.
+        new = (pos - pos[rows, current][:, None]).square().sum(-1)  # [B, N]
+        nearest = torch.minimum(nearest, new)
+        current = nearest.argmax(dim=1)
+    return chosen
+
+
+# Slow references: one pair at a time, for the tests.
+
+
+def _sq_dist(a: Tensor, b: Tensor) -> float:
+    return float(sum((float(x) - float(y)) ** 2 for x, y in zip(a.tolist(), b.tolist(), strict=True)))
+
+
+def knn_graph_ref(pos: Tensor, k: int, loop: bool = False) -> set[tuple[int, int]]:
+    """The kNN graph as a set of (neighbour, centre) node pairs, by sorting every pair's distance."""
+    batch, num_points, _ = pos.shape
+    edges = set()
+    for b in range(batch):
+        for i in range(num_points):
+            others = [j for j in range(num_points) if loop or j != i]
+            others.sort(key=lambda j: _sq_dist(pos[b, i], pos[b, j]))
+            edges.update((b * num_points + j, b * num_points + i) for j in others[:k])
+    return edges
+
+
+def knn_ref(source: Tensor, target: Tensor, k: int) -> set[tuple[int, int]]:
+    """The bipartite kNN graph as a set of (source node, target node) pairs, by sorting every pair."""
+    batch, num_targets, _ = target.shape
+    num_sources = source.shape[1]
+    edges = set()
+    for b in range(batch):
+        for i in range(num_targets):
+            order = sorted(range(num_sources), key=lambda j: _sq_dist(target[b, i], source[b, j]))
+            edges.update((b * num_sources + j, b * num_targets + i) for j in order[:k])
+    return edges
+
+
+def radius_graph_ref(pos: Tensor, r: float, loop: bool = False) -> set[tuple[int, int]]:
+    """The radius graph as a set of (neighbour, centre) node pairs, testing every pair."""
+    batch, num_points, _ = pos.shape
+    return {
+        (b * num_points + j, b * num_points + i)
+        for b in range(batch)
+        for i in range(num_points)
+        for j in range(num_points)
+        if (loop or i != j) and _sq_dist(pos[b, i], pos[b, j]) <= r * r
+    }
+
+
+def farthest_point_sampling_ref(pos: Tensor, m: int) -> list[list[int]]:
+    """Farthest point sampling one sample and one point at a time."""
+    result = []
+    for cloud in pos:
+        centroid = cloud.mean(dim=0)
+        first = max(range(len(cloud)), key=lambda i: _sq_dist(cloud[i], centroid))
+        picks = [first]
+        nearest = [_sq_dist(p, cloud[first]) for p in cloud]
+        while len(picks) < m:
+            nxt = max(range(len(cloud)), key=lambda i: nearest[i])
+            picks.append(nxt)
+            nearest = [min(d, _sq_dist(p, cloud[nxt])) for d, p in zip(nearest, cloud, strict=True)]
+        result.append(picks)
+    return result

@@ -1,0 +1,319 @@
+"""The selective scan of Mamba (Gu & Dao 2023, arXiv 2312.00752, Algorithm 2), on CPU or any torch device.
+
+`selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)` has the signature and meaning of
+`selective_scan_ref` in state-spaces/mamba (`mamba_ssm/ops/selective_scan_interface.py`), for a real A and
+input-dependent B, C. Per channel d and state n, with h_0 = 0:
+
+    delta  <- softplus(delta + delta_bias)                  (each step optional)
+    h_t    =  exp(delta_t * A) * h_{t-1}  +  delta_t * B_t * u_t
+    y_t    =  <h_t, C_t>                                     (sum over the n states)
+    out_t  =  (y_t + D * u_t) * silu(z_t)                    (D and z optional)
+
+Glossary: code names, paper symbols, shapes (b batch, d channels, l length (L in code), n states, g groups)
+    u           x      the input sequence                                   [b, d, l]
+    delta       Δ      per-token, per-channel step size                     [b, d, l]
+    A           A      diagonal state matrix (real, < 0 for a stable scan)  [d, n]
+    B, C        B, C   input-dependent input/output maps                    [b, n, l] or [b, g, n, l]
+                       (with g groups, channel d uses group d // (d_total / g), as in mamba_ssm)
+    D           D      skip connection                                      [d]
+    z           -      the Mamba block's gate branch                        [b, d, l]
+    delta_bias  -      added to delta before the softplus                   [d]
+    h           h      the hidden state                                     [b, d, n]
+    dA          Ā      exp(Δ A): the discretised (zero-order hold) decay    [.., d, n]
+    dBu         B̄ x    Δ B x: the discretised input (Mamba's simplified B̄)  [.., d, n]
+
+Two paths, each taking the same arguments:
+  - `selective_scan_ref`: the plain sequential reference, a Python loop over time with autograd.
+  - `selective_scan_chunked`: the CPU fast path (backend "chunked"), a `torch.autograd.Function` whose
+    forward is the same recurrence run without autograd and whose backward is the hand-written adjoint
+    recurrence run backwards in time. It works on time chunks: each chunk's Ā and B̄x are built for that
+    chunk only, and forward keeps just the state at each chunk start, so backward recomputes a chunk's
+    states from there. Memory is O(b d l + b d n l / chunk) instead of the O(b d n l) tensors autograd
+    would keep per step, and only exp of Δ A <= 0 appears, so nothing overflows (a cumsum/exp-of-cumsum
+    form overflows with Mamba's A down to -16).
+`selective_scan(..., backend="auto")` dispatches by name through `SCAN_BACKENDS`, so faster backends (a
+compiled or CUDA kernel) can be registered beside these. Everything is computed in float32 (float64 stays
+float64) and returned in the dtype of u.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+# Target elements of one chunk tensor [chunk, b, d, n]: about 1 MiB of float32, so a chunk stays in cache.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+# --------------------------------------------------------------------------------------- shared pre/post
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 when the input is float64 (so gradcheck can run in double)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> None:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be [b, d, l]; got {tuple(u.shape)} and {tuple(delta.shape)}")
+    b, d, L = u.shape
+    if A.dim() != 2 or A.shape[0] != d or A.is_complex():
+        raise ValueError(f"A must be real [d={d}, n]; got {tuple(A.shape)} {A.dtype}")
+    n = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        ok = M.dim() == 3 and M.shape == (b, n, L)
+        ok = ok or (M.dim() == 4 and M.shape[0] == b and M.shape[2:] == (n, L) and d % M.shape[1] == 0)
+        if not ok:
+            raise ValueError(
+                f"{name} must be [b, n, l] or [b, g, n, l] with g dividing d; got {tuple(M.shape)}"
+            )
+
+
+def _prepare(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Cast to the compute dtype, apply delta_bias and softplus, and give B, C a group axis [b, g, n, l]."""
+    _check_shapes(u, delta, A, B, C)
+    ct = _compute_dtype(u.dtype)
+    u, delta, A, B, C = u.to(ct), delta.to(ct), A.to(ct), B.to(ct), C.to(ct)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]  # [b, d, l]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B = B if B.dim() == 4 else B.unsqueeze(1)  # [b, g, n, l]
+    C = C if C.dim() == 4 else C.unsqueeze(1)  # [b, g, n, l]
+    return u, delta, A, B, C
+
+
+def _finish(
+    y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """out = (y + D u) * silu(z), each term optional, cast back to the input dtype. All [b, d, l]."""
+    out = y if D is None else y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(y.dtype))
+    return out.to(dtype)
+
+
+# ------------------------------------------------------------------------------- the sequential reference
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The plain recurrence, one Python step per token, differentiated by autograd. Returns [b, d, l].
+
+    Shapes are in the module glossary. Slow (autograd keeps every step), but obviously right: it is what
+    the fast paths are tested against.
+    """
+    dtype_in = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    b, d, L = u.shape
+    g, n = B.shape[1], A.shape[1]
+    dA = torch.exp(delta[..., None] * A[:, None, :])  # [b, d, l, n]
+    # Each channel reads its group's B: view d as (g, d/g).
+    dBu = (delta * u).view(b, g, d // g, L, 1) * B.transpose(2, 3).unsqueeze(2)  # [b, g, d/g, l, n]
+    dBu = dBu.reshape(b, d, L, n)  # [b, d, l, n]
+    Cd = C.transpose(2, 3).unsqueeze(2).expand(b, g, d // g, L, n).reshape(b, d, L, n)  # [b, d, l, n]
+    h = u.new_zeros(b, d, n)
+    ys = []
+    # unbind, not x[:, :, t]: indexing inside the loop made backward 150x slower here (one huge
+    # index-backward per step, each zero-filling a full-size gradient).
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Cd.unbind(2), strict=True):
+        h = dA_t * h + dBu_t  # [b, d, n]
+        ys.append((h * C_t).sum(-1))  # [b, d]
+    y = torch.stack(ys, dim=-1)  # [b, d, l]
+    return _finish(y, u, D, z, dtype_in)
+
+
+# ---------------------------------------------------------------- the fast path: chunks + adjoint backward
+
+
+def _chunk_length(b: int, d: int, n: int, L: int) -> int:
+    return max(16, min(L, _CHUNK_ELEMENTS // max(1, b * d * n)))
+
+
+def _chunk_inputs(
+    uT: torch.Tensor, deltaT: torch.Tensor, A: torch.Tensor, BT: torch.Tensor, t0: int, t1: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ā and B̄x of steps t0..t1, time-major so each step is one contiguous [b, d, n] block.
+
+    uT, deltaT: [l, b, d]; A: [d, n]; BT: [l, b, g, n]. Returns dA, dBu, each [t1 - t0, b, d, n].
+    """
+    T, b, d = uT[t0:t1].shape
+    g, n = BT.shape[2], BT.shape[3]
+    dA = torch.exp(deltaT[t0:t1, :, :, None] * A)  # [T, b, d, n]
+    du = (deltaT[t0:t1] * uT[t0:t1]).view(T, b, g, d // g, 1)  # [T, b, g, d/g, 1]
+    dBu = (du * BT[t0:t1, :, :, None, :]).view(T, b, d, n)  # [T, b, d, n]
+    return dA, dBu
+
+
+def _scan_inplace(dA: torch.Tensor, dBu: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Run h_t = Ā_t h_{t-1} + B̄x_t over a chunk, overwriting dBu [T, b, d, n] with the states h_t.
+
+    One fused in-place kernel per step on pre-sliced views keeps Python overhead at its floor.
+    Returns the last state [b, d, n] (a view into dBu).
+    """
+    for dA_t, h_t in zip(dA.unbind(0), dBu.unbind(0), strict=True):
+        h = h_t.addcmul_(dA_t, h)
+    return h
+
+
+def _grouped(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[T, b, d, ...] -> [T*b, g, d/g, ...] so a per-group B or C meets its channels in one matmul."""
+    T, b, d = x.shape[:3]
+    return x.reshape(T * b, g, d // g, *x.shape[3:])  # [T*b, g, d/g, ...]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y = scan(u, delta, A, B, C) with delta already biased/softplussed; y, u, delta [b, d, l]."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk):
+        b, d, L = u.shape
+        g, n = B.shape[1], A.shape[1]
+        uT, deltaT = u.permute(2, 0, 1).contiguous(), delta.permute(2, 0, 1).contiguous()  # [l, b, d]
+        BT, CT = B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous()  # [l, b, g, n]
+        yT = u.new_empty(L, b, d)
+        starts = range(0, L, chunk)
+        h0s = u.new_empty(len(starts), b, d, n)  # the state entering each chunk: all backward needs
+        h = u.new_zeros(b, d, n)
+        for c, t0 in enumerate(starts):
+            t1 = min(t0 + chunk, L)
+            h0s[c] = h
+            dA, hs = _chunk_inputs(uT, deltaT, A, BT, t0, t1)
+            h = _scan_inplace(dA, hs, h)  # hs: [T, b, d, n]
+            # y_t = sum_n h_t C_t, as one batched matmul per chunk.
+            y = _grouped(hs, g) @ CT[t0:t1].reshape(-1, g, n, 1)  # [T*b, g, d/g, 1]
+            yT[t0:t1] = y.view(t1 - t0, b, d)  # [T, b, d]
+        ctx.save_for_backward(uT, deltaT, A, BT, CT, h0s)
+        ctx.chunk = chunk
+        return yT.permute(1, 2, 0).contiguous()  # [b, d, l]
+
+    @staticmethod
+    @once_differentiable  # the in-place adjoint is not itself differentiable: fail loudly on double backward
+    def backward(ctx, gy):
+        uT, deltaT, A, BT, CT, h0s = ctx.saved_tensors
+        L, b, d = uT.shape
+        g, n = BT.shape[2], BT.shape[3]
+        gyT = gy.permute(2, 0, 1).contiguous()  # [l, b, d]
+        du, ddelta = torch.empty_like(uT), torch.empty_like(uT)  # [l, b, d]
+        dB, dC = torch.empty_like(BT), torch.empty_like(CT)  # [l, b, g, n]
+        dA_param = torch.zeros_like(A)  # [d, n]
+        # carry = Ā_{t+1} * dL/dh_{t+1}: the adjoint flowing into step t from the step after it.
+        carry = uT.new_zeros(b, d, n)
+        for c in reversed(range(h0s.shape[0])):
+            t0 = c * ctx.chunk
+            t1 = min(t0 + ctx.chunk, L)
+            T = t1 - t0
+            dA, hs = _chunk_inputs(uT, deltaT, A, BT, t0, t1)  # recompute the chunk's states from h0s[c]
+            _scan_inplace(dA, hs, h0s[c])  # hs: [T, b, d, n]
+            gy_c = gyT[t0:t1]  # [T, b, d]
+            # dL/dC_t = sum_d gy_t h_t (per group).
+            dC[t0:t1] = (gy_c.reshape(T * b, g, 1, d // g) @ _grouped(hs, g)).view(T, b, g, n)  # [T, b, g, n]
+            # dL/dh_t = gy_t C_t + Ā_{t+1} dL/dh_{t+1}: the adjoint recurrence, backwards, in place.
+            dh = (_grouped(gy_c[..., None], g) * CT[t0:t1].view(T * b, g, 1, n)).view(T, b, d, n)
+            steps, decays = dh.unbind(0), dA.unbind(0)
+            steps[-1].add_(carry)
+            for i in range(T - 2, -1, -1):
+                steps[i].addcmul_(steps[i + 1], decays[i + 1])
+            carry = steps[0] * decays[0]
+            # Through B̄x_t = Δ_t u_t B_t: q_t = sum_n dh_t B_t feeds u and Δ; dB sums dh over channels.
+            q = (_grouped(dh, g) @ BT[t0:t1].reshape(T * b, g, n, 1)).view(T, b, d)  # [T, b, d]
+            du[t0:t1] = q * deltaT[t0:t1]
+            ddelta[t0:t1] = q * uT[t0:t1]
+            du_c = (deltaT[t0:t1] * uT[t0:t1]).reshape(T * b, g, 1, d // g)  # [T*b, g, 1, d/g]
+            dB[t0:t1] = (du_c @ _grouped(dh, g)).view(T, b, g, n)  # [T, b, g, n]
+            # Through Ā_t = exp(Δ_t A): dL/d(Δ_t A) = dh_t * h_{t-1} * Ā_t (overwrites dA in place).
+            dlogA = dA.mul_(dh)  # [T, b, d, n]
+            dlogA[1:].mul_(hs[:-1])
+            dlogA[0].mul_(h0s[c])
+            ddelta[t0:t1] += (dlogA * A).sum(-1)  # [T, b, d]
+            dA_param += torch.einsum("tbdn,tbd->dn", dlogA, deltaT[t0:t1])
+        return (
+            du.permute(1, 2, 0),  # [b, d, l]
+            ddelta.permute(1, 2, 0),  # [b, d, l]
+            dA_param,
+            dB.permute(1, 2, 3, 0),  # [b, g, n, l]
+            dC.permute(1, 2, 3, 0),  # [b, g, n, l]
+            None,
+        )
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The fast path: same arguments and result as `selective_scan_ref`, [b, d, l].
+
+    `chunk` (time steps per chunk) trades memory for nothing else; by default a chunk tensor
+    [chunk, b, d, n] is about 1 MiB. Bias, softplus, D and the gate are plain autograd around the scan.
+    """
+    dtype_in = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    b, d, L = u.shape
+    chunk = chunk or _chunk_length(b, d, A.shape[1], L)
+    y = _ChunkedScan.apply(u, delta, A, B, C, chunk)  # [b, d, l]
+    return _finish(y, u, D, z, dtype_in)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+ScanFn = Callable[..., torch.Tensor]
+
+# name -> implementation; every entry takes selective_scan_ref's arguments. "auto" is resolved below.
+SCAN_BACKENDS: dict[str, ScanFn] = {"ref": selective_scan_ref, "chunked": selective_scan_chunked}
+BACKEND_NAMES = ("auto", *SCAN_BACKENDS)
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend `backend` means here; "auto" is the fastest one available."""
+    if backend == "auto":
+        return "chunked"
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"scan backend {backend!r} is not one of {', '.join(BACKEND_NAMES)}")
+    return backend
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mamba's selective scan, [b, d, l]; arguments as in `selective_scan_ref`, run by `backend`."""
+    scan = SCAN_BACKENDS[resolve_backend(backend)]
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

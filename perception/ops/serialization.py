@@ -1,0 +1,137 @@
+"""Serialising a 2D token grid into a 1D sequence, and measuring how much spatial proximity survives.
+
+A sequence model (a Mamba scan) sees an image's patch grid as one sequence; the order decides which grid
+neighbours end up far apart in the sequence. `scan_order(name, height, width)` returns a permutation
+`order` with `order[i]` = the row-major index (y * width + x) of the token at sequence position i:
+
+- "rowmajor": left to right, top to bottom. Each row end jumps back across the whole grid.
+- "snake": boustrophedon; odd rows run right to left, so consecutive tokens are always grid neighbours.
+- "hilbert": the generalised Hilbert curve ("gilbert", after Jakub Červený's algorithm), which fills
+  any rectangle, not only 2^k squares, and keeps 2D blocks together in 1D.
+
+What holds for "hilbert" (checked for every size up to 32 x 32 in tests/test_serialization.py):
+consecutive tokens are 4-neighbours on every grid except when the long side is odd and the short side
+is even and at least 4 (e.g. 4 x 5); there the curve takes exactly one diagonal step. (A path of unit
+steps from one end of the long side to the other does not exist there: colour the grid like a
+chessboard; the path must alternate colours but its two ends do not fit the count.)
+
+`locality_stats(order, height, width)` measures the "serialisation breaks spatial proximity" claim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+import torch
+
+SCAN_ORDERS = ("rowmajor", "snake", "hilbert")
+
+
+def _sign(v: int) -> int:
+    return (v > 0) - (v < 0)
+
+
+def _gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> Iterator[tuple[int, int]]:
+    """Fill the rectangle spanned from corner (x, y) by the major axis (ax, ay) and minor axis (bx, by).
+
+    Yields (x, y) cells, starting at (x, y) and ending at the far end of the major axis. Splits the
+    rectangle into two (if long and thin) or three sub-rectangles, each filled by a recursive call with
+    rotated axes, choosing even split sizes where possible so the pieces join with unit steps.
+    """
+    w, h = abs(ax + ay), abs(bx + by)  # extents along the major and the minor axis
+    dax, day = _sign(ax), _sign(ay)  # unit step along the major axis
+    dbx, dby = _sign(bx), _sign(by)  # unit step along the minor axis
+    if h == 1:  # a single row: walk along it
+        for i in range(w):
+            yield x + i * dax, y + i * day
+        return
+    if w == 1:  # a single column
+        for i in range(h):
+            yield x + i * dbx, y + i * dby
+        return
+    ax2, ay2 = ax // 2, ay // 2
+    bx2, by2 = bx // 2, by // 2
+    w2, h2 = abs(ax2 + ay2), abs(bx2 + by2)
+    if 2 * w > 3 * h:
+        # Long case: cut across the major axis into two halves walked one after the other.
+        if w2 % 2 and w > 2:  # an even first half lets the second start next to the first's end
+            ax2, ay2 = ax2 + dax, ay2 + day
+        yield from _gilbert(x, y, ax2, ay2, bx, by)
+        yield from _gilbert(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by)
+    else:
+        # Standard case: up the first half of the minor axis, across the far part, back down.
+        if h2 % 2 and h > 2:
+            bx2, by2 = bx2 + dbx, by2 + dby
+        yield from _gilbert(x, y, bx2, by2, ax2, ay2)
+        yield from _gilbert(x + bx2, y + by2, ax, ay, bx - bx2, by - by2)
+        yield from _gilbert(
+            x + (ax - dax) + (bx2 - dbx), y + (ay - day) + (by2 - dby), -bx2, -by2, -(ax - ax2), -(ay - ay2)
+        )
+
+
+def _hilbert(height: int, width: int) -> list[int]:
+    # The major axis is the longer side, so the curve runs from the top-left to the end of that side.
+    cells = _gilbert(0, 0, width, 0, 0, height) if width >= height else _gilbert(0, 0, 0, height, width, 0)
+    return [y * width + x for x, y in cells]
+
+
+@lru_cache(maxsize=256)
+def _order(name: str, height: int, width: int) -> torch.Tensor:
+    if name == "rowmajor":
+        return torch.arange(height * width)
+    if name == "snake":
+        grid = torch.arange(height * width).view(height, width)  # [h, w] row-major indices
+        grid[1::2] = grid[1::2].flip(-1)  # odd rows right to left
+        return grid.flatten()  # [h*w]
+    return torch.tensor(_hilbert(height, width), dtype=torch.long)
+
+
+def scan_order(name: str, height: int, width: int) -> torch.Tensor:
+    """LongTensor[height*width]: sequence position -> row-major token index, for a grid of h x w tokens.
+
+    Apply as `tokens[:, order]` to tokens [B, h*w, dim] in row-major order. Cached per (name, h, w);
+    a fresh copy is returned, so callers may modify it.
+    """
+    if name not in SCAN_ORDERS:
+        raise ValueError(f"scan order {name!r} is not one of {', '.join(SCAN_ORDERS)}")
+    if height < 1 or width < 1:
+        raise ValueError(f"grid {height}x{width} must be at least 1x1")
+    return _order(name, int(height), int(width)).clone()
+
+
+def locality_stats(order: torch.Tensor, height: int, width: int, window: int = 4) -> dict[str, float]:
+    """How well a serialisation keeps grid neighbours together. order: LongTensor[h*w] as from scan_order.
+
+    Returns, over the 4-neighbour pairs of grid cells and their |sequence distance| ("gap", 1 is ideal):
+      grid_nbr_seq_dist_mean / _max: the mean and max gap
+      grid_nbr_seq_dist_geomean: the geometric mean gap. The arithmetic mean is ruled by the few pairs on
+        either side of a big seam: on 16 x 16 it is 8.5 for rowmajor but 9.9 for hilbert, although
+        hilbert keeps most neighbours much closer (geometric mean 2.7 vs 4.0)
+      grid_nbr_within_window_frac: the fraction of pairs with gap < `window`, i.e. both inside one causal
+        conv1d window of that width (Mamba's d_conv, 4 by default)
+    and over consecutive tokens and their Manhattan grid distance ("step", 1 is ideal):
+      seq_nbr_grid_dist_mean / _max: the mean and max step
+      seq_nbr_adjacent_frac: the fraction of steps of length 1
+    """
+    n = height * width
+    order = order.long().cpu()
+    if order.shape != (n,) or not torch.equal(order.sort().values, torch.arange(n)):
+        raise ValueError(f"order must be a permutation of range({n})")
+    pos = torch.empty(n, dtype=torch.long)
+    pos[order] = torch.arange(n)  # token -> sequence position
+    grid = pos.view(height, width)  # [h, w] sequence position of each cell
+    gaps = torch.cat([(grid[:, 1:] - grid[:, :-1]).flatten(), (grid[1:] - grid[:-1]).flatten()]).abs()
+    ys, xs = order // width, order % width  # [n] grid coordinates in sequence order
+    steps = (ys[1:] - ys[:-1]).abs() + (xs[1:] - xs[:-1]).abs()  # [n-1] Manhattan length of each step
+    one = torch.ones(1, dtype=torch.long)  # a 1x1 grid has neither neighbours nor steps: count it ideal
+    gaps, steps = (gaps if gaps.numel() else one), (steps if steps.numel() else one)
+    return {
+        "grid_nbr_seq_dist_mean": gaps.double().mean().item(),
+        "grid_nbr_seq_dist_max": float(gaps.max()),
+        "grid_nbr_seq_dist_geomean": gaps.double().log().mean().exp().item(),
+        "grid_nbr_within_window_frac": (gaps < window).double().mean().item(),
+        "seq_nbr_grid_dist_mean": steps.double().mean().item(),
+        "seq_nbr_grid_dist_max": float(steps.max()),
+        "seq_nbr_adjacent_frac": (steps == 1).double().mean().item(),
+    }

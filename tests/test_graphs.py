@@ -1,0 +1,136 @@
+"""Exact neighbour graphs and farthest point sampling against their slow references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from e3nn import o3
+
+from perception.ops.graphs import (
+    farthest_point_sampling,
+    farthest_point_sampling_ref,
+    knn,
+    knn_graph,
+    knn_graph_ref,
+    knn_ref,
+    radius_graph,
+    radius_graph_ref,
+)
+
+
+def _cloud(batch: int, num_points: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, num_points, 3, generator=generator, dtype=dtype) * 2 - 1
+
+
+def _edge_set(edge_index: torch.Tensor) -> set[tuple[int, int]]:
+    return set(map(tuple, edge_index.t().tolist()))
+
+
+def _per_centre_neighbour_sets(edge_index: torch.Tensor, num_nodes: int) -> list[set[int]]:
+    sets: list[set[int]] = [set() for _ in range(num_nodes)]
+    for src, dst in edge_index.t().tolist():
+        sets[dst].add(src)
+    return sets
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_knn_graph_matches_brute_force(loop: bool) -> None:
+    pos = _cloud(3, 40)
+    edge_index = knn_graph(pos, k=7, loop=loop)
+    assert edge_index.shape == (2, 3 * 40 * 7)
+    assert edge_index.dtype == torch.long
+    assert _edge_set(edge_index) == knn_graph_ref(pos, k=7, loop=loop)
+    # Each centre appears exactly k times, never as its own neighbour unless loop.
+    assert torch.equal(torch.bincount(edge_index[1], minlength=120), torch.full((120,), 7))
+    assert loop == bool((edge_index[0] == edge_index[1]).any())
+
+
+def test_bipartite_knn_matches_brute_force() -> None:
+    source, target = _cloud(2, 50, seed=8), _cloud(2, 12, seed=9)
+    edge_index = knn(source, target, k=5)
+    assert edge_index.shape == (2, 2 * 12 * 5)
+    assert _edge_set(edge_index) == knn_ref(source, target, k=5)
+    assert torch.equal(edge_index[0] // 50, edge_index[1] // 12)  # each target's sources are from its sample
+    # A target that is also a source finds itself first (distance 0).
+    assert torch.equal(knn(source, source[:, :7], k=1)[0] % 50, torch.arange(7).repeat(2))
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_radius_graph_matches_brute_force(loop: bool) -> None:
+    pos = _cloud(3, 40, seed=1)
+    edge_index = radius_graph(pos, r=0.6, loop=loop)
+    assert _edge_set(edge_index) == radius_graph_ref(pos, r=0.6, loop=loop)
+    assert edge_index.shape[1] == len(_edge_set(edge_index))  # no duplicates
+
+
+def test_radius_graph_has_no_neighbour_cap() -> None:
+    # 200 points in a tiny ball: every point has all 199 others within r (PyG's CPU radius caps at 32).
+    pos = _cloud(2, 200, seed=2) * 0.01
+    edge_index = radius_graph(pos, r=1.0)
+    assert edge_index.shape[1] == 2 * 200 * 199
+    assert torch.equal(torch.bincount(edge_index[1]), torch.full((400,), 199))
+
+
+def test_no_cross_sample_edges() -> None:
+    # Sample 1 is a copy of sample 0 shifted by a tiny amount: nearest points lie across samples if mixed.
+    pos = _cloud(1, 50, seed=3)
+    pos = torch.cat([pos, pos + 1e-6, pos - 1e-6])
+    for edge_index in (knn_graph(pos, k=5), radius_graph(pos, r=0.8), knn_graph(pos, k=5, exact=False)):
+        assert torch.equal(edge_index[0] // 50, edge_index[1] // 50)
+
+
+def test_graphs_are_invariant_to_rotation() -> None:
+    pos = _cloud(2, 64, seed=4)
+    rotated = pos @ o3.rand_matrix(dtype=torch.float64).T
+    assert _edge_set(knn_graph(rotated, k=8)) == _edge_set(knn_graph(pos, k=8))
+    assert _edge_set(radius_graph(rotated, r=0.5)) == _edge_set(radius_graph(pos, r=0.5))
+    assert torch.equal(farthest_point_sampling(rotated, 16), farthest_point_sampling(pos, 16))
+
+
+def test_graphs_are_invariant_to_permutation() -> None:
+    pos = _cloud(1, 64, seed=5)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    permuted = pos[:, perm]
+    for build in (lambda p: knn_graph(p, k=6), lambda p: radius_graph(p, r=0.5)):
+        original = _per_centre_neighbour_sets(build(pos), 64)
+        moved = _per_centre_neighbour_sets(build(permuted), 64)
+        # Point i of `permuted` is point perm[i] of `pos`: map indices back and compare as sets.
+        for i in range(64):
+            assert {int(perm[j]) for j in moved[i]} == original[int(perm[i])]
+    picks = farthest_point_sampling(pos, 20)[0]
+    picks_permuted = perm[farthest_point_sampling(permuted, 20)[0]]
+    assert torch.equal(picks, picks_permuted)
+
+
+def test_farthest_point_sampling_matches_reference() -> None:
+    pos = _cloud(3, 50, seed=6)
+    picks = farthest_point_sampling(pos, 12)
+    assert picks.tolist() == farthest_point_sampling_ref(pos, 12)
+    assert all(len(set(row)) == 12 for row in picks.tolist())
+
+
+def test_chunked_distance_matrices_give_the_same_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    from perception.ops import graphs
+
+    pos = _cloud(5, 30, seed=7)
+    whole = knn_graph(pos, k=4)
+    monkeypatch.setattr(graphs, "_CHUNK_ELEMENTS", 30 * 30 * 2)  # two samples per chunk
+    assert torch.equal(knn_graph(pos, k=4), whole)
+    assert _edge_set(radius_graph(pos, r=0.5)) == radius_graph_ref(pos, r=0.5)
+
+
+def test_bad_arguments_raise() -> None:
+    pos = _cloud(1, 10)
+    with pytest.raises(ValueError, match="k = 10"):
+        knn_graph(pos, k=10)
+    with pytest.raises(ValueError, match="B, N, D"):
+        knn_graph(pos[0], k=3)
+    with pytest.raises(ValueError, match="m = 11"):
+        farthest_point_sampling(pos, 11)
+    with pytest.raises(ValueError, match="r = -1"):
+        radius_graph(pos, r=-1.0)
+    with pytest.raises(ValueError, match="k = 11"):
+        knn(pos, pos[:, :3], k=11)
+    with pytest.raises(ValueError, match="differ in B or D"):
+        knn(pos, _cloud(2, 3), k=2)
