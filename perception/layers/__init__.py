@@ -1,0 +1,1 @@
+"""Layers shared by model families, one concept per file."""

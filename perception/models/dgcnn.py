@@ -1,0 +1,119 @@
+"""DGCNN: EdgeConv on k-nearest-neighbour graphs rebuilt in feature space at every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import EdgeConv
+
+from perception.models.registry import check
+from perception.ops.graphs import farthest_point_sampling, knn_graph
+
+
+def _edge_mlp(c_in: int, c_out: int) -> nn.Sequential:
+    """h([x_i, x_j - x_i]) of one EdgeConv: Linear-BN-LeakyReLU(0.2) on each edge, as in the paper."""
+    return nn.Sequential(nn.Linear(2 * c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2))
+
+
+class DynamicEdgeBlock(nn.Module):
+    """EdgeConv (max over neighbours) on the kNN graph of this block's own input features."""
+
+    def __init__(self, c_in: int, c_out: int, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.conv = EdgeConv(_edge_mlp(c_in, c_out), aggr="max")
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, N, C]; the graph is rebuilt from x (coordinates for the first block, features after that).
+        batch, num_points, channels = x.shape
+        # A matrix-product distance is fine here: features have no symmetry to preserve beyond point order.
+        edge_index = knn_graph(x, self.k, loop=True, exact=channels <= 3)
+        out = self.conv(x.reshape(batch * num_points, channels), edge_index)  # [B*N, c_out]
+        return out.reshape(batch, num_points, -1)
+
+
+@dataclass(frozen=True)
+class DGCNNConfig:
+    num_classes: int = 8
+    dim: int = 256  # width of the per-point embedding that is pooled; 1024 in the paper
+    depth: int = 4  # EdgeConv blocks, widths width * (1, 1, 2, 4, 8, ...); the paper: 4 of 64, 64, 128, 256
+    width: int = 32  # width of the first EdgeConv block
+    k: int = 10  # neighbours per point, the point itself included; 20 in the paper
+    num_points: int = 256  # points kept by farthest point sampling before the first block; 0 keeps all
+    dropout: float = 0.5  # in the head, as in the paper
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.num_classes, int) and self.num_classes >= 2, self, "num_classes", "an int >= 2")
+        check(isinstance(self.dim, int) and self.dim >= 4, self, "dim", "an int >= 4")
+        check(isinstance(self.depth, int) and self.depth >= 1, self, "depth", "an int >= 1")
+        check(isinstance(self.width, int) and self.width >= 1, self, "width", "an int >= 1")
+        check(isinstance(self.k, int) and self.k >= 1, self, "k", "an int >= 1")
+        check(
+            isinstance(self.num_points, int) and (self.num_points == 0 or self.num_points >= self.k),
+            self,
+            "num_points",
+            "0 (keep all points) or an int >= k",
+        )
+        check(
+            isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+            self,
+            "dropout",
+            "a number in [0, 1)",
+        )
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.width * 2 ** max(0, i - 1) for i in range(self.depth)]
+
+
+SIZES: dict[str, dict] = {
+    "tiny": {"dim": 256, "depth": 4, "width": 32, "k": 10, "num_points": 256},
+    "small": {"dim": 512, "depth": 4, "width": 64, "k": 20, "num_points": 0},
+    "base": {"dim": 1024, "depth": 4, "width": 64, "k": 20, "num_points": 0},
+}
+
+
+class DGCNN(nn.Module):
+    r"""The DGCNN classifier from `"Dynamic Graph CNN for Learning on Point Clouds"
+    <https://arxiv.org/abs/1801.07829>`_ (Wang et al. 2019), with `torch_geometric.nn.EdgeConv`.
+
+    Input float32[B, N, 3] (N >= k), output logits [B, num_classes]. Each block links every point to its k
+    nearest neighbours in the block's input space (xyz first, learned features after: the "dynamic" graph) and
+    applies EdgeConv, `max_j h([x_i, x_j - x_i])`. The blocks' outputs are concatenated, embedded to `dim` per
+    point, pooled by max and mean over points and classified by an MLP. Invariant to the order of points;
+    not to rotations. `num_points` > 0 first subsamples by farthest point sampling (a CPU-speed option).
+    """
+
+    def __init__(self, config: DGCNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        widths = c.widths
+        self.blocks = nn.ModuleList(
+            DynamicEdgeBlock(c_in, c_out, c.k) for c_in, c_out in zip([3] + widths[:-1], widths, strict=True)
+        )
+        self.embed = nn.Sequential(
+            nn.Linear(sum(widths), c.dim, bias=False), nn.BatchNorm1d(c.dim), nn.LeakyReLU(0.2)
+        )
+        hidden = [2 * c.dim, c.dim // 2, c.dim // 4]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(hidden[:-1], hidden[1:], strict=True):
+            layers += [nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2)]
+            layers.append(nn.Dropout(c.dropout))
+        self.head = nn.Sequential(*layers, nn.Linear(hidden[-1], c.num_classes))
+
+    def forward(self, pos: Tensor) -> Tensor:
+        if 0 < self.config.num_points < pos.shape[1]:
+            idx = farthest_point_sampling(pos, self.config.num_points)  # [B, M]
+            pos = torch.gather(pos, 1, idx[..., None].expand(-1, -1, 3))  # [B, M, 3]
+        features, x = [], pos
+        for block in self.blocks:
+            x = block(x)  # [B, N, width_i]
+            features.append(x)
+        batch, num_points, _ = x.shape
+        x = torch.cat(features, dim=2).reshape(batch * num_points, -1)  # [B*N, sum(widths)]
+        x = self.embed(x).reshape(batch, num_points, -1)  # [B, N, dim]
+        pooled = torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=1)  # [B, 2 * dim]
+        return self.head(pooled)

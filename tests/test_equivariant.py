@@ -1,0 +1,231 @@
+"""The e3nn point network: equivariant layers, invariant logits (untrained and trained), config and state."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from e3nn import o3
+from e3nn.util.test import assert_equivariant
+
+from perception.models.equivariant import (
+    SIZES,
+    E3nnConfig,
+    E3nnNet,
+    GatedConvolution,
+    PointConvolution,
+)
+from perception.models.registry import ModelConfigError
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the logits' magnitude
+
+
+def _clouds(batch: int, num_points: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Points on anisotropic ellipsoid surfaces plus noise, inside the unit ball like the study's data."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(batch, num_points, 3, generator=generator, dtype=torch.float64)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    scales = 0.3 + 0.7 * torch.rand(batch, 1, 3, generator=generator, dtype=torch.float64)
+    noise = 0.02 * torch.randn(batch, num_points, 3, generator=generator, dtype=torch.float64)
+    return (directions * scales + noise).to(dtype)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # e3nn computes its Clebsch-Gordan constants at construction in the default dtype: a float64 model must be
+    # built under float64, or `.double()` keeps float32-accurate constants (errors ~1e-9 instead of ~1e-15).
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _model(dtype: torch.dtype, seed: int = 0, **overrides: object) -> E3nnNet:
+    torch.manual_seed(seed)
+    with _default_dtype(dtype):
+        return E3nnNet(E3nnConfig(**{**SIZES["tiny"], **overrides}))
+
+
+def _rotation_error(model: E3nnNet, pos: torch.Tensor, trials: int = 3) -> float:
+    """Largest change of the logits under random rotations, relative to the logits' magnitude."""
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        logits = model(pos)
+        worst = 0.0
+        for _ in range(trials):
+            rotation = _rand_rotation(generator, pos.dtype)
+            change = (model(pos @ rotation.T) - logits).abs().max() / logits.abs().max()
+            worst = max(worst, float(change))
+    return worst
+
+
+def _rand_rotation(generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    # o3.rand_matrix draws from the global generator: seed it from ours so each test is reproducible.
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    return o3.rand_matrix(dtype=torch.float64).to(dtype)
+
+
+def _train_a_little(model: E3nnNet, dtype: torch.dtype, steps: int = 5) -> None:
+    pos = _clouds(8, 160, dtype, seed=9)
+    labels = torch.arange(8) % model.config.num_classes
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(pos), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("bipartite", [False, True])
+@pytest.mark.parametrize("layer_cls", [PointConvolution, GatedConvolution])
+def test_convolution_layers_are_equivariant(layer_cls: type, bipartite: bool) -> None:
+    torch.manual_seed(0)
+    irreps_in, irreps_sh = o3.Irreps("4x0e + 2x1o + 2x2e"), o3.Irreps.spherical_harmonics(2)
+    with _default_dtype(torch.float64):
+        layer = layer_cls(
+            irreps_in, irreps_sh, "6x0e + 3x1o + 2x2e", num_basis=5, radial_hidden=8, num_neighbors=3
+        )
+    num_sources, num_targets, num_edges = 10, (6 if bipartite else 10), 30
+    args = [
+        irreps_in.randn(num_sources, -1, dtype=torch.float64),
+        torch.randint(0, num_sources, (num_edges,)),
+        torch.randint(0, num_targets, (num_edges,)),
+        o3.spherical_harmonics(irreps_sh, torch.randn(num_edges, 3, dtype=torch.float64), normalize=True),
+        torch.rand(num_edges, 5, dtype=torch.float64),
+    ]
+    irreps = [irreps_in, None, None, irreps_sh, "5x0e"]
+    if bipartite:  # targets have their own features, for the self-connection
+        args.append(irreps_in.randn(num_targets, -1, dtype=torch.float64))
+        irreps.append(irreps_in)
+    assert layer.irreps_in == irreps_in
+    assert layer(*args).shape == (num_targets, layer.irreps_out.dim)
+    with _default_dtype(torch.float64):  # e3nn builds the Wigner D matrices in the default dtype
+        errors = assert_equivariant(
+            layer, args_in=args, irreps_in=irreps, irreps_out=[layer.irreps_out], tolerance=1e-10
+        )
+    assert max(float(e.max()) for e in errors.values()) < 1e-10
+
+
+def test_model_passes_e3nn_assert_equivariant() -> None:
+    # Rotations, reflections and translations of the cloud leave the logits (scalars, 0e) unchanged.
+    model = _model(torch.float64)
+    pos = _clouds(2, 200, torch.float64)
+    assert_equivariant(
+        model, args_in=[pos], irreps_in=["cartesian_points"], irreps_out=[f"{model.config.num_classes}x0e"]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logits_are_rotation_invariant_untrained_and_trained(dtype: torch.dtype) -> None:
+    model = _model(dtype)
+    pos = _clouds(4, 256, dtype, seed=1)
+    assert _rotation_error(model, pos) < TOLERANCE[dtype]
+    _train_a_little(model, dtype)
+    assert _rotation_error(model, pos) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logits_are_invariant_to_translation_and_point_order(dtype: torch.dtype) -> None:
+    model = _model(dtype)
+    pos = _clouds(3, 256, dtype, seed=2)
+    with torch.no_grad():
+        logits = model(pos)
+        scale = logits.abs().max()
+        shifted = model(pos + torch.tensor([0.7, -0.4, 0.25], dtype=dtype))
+        perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+        permuted = model(pos[:, perm])
+    assert (shifted - logits).abs().max() / scale < TOLERANCE[dtype]
+    assert (permuted - logits).abs().max() / scale < TOLERANCE[dtype]
+
+
+def test_each_cloud_is_classified_on_its_own() -> None:
+    model = _model(torch.float64)
+    pos = _clouds(3, 200, torch.float64, seed=3)
+    with torch.no_grad():
+        together = model(pos)
+        alone = torch.cat([model(pos[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_preprocess_builds_the_graphs_apart_from_message_passing() -> None:
+    model = _model(torch.float64)
+    cfg = model.config
+    pos = _clouds(2, 300, torch.float64, seed=5) + 3.0
+    graph = model.preprocess(pos)
+    assert graph.points.shape == (2, 300, 3) and graph.centres.shape == (2, cfg.num_points, 3)
+    torch.testing.assert_close(graph.points.mean(dim=1), torch.zeros(2, 3, dtype=torch.float64))
+    assert graph.down.shape == (2, 2 * cfg.num_points * cfg.k_input)
+    assert graph.edges.shape == (2, 2 * cfg.num_points * cfg.k)
+    # Centres are input points; every centre's nearest input point is itself.
+    points, centres = graph.points.reshape(-1, 3), graph.centres.reshape(-1, 3)
+    first = graph.down[0].reshape(-1, cfg.k_input)[:, 0]
+    torch.testing.assert_close(points[first], centres, rtol=0, atol=0)
+
+
+def test_weight_gain_changes_the_steps_not_the_function() -> None:
+    pos = _clouds(2, 200, torch.float32, seed=6)
+    plain, gained = _model(torch.float32, weight_gain=1.0), _model(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(gained(pos), plain(pos))
+    stored = dict(gained.named_parameters())["layers.0.conv.sc.parametrizations.weight.original"]
+    torch.testing.assert_close(stored * gained.config.weight_gain, gained.layers[0].conv.sc.weight)
+    assert not any("parametrizations" in name for name, _ in gained.head.named_parameters())
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_sizes_build_and_map_clouds_to_logits(size: str) -> None:
+    model = E3nnNet(E3nnConfig(**SIZES[size], num_classes=5))
+    assert model.irreps_out == o3.Irreps(f"{model.config.dim}x0e")
+    if size == "tiny":
+        # Fewer points than num_points: all are kept; float32 in, float32 logits out.
+        out = model(_clouds(2, 50, torch.float32))
+        assert out.shape == (2, 5) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = _model(torch.float32)
+    model(_clouds(2, 200, torch.float32)).square().sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_deepcopy_and_state_dict_round_trip() -> None:
+    model = _model(torch.float32)
+    _train_a_little(model, torch.float32, steps=2)
+    pos = _clouds(2, 200, torch.float32, seed=4)
+    with torch.no_grad():
+        expected = model(pos)
+        torch.testing.assert_close(copy.deepcopy(model)(pos), expected, rtol=0, atol=0)
+        fresh = _model(torch.float32, seed=1)
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh(pos), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_classes", 1),
+        ("dim", 0),
+        ("mul", 0),
+        ("depth", 0),
+        ("lmax", 0),
+        ("lmax", 5),
+        ("k", 0),
+        ("k_input", 0),
+        ("weight_gain", 0.0),
+        ("num_points", 8),
+        ("num_basis", 1),
+        ("radial_hidden", 0),
+        ("max_radius", 0.0),
+        ("dim", 2.5),
+    ],
+)
+def test_bad_config_values_raise_one_line_errors(key: str, value: object) -> None:
+    with pytest.raises(ModelConfigError, match=f"E3nnConfig.{key} = ") as info:
+        E3nnConfig(**{key: value})
+    assert "\n" not in str(info.value)

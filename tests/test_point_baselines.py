@@ -1,0 +1,120 @@
+"""PointNet and DGCNN: shapes, invariance to point order, gradients and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from perception.models import dgcnn, pointnet
+from perception.models.registry import ModelConfigError
+
+FAMILIES = {
+    "pointnet": (pointnet.PointNetConfig, pointnet.PointNet, pointnet.SIZES),
+    "dgcnn": (dgcnn.DGCNNConfig, dgcnn.DGCNN, dgcnn.SIZES),
+}
+
+
+def _clouds(batch: int, num_points: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, num_points, 3, generator=generator) * 2 - 1
+
+
+def _build(family: str, size: str = "tiny", **overrides: object) -> nn.Module:
+    config_cls, model_cls, sizes = FAMILIES[family]
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{**sizes[size], **overrides}))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_sizes_map_clouds_to_logits(family: str, size: str) -> None:
+    # Small inputs even for the big sizes: the sizes differ in widths, not in what they accept.
+    model = _build(family, size, num_classes=5).eval()
+    with torch.no_grad():
+        out = model(_clouds(2, 64))
+    assert out.shape == (2, 5) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert model.config.num_classes == 5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("train", [False, True])
+def test_logits_are_invariant_to_point_order(family: str, train: bool) -> None:
+    # In training mode too: BatchNorm statistics over a batch do not depend on the order of its points.
+    model = _build(family, num_points=256) if family == "dgcnn" else _build(family)
+    model.train(train)
+    if train:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # dropout masks are drawn per position, not per point
+    pos = _clouds(3, 300, seed=1)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, permuted = model(pos), model(pos[:, perm])
+    torch.testing.assert_close(permuted, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pointnet_input_transform_starts_as_identity() -> None:
+    plain = _build("pointnet", input_transform=False).eval()
+    with_tnet = _build("pointnet", input_transform=True).eval()
+    with_tnet.features.load_state_dict(plain.features.state_dict())
+    with_tnet.head.load_state_dict(plain.head.state_dict())
+    pos = _clouds(2, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(with_tnet(pos), plain(pos))
+
+
+def test_models_are_not_rotation_invariant() -> None:
+    # The study's premise: without 3D structure, a rotation changes the logits.
+    rotation = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    pos = _clouds(2, 128, seed=2)
+    for family in FAMILIES:
+        model = _build(family, num_points=0) if family == "dgcnn" else _build(family)
+        with torch.no_grad():
+            model.eval()
+            assert not torch.allclose(model(pos @ rotation.T), model(pos), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradients_reach_every_parameter(family: str) -> None:
+    overrides = {"input_transform": True} if family == "pointnet" else {"num_points": 128}
+    model = _build(family, **overrides)
+    if family == "pointnet":
+        # The T-Net's last layer starts at zero, which blocks gradients to the layers before it at step 0.
+        nn.init.normal_(model.transform.regress[-1].weight, std=1e-2)
+    model(_clouds(4, 160)).logsumexp(dim=1).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_dgcnn_rebuilds_the_graph_from_features() -> None:
+    model = _build("dgcnn", num_points=0, depth=2)
+    seen: list[torch.Tensor] = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(_clouds(2, 64))
+    assert seen[0].shape == (2, 64, model.config.width)  # the second block's graph is over learned features
+
+
+CONFIG_ERRORS = [
+    ("pointnet", "num_classes", 1),
+    ("pointnet", "dim", 2),
+    ("pointnet", "depth", 1),
+    ("pointnet", "width", 0),
+    ("pointnet", "dropout", 1.0),
+    ("pointnet", "input_transform", "yes"),
+    ("dgcnn", "num_classes", 0),
+    ("dgcnn", "dim", 3),
+    ("dgcnn", "depth", 0),
+    ("dgcnn", "width", 0),
+    ("dgcnn", "k", 0),
+    ("dgcnn", "num_points", 5),
+    ("dgcnn", "dropout", -0.1),
+]
+
+
+@pytest.mark.parametrize(("family", "key", "value"), CONFIG_ERRORS)
+def test_bad_config_values_raise_one_line_errors(family: str, key: str, value: object) -> None:
+    config_cls = FAMILIES[family][0]
+    with pytest.raises(ModelConfigError, match=f"{config_cls.__name__}.{key} = ") as info:
+        config_cls(**{key: value})
+    assert "\n" not in str(info.value)
