@@ -1,0 +1,1 @@
+"""Benchmarks: every comparison is made against a baseline measured in the same run."""
