@@ -22,6 +22,15 @@ def _parser() -> argparse.ArgumentParser:
     images.add_argument("--points", type=Path, default=Path("data/prepared/points"))
     images.add_argument("--out", type=Path, default=Path("data/prepared/images"))
 
+    train = stages.add_parser(
+        "train", help="train every model variant in one Ray Tune run, tracked in MLflow"
+    )
+    train.add_argument("--params", type=Path, default=Path("params.yaml"))
+    train.add_argument("--points", type=Path, default=Path("data/prepared/points"))
+    train.add_argument("--images", type=Path, default=Path("data/prepared/images"))
+    train.add_argument("--out", type=Path, default=Path("data/train"))
+    train.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+
     check = stages.add_parser("check-params", help="validate params.yaml and print the resolved config")
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
@@ -33,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from perception.data.arrays import DatasetError
     from perception.data.meshio import UnusableMesh
     from pipeline.stages.prepare_points import DataError
+    from pipeline.stages.train import TrainingError
 
     try:
         config = load_config(args.params)
@@ -48,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages.prepare_images import prepare_images
 
             prepare_images(config, args.points, args.out)
-    except (ConfigError, DatasetError, DataError, UnusableMesh) as err:
+        elif args.stage == "train":
+            from pipeline.stages.train import train
+
+            train(config, args.points, args.images, args.out, args.metrics, base_dir)
+    except (ConfigError, DatasetError, DataError, UnusableMesh, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

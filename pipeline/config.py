@@ -23,6 +23,9 @@ from perception.data.shapes import SHAPE_NAMES
 DEFAULT_CLASSES = ("box", "sphere", "cylinder", "cone", "torus", "tetrahedron", "octahedron", "arrow")
 MESH_SUFFIXES = (".off", ".obj", ".ply", ".stl")
 
+# YAML 1.1 reads `1e-3` (no dot) as a string; values that look like this are read as numbers.
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
 
 class ConfigError(ValueError):
     """A bad value in params.yaml. The message is one line: key, value, what is allowed."""
@@ -80,11 +83,180 @@ class RuntimeConfig:
     progress: bool = True
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Training: the models to train and their search space.
+
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+# Keys of a `train.models` entry that are not the family's own hparams.
+TRIAL_KEYS = ("family", "size", "augment", "lr", "weight_decay", "batch_size", "points_per_cloud")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A searched value: `grid` (one trial per value, the study's comparisons), `choice`, or a range.
+
+    `uniform`/`loguniform` are float ranges [lo, hi], `randint` an integer range [lo, hi).
+    """
+
+    kind: str
+    values: tuple[Any, ...]
+
+    def candidates(self) -> tuple[Any, ...]:
+        """Values that stand for the domain when checking it: every listed value, or a range's ends."""
+        if self.kind == "randint":
+            return (self.values[0], self.values[1] - 1)
+        return self.values
+
+    def plain(self) -> dict[str, list]:
+        return {self.kind: list(self.values)}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One entry of `train.models`: a registered family and its settings, fixed values or Domains."""
+
+    name: str
+    family: str
+    settings: tuple[tuple[str, Any], ...]  # (key, value or Domain), in the file's order
+
+    def plain(self) -> dict[str, Any]:
+        return {k: v.plain() if isinstance(v, Domain) else v for k, v in self.settings}
+
+
+def _parse_value(key: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        if isinstance(value, list):
+            raise ConfigError(
+                f"{key} = {value!r} is not allowed: a list must say what it is, e.g. "
+                f"{{grid: {value!r}}} (one trial per value) or {{choice: {value!r}}} (sampled)"
+            )
+        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+            return float(value)
+        if value is None or not isinstance(value, int | float | str | bool):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected a number, a string or a search")
+        return value
+    if len(value) != 1 or next(iter(value)) not in DOMAIN_KINDS:
+        raise ConfigError(
+            f"{key} = {value!r} is not allowed: expected a fixed value or one of "
+            + ", ".join(f"{{{k}: [...]}}" for k in DOMAIN_KINDS)
+        )
+    kind, values = next(iter(value.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{key}.{kind} = {values!r} is not allowed: expected a non-empty list")
+    values = [_parse_value(f"{key}.{kind}[{i}]", v) for i, v in enumerate(values)]
+    if kind in ("grid", "choice"):
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{key}.{kind} = {values!r} is not allowed: expected values without repeats")
+        return Domain(kind, tuple(values))
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if len(values) != 2 or not numeric or not values[0] < values[1]:
+        raise ConfigError(f"{key}.{kind} = {values!r} is not allowed: expected [low, high] with low < high")
+    if kind == "loguniform" and values[0] <= 0:
+        raise ConfigError(f"{key}.{kind} = {values!r} is not allowed: expected 0 < low < high")
+    if kind == "randint" and not all(isinstance(v, int) for v in values):
+        raise ConfigError(f"{key}.{kind} = {values!r} is not allowed: expected integers [low, high)")
+    return Domain(kind, tuple(values))
+
+
+def parse_models(key: str, data: Any) -> tuple[ModelEntry, ...]:
+    """`train.models`: {name: {family: <registered name, default name>, <setting>: value or search}}."""
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(
+            f"{key} = {data!r} is not allowed: expected a mapping of names to model settings, "
+            "e.g. {vit: {}, pointnet: {augment: {grid: [none, so3]}}}"
+        )
+    entries = []
+    for name, settings in data.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+            raise ConfigError(f"{key}: name {name!r} is not allowed: expected letters, digits, _ or -")
+        settings = {} if settings is None else settings
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{key}.{name} = {settings!r} is not allowed: expected a mapping of settings")
+        family = settings.get("family", name)
+        if not isinstance(family, str):
+            raise ConfigError(f"{key}.{name}.family = {family!r} is not allowed: expected a family name")
+        parsed = tuple(
+            (k, _parse_value(f"{key}.{name}.{k}", v)) for k, v in settings.items() if k != "family"
+        )
+        entries.append(ModelEntry(name, family, parsed))
+    return tuple(entries)
+
+
+DEFAULT_MODELS = parse_models(
+    "train.models",
+    {
+        "vit": {},
+        "mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "snake", "hilbert"]}},
+        "e3nn": {},
+        "pointnet": {"augment": {"grid": ["none", "so3"]}},
+        "dgcnn": {"augment": {"grid": ["none", "so3"]}},
+    },
+)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Test-only: the first attempt of trials of model `model` fails at epoch `epoch` (0 = never)."""
+
+    model: str = field(default="", metadata={"empty": True})
+    epoch: int = field(default=0, metadata=_range(0, 100_000))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage `train`: one Ray Tune run over every entry of `models`."""
+
+    # name -> {family, size, augment, lr, ..., family hparams}; values fixed or searched (DOMAIN_KINDS).
+    models: tuple[ModelEntry, ...] = field(default=DEFAULT_MODELS, metadata={"parser": parse_models})
+    # True: every registered family that no entry names is trained too, with its defaults (so a new family
+    # needs one file and one registry entry, nothing here).
+    all_families: bool = True
+    size: str = "tiny"  # every family's named size unless an entry sets its own
+    epochs: int = field(default=8, metadata=_range(1, 100_000))
+    batch_size: int = field(default=32, metadata=_range(1, 65_536))
+    lr: float = field(default=2e-3, metadata=_range(1e-8, 10.0))
+    weight_decay: float = field(default=0.01, metadata=_range(0.0, 10.0))
+    # Fraction of every class of the train split held out to validate on (and to pick the best epoch).
+    val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    # Point models see a random subset of this many points of each cloud per step; 0 keeps all.
+    points_per_cloud: int = field(default=512, metadata=_range(0, 1_000_000))
+    num_samples: int = field(default=1, metadata=_range(1, 100_000, "trials per grid point"))
+    # auto: ASHA early stopping when a search is configured (a sampled value or num_samples > 1).
+    scheduler: Literal["auto", "none", "asha"] = "auto"
+    grace_period: int = field(default=2, metadata=_range(1, 100_000, "epochs before ASHA may stop a trial"))
+    cpus_per_trial: float = field(default=1.0, metadata=_range(0.1, 1024.0))
+    gpus_per_trial: float = field(default=0.0, metadata=_range(0.0, 64.0))
+    max_concurrent_trials: int = field(default=0, metadata=_range(0, 100_000, "0: as resources allow"))
+    max_failures: int = field(default=2, metadata=_range(0, 1000, "retries of a failed trial"))
+    bf16: bool = False  # bfloat16 autocast in training and validation
+    fault: FaultConfig = FaultConfig()
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where trials run. Not tracked by DVC: results do not depend on where they ran."""
+
+    # "" starts Ray in-process with this machine's CPUs; an address (or RAY_ADDRESS) joins a cluster.
+    address: str = field(default="", metadata={"empty": True})
+    # Trial checkpoints and results; "" is data/ray_results. On a multi-node cluster: a shared path or URI.
+    storage: str = field(default="", metadata={"empty": True})
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    # "" uses MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db.
+    tracking_uri: str = field(default="", metadata={"empty": True})
+    experiment: str = "perception-study"
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
     points: PointsConfig = PointsConfig()
     images: ImagesConfig = ImagesConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def flat(self) -> dict[str, Any]:
@@ -95,7 +267,16 @@ class StudyConfig:
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if key == "models" and isinstance(value, tuple):  # train.models: name -> its settings, as written
+            for entry in value:
+                flat[f"{prefix}models.{entry['name']}.family"] = entry["family"]
+                for setting, v in entry["settings"]:
+                    key = f"{prefix}models.{entry['name']}.{setting}"
+                    if isinstance(v, dict):  # a Domain: `...scan_order.grid: [rowmajor, snake]`
+                        flat[f"{key}.{v['kind']}"] = list(v["values"])
+                    else:
+                        flat[key] = v
+        elif isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
@@ -104,8 +285,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation: a small typed reader; every message names the key, the value and what is allowed.
-
-_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _describe(tp: Any, meta: dict) -> str:
@@ -167,7 +346,7 @@ def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
             raise bad()
         value = float(value)
     elif tp is str:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or (not value and not meta.get("empty")):
             raise bad()
         return value
     lo, hi = meta.get("min"), meta.get("max")
@@ -192,7 +371,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if name not in data:
             continue
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if "parser" in f.metadata:
+            kwargs[name] = f.metadata["parser"](f"{prefix}{name}", data[name])
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
         else:
             kwargs[name] = _convert(f"{prefix}{name}", data[name], tp, dict(f.metadata))

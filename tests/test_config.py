@@ -22,9 +22,25 @@ def test_repo_params_file_is_valid_and_complete():
     import yaml
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section in ("points", "images", "runtime"):
+    for section in ("points", "images", "train", "ray", "mlflow", "runtime"):
         fields = {f.name for f in dataclasses.fields(getattr(config, section))}
         assert fields == set(written[section]), section
+
+
+def test_the_gpu_profile_is_a_complete_valid_params_file():
+    import yaml
+
+    from pipeline.training import space
+
+    config = load_config(REPO / "profiles/gpu.yaml")
+    written = yaml.safe_load((REPO / "profiles/gpu.yaml").read_text())
+    for section in ("points", "images", "train", "ray", "mlflow", "runtime"):
+        assert {f.name for f in dataclasses.fields(getattr(config, section))} == set(written[section]), (
+            section
+        )
+    assert config.train.size == "small" and config.images.train_resolution == 224
+    assert config.points.num_points == 1024 and config.train.gpus_per_trial > 0
+    space.check(config, space.expand(config), num_classes=10, in_channels=4)
 
 
 def test_config_is_frozen():

@@ -6,11 +6,13 @@ import copy
 import importlib.util
 import io
 import re
+import sys
 
 import pytest
 import torch
 
 from perception.models import FAMILIES, ModelConfigError, ModelFamily, build, get_family
+from perception.models.registry import without_parametrizations
 from tests.conftest import REPO
 
 CASES = [(name, size) for name, family in FAMILIES.items() for size in family.sizes]
@@ -54,6 +56,12 @@ def check_contract(name: str, size: str) -> None:
         assert torch.allclose(clone(x), reference, atol=1e-5)
         twin = copy.deepcopy(model)
         assert torch.allclose(twin(x), reference, atol=1e-5)
+        # Whole-module pickling (what mlflow.pytorch.log_model does) of the parametrisation-free copy.
+        buffer = io.BytesIO()
+        torch.save(without_parametrizations(model), buffer)
+        buffer.seek(0)
+        unpickled = torch.load(buffer, weights_only=False)
+        assert torch.allclose(unpickled(x), reference, atol=1e-5)
 
 
 def test_build_defaults_to_the_cpu_size():
@@ -81,6 +89,7 @@ def test_the_readme_example_family_plugs_in_with_one_file_and_one_entry(tmp_path
     spec = importlib.util.spec_from_file_location("my_cnn", tmp_path / "my_cnn.py")
     my_cnn = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(my_cnn)
+    monkeypatch.setitem(sys.modules, "my_cnn", my_cnn)  # importable, as a file in perception/models is
     monkeypatch.setitem(
         FAMILIES, "my_cnn", ModelFamily(my_cnn.MyCNNConfig, my_cnn.MyCNN, my_cnn.SIZES, "image")
     )
@@ -88,3 +97,21 @@ def test_the_readme_example_family_plugs_in_with_one_file_and_one_entry(tmp_path
         check_contract("my_cnn", size)
     with pytest.raises(ModelConfigError, match="MyCNNConfig.depth = 0"):
         build("my_cnn", depth=0)
+
+    # The study trains it with no other change: the default params pick it up, and a trial builds it.
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipeline.config import parse_config
+    from pipeline.training import space
+    from pipeline.training.trainable import build_model
+
+    config = parse_config({})
+    variants = space.expand(config)
+    assert "my_cnn" in [v.name for v in variants]
+    space.check(config, variants, num_classes=8, in_channels=4)
+    flat = {**config.flat(), "data.num_classes": 8, "data.in_channels": 4}
+    trials = [
+        space.resolved(spec) for _, spec in generate_variants(space.param_space(config, variants, flat))
+    ]
+    (trial,) = [t for t in trials if t["trial.family"] == "my_cnn"]
+    assert build_model(trial)(torch.randn(2, 4, 32, 32)).shape == (2, 8)

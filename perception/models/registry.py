@@ -43,3 +43,21 @@ def check(condition: bool, config: Any, key: str, allowed: str) -> None:
         raise ModelConfigError(
             f"{type(config).__name__}.{key} = {value!r} is not allowed: expected {allowed}"
         )
+
+
+def without_parametrizations(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `torch.nn.utils.parametrize` parametrisation baked into plain weights.
+
+    Parametrised modules pickle only through `state_dict`; the copy pickles whole (e.g. for MLflow) and
+    computes the same function.
+    """
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return plain

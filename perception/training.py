@@ -1,0 +1,169 @@
+"""The training loop the study's trials run: seeded batches, rotation augmentation, one epoch, accuracy.
+
+Plain torch, no orchestration: `pipeline.training` calls these from inside Ray Tune trials and owns
+checkpoints, reporting and tracking. Everything random takes a `torch.Generator`, so the same seed gives
+the same batches, the same rotations and (on CPU) the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Augment = Literal["none", "z", "so3"]
+AUGMENTS: tuple[str, ...] = ("none", "z", "so3")
+
+
+def random_rotations(count: int, generator: torch.Generator, dtype=torch.float32) -> Tensor:
+    """`count` rotation matrices drawn uniformly from SO(3) (Haar measure): float[count, 3, 3].
+
+    A uniformly random unit quaternion (four standard normals, normalised) gives a Haar-uniform rotation.
+    """
+    q = torch.randn(count, 4, generator=generator, dtype=torch.float64)
+    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
+    rows = [
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ]  # fmt: skip
+    return torch.stack(rows, dim=1).reshape(count, 3, 3).to(dtype)
+
+
+def rotations_about_z(angles: Tensor) -> Tensor:
+    """Rotations by `angles` (radians, float[count]) about the up axis +z: float[count, 3, 3]."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    zero, one = torch.zeros_like(angles), torch.ones_like(angles)
+    rows = [c, -s, zero, s, c, zero, zero, zero, one]
+    return torch.stack(rows, dim=1).reshape(-1, 3, 3)
+
+
+def augment_points(points: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """Rotate every cloud of float[B, N, 3] by its own random rotation: `z` about the up axis, `so3` any."""
+    if mode == "none":
+        return points
+    count = points.shape[0]
+    if mode == "z":
+        angles = torch.rand(count, generator=generator, dtype=torch.float64) * (2 * math.pi)
+        rotation = rotations_about_z(angles).to(points.dtype)
+    elif mode == "so3":
+        rotation = random_rotations(count, generator, points.dtype)
+    else:
+        raise ValueError(f"augment = {mode!r} is not allowed: expected one of {', '.join(AUGMENTS)}")
+    # Row vectors: p' = p R^T, i.e. [B, N, 3] @ [B, 3, 3].
+    return points @ rotation.transpose(1, 2)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out): `fraction` of every class held out (at least one where a class has 2+)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    train, held = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[rng.permutation(len(members))]
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        held.append(members[:count])
+        train.append(members[count:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def subsample_points(points: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """A random subset of `count` points of every cloud, float[B, N, 3] -> float[B, count, 3]."""
+    if count <= 0 or count >= points.shape[1]:
+        return points
+    keys = torch.rand(points.shape[0], points.shape[1], generator=generator)
+    index = keys.argsort(dim=1)[:, :count]  # [B, count]
+    return torch.gather(points, 1, index.unsqueeze(-1).expand(-1, -1, 3))
+
+
+def batches(count: int, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
+    """Index batches over `count` samples: shuffled with `generator`, in order without one."""
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    yield from order.split(batch_size)
+
+
+def random_state(generator: torch.Generator) -> dict[str, Tensor]:
+    """Everything random a resumed run needs: the batch generator and torch's global RNG (dropout)."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_random_state(generator: torch.Generator, state: dict[str, Tensor]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    batch_size: int = 32
+    augment: str = "none"  # point models: rotation augmentation, one of AUGMENTS
+    points_per_cloud: int = 0  # point models: random subset of points per cloud and step; 0 keeps all
+    bf16: bool = False  # autocast to bfloat16 (CUDA or CPU)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Tensor,
+    labels: Tensor,
+    settings: StepSettings,
+    generator: torch.Generator,
+    device: torch.device,
+) -> float:
+    """One pass over (inputs, labels) in shuffled batches; returns the mean training loss."""
+    model.train()
+    is_points = inputs.dim() == 3
+    total, seen = 0.0, 0
+    for index in batches(len(labels), settings.batch_size, generator):
+        x, y = inputs[index], labels[index]
+        if is_points:
+            x = subsample_points(x, settings.points_per_cloud, generator)
+            x = augment_points(x, settings.augment, generator)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, settings.bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()}: lower the learning rate")
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, inputs: Tensor, batch_size: int, device: torch.device, bf16: bool = False
+) -> Tensor:
+    """Predicted class of every sample: int64[count]."""
+    model.eval()
+    out = []
+    for index in batches(len(inputs), batch_size, None):
+        with _autocast(device, bf16):
+            out.append(model(inputs[index].to(device)).argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(
+    model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int, device: torch.device, bf16=False
+) -> float:
+    predicted = predict(model, inputs, batch_size, device, bf16)
+    return float((predicted == labels.cpu()).float().mean()) if len(labels) else float("nan")

@@ -1,0 +1,177 @@
+"""From `train.models` to trials: grid expansion into variants, checks against the registry, Tune domains.
+
+A *variant* is one model entry at one point of its `grid` values (`pointnet-so3`, `mamba_hybrid-hilbert`):
+the unit the study compares and keeps a best checkpoint of. Sampled values (`choice` and ranges) and
+`num_samples` make several trials of a variant; those are a search, and ASHA may stop the weak ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from perception.models import FAMILIES, ModelConfigError
+from perception.training import AUGMENTS
+from pipeline.config import TRIAL_KEYS, ConfigError, Domain, ModelEntry, StudyConfig
+
+# Settings a trial reads from `train` unless its model entry overrides them.
+TRAINING_KEYS = ("lr", "weight_decay", "batch_size", "points_per_cloud")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # entry name, then its grid values: "pointnet-so3"
+    model: str  # the `train.models` entry
+    family: str  # the registered family
+    input_kind: str  # "image" or "points"
+    fixed: dict[str, Any] = field(default_factory=dict)  # setting -> value, grid values resolved
+    searched: dict[str, Domain] = field(default_factory=dict)  # setting -> sampled domain
+
+    def as_trial(self) -> dict[str, Any]:
+        """The variant as it goes into Tune's search space (sampled settings still domains)."""
+        return {"name": self.name, "model": self.model, "family": self.family, **self.fixed, **self.searched}
+
+
+def expand(config: StudyConfig) -> list[Variant]:
+    """Every variant of every model entry, in the file's order; grid settings vary fastest last.
+
+    With `train.all_families`, registered families that no entry names follow, one variant each.
+    """
+    entries = list(config.train.models)
+    if config.train.all_families:
+        named = {entry.family for entry in entries} | {entry.name for entry in entries}
+        entries += [ModelEntry(name, name, ()) for name in FAMILIES if name not in named]
+    variants = []
+    for entry in entries:
+        family = FAMILIES.get(entry.family)
+        if family is None:
+            raise ConfigError(
+                f"train.models.{entry.name}.family = {entry.family!r} is not allowed: "
+                f"expected a registered family: {', '.join(FAMILIES)}"
+            )
+        fixed = {"size": config.train.size}
+        if family.input_kind == "points":
+            fixed["augment"] = "none"
+        grids, searched = {}, {}
+        for key, value in entry.settings:
+            if isinstance(value, Domain) and value.kind == "grid":
+                grids[key] = value.values
+            elif isinstance(value, Domain):
+                searched[key] = value
+            else:
+                fixed[key] = value
+        for point in itertools.product(*grids.values()):
+            grid_values = dict(zip(grids, point, strict=True))
+            name = "-".join([entry.name, *(str(v) for v in point)])
+            variants.append(
+                Variant(name, entry.name, entry.family, family.input_kind, {**fixed, **grid_values}, searched)
+            )
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"train.models: two variants are both named {duplicate!r}; rename an entry")
+    return variants
+
+
+def data_hparams(
+    input_kind: str, num_classes: int, in_channels: int, patch_size: int, image_size: int
+) -> dict[str, Any]:
+    """Hparams that come from the data (classes, channels, the images' patch size and resolution)."""
+    if input_kind == "image":
+        return {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "patch_size": patch_size,
+            "image_size": image_size,
+        }
+    return {"num_classes": num_classes}
+
+
+def model_hparams(family_name: str, settings: dict[str, Any], from_data: dict[str, Any]) -> dict[str, Any]:
+    """The family config's hparams for a resolved trial: its own settings, plus what its config takes
+    from the data (a family without an `image_size` field does not get one)."""
+    known = set(FAMILIES[family_name].config_cls.__dataclass_fields__)
+    own = {k: v for k, v in settings.items() if k not in TRIAL_KEYS}
+    return {**{k: v for k, v in from_data.items() if k in known}, **own}
+
+
+def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_channels: int) -> None:
+    """Build every variant's model config (every listed value, every range's ends) before Ray starts."""
+    for variant in variants:
+        family = FAMILIES[variant.family]
+        where = f"train.models.{variant.model}"
+        for key in [*variant.fixed, *variant.searched]:
+            if key in ("augment",) and family.input_kind != "points":
+                raise ConfigError(
+                    f"{where}.{key}: only point models take it; {variant.family} is an image model"
+                )
+        augment = variant.fixed.get("augment", "none")
+        if augment not in AUGMENTS:
+            raise ConfigError(
+                f"{where}.augment = {augment!r} is not allowed: expected one of {', '.join(AUGMENTS)}"
+            )
+        image_geometry = (config.images.patch_size, config.images.train_resolution)
+        samples = [variant.fixed] + [
+            {**variant.fixed, key: value}
+            for key, domain in variant.searched.items()
+            for value in domain.candidates()
+        ]
+        for settings in samples:
+            hparams = model_hparams(
+                variant.family,
+                settings,
+                data_hparams(family.input_kind, num_classes, in_channels, *image_geometry),
+            )
+            try:
+                family.config(settings["size"], **hparams)
+            except ModelConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            except TypeError as err:  # a value of the wrong type that the config's checks did not catch
+                raise ConfigError(f"{where}: {err}") from None
+    fault = config.train.fault
+    if fault.model and fault.model not in {v.model for v in variants}:
+        raise ConfigError(
+            f"train.fault.model = {fault.model!r} is not allowed: expected one of "
+            + ", ".join(sorted({v.model for v in variants}))
+        )
+
+
+def is_search(config: StudyConfig, variants: list[Variant]) -> bool:
+    return config.train.num_samples > 1 or any(v.searched for v in variants)
+
+
+def tune_domain(domain: Domain) -> Any:
+    from ray import tune
+
+    if domain.kind == "choice":
+        return tune.choice(list(domain.values))
+    if domain.kind == "uniform":
+        return tune.uniform(*domain.values)
+    if domain.kind == "loguniform":
+        return tune.loguniform(*domain.values)
+    if domain.kind == "randint":
+        return tune.randint(*domain.values)
+    raise ValueError(f"no Tune domain for {domain.kind!r}")  # grid is expanded into variants
+
+
+def param_space(config: StudyConfig, variants: list[Variant], study_flat: dict[str, Any]) -> dict[str, Any]:
+    """Tune's search space: the study's flat config, a grid over variants, and each trial's seed."""
+    from ray import tune
+
+    trials = []
+    for variant in variants:
+        trial = variant.as_trial()
+        trials.append({k: tune_domain(v) if isinstance(v, Domain) else v for k, v in trial.items()})
+    space: dict[str, Any] = {**study_flat, "trial": tune.grid_search(trials)}
+    # One seed per trial: the study seed itself for a single sample; drawn (seeded) for repeated samples.
+    space["trial_seed"] = tune.randint(0, 2**31 - 1) if config.train.num_samples > 1 else config.seed
+    return space
+
+
+def resolved(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's one flat resolved config: the study's keys, `trial.<setting>` and `trial.seed`."""
+    flat = {k: v for k, v in trial_config.items() if k not in ("trial", "trial_seed")}
+    flat.update({f"trial.{k}": v for k, v in trial_config["trial"].items()})
+    flat["trial.seed"] = trial_config["trial_seed"]
+    return flat

@@ -1,0 +1,150 @@
+"""One Ray Tune trial: build the variant's model, train it epoch by epoch, report and checkpoint each epoch.
+
+A retried trial resumes from its last checkpoint (model, optimiser, schedule and the batch generator's
+state), so a retry continues the same run rather than starting over, and `retries` counts the attempts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perception.models import FAMILIES, build
+from perception.training import StepSettings, accuracy, random_state, restore_random_state, train_one_epoch
+from pipeline.training.space import TRAINING_KEYS, data_hparams, model_hparams, resolved
+
+CHECKPOINT_FILE = "trial.pt"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only `train.fault` setting to exercise retries."""
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """The arrays trials of one input kind train on; in Ray's object store once, shared by all trials."""
+
+    train_inputs: np.ndarray  # images float32[N, C, H, W] or clouds float32[N, P, 3]
+    train_labels: np.ndarray  # int64[N]
+    val_inputs: np.ndarray
+    val_labels: np.ndarray
+    num_classes: int
+
+
+def trial_settings(flat: dict[str, Any]) -> dict[str, Any]:
+    """lr, weight_decay, batch_size, points_per_cloud: the trial's own value, else the study's."""
+    return {key: flat.get(f"trial.{key}", flat[f"train.{key}"]) for key in TRAINING_KEYS}
+
+
+def build_model(flat: dict[str, Any]) -> torch.nn.Module:
+    """A trial's model from its flat resolved config alone: `trial.*` settings and the `data.*` facts."""
+    family = flat["trial.family"]
+    settings = {
+        k[len("trial.") :]: v
+        for k, v in flat.items()
+        if k.startswith("trial.") and k not in ("trial.name", "trial.model", "trial.family", "trial.seed")
+    }
+    from_data = data_hparams(
+        FAMILIES[family].input_kind,
+        flat["data.num_classes"],
+        flat["data.in_channels"],
+        flat["images.patch_size"],
+        flat["images.train_resolution"],
+    )
+    return build(family, settings["size"], **model_hparams(family, settings, from_data))
+
+
+def _device(flat: dict[str, Any]) -> torch.device:
+    # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs; without a GPU share the trial runs on CPU.
+    if flat["train.gpus_per_trial"] > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def run_trial(trial_config: dict[str, Any], images: TrialData | None, points: TrialData | None) -> None:
+    """The Tune function trainable (wrapped by `tune.with_parameters` so the arrays travel once)."""
+    from ray import tune
+
+    flat = resolved(trial_config)
+    data = points if FAMILIES[flat["trial.family"]].input_kind == "points" else images
+    torch.set_num_threads(max(1, int(flat["train.cpus_per_trial"])))
+    device = _device(flat)
+    seed = int(flat["trial.seed"])
+    torch.manual_seed(seed)
+
+    settings = trial_settings(flat)
+    step = StepSettings(
+        batch_size=int(settings["batch_size"]),
+        augment=flat.get("trial.augment", "none"),
+        points_per_cloud=int(settings["points_per_cloud"]),
+        bf16=bool(flat["train.bf16"]),
+    )
+    model = build_model(flat).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"])
+    )
+    epochs = int(flat["train.epochs"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    generator = torch.Generator().manual_seed(seed)
+
+    start_epoch, attempt = 0, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        restore_random_state(generator, state["random"])
+        start_epoch, attempt = state["epoch"] + 1, state["attempt"] + 1
+
+    train_x, train_y = torch.from_numpy(data.train_inputs), torch.from_numpy(data.train_labels)
+    val_x, val_y = torch.from_numpy(data.val_inputs), torch.from_numpy(data.val_labels)
+    context = {"node_id": _node_id(), "hostname": socket.gethostname(), "device": str(device)}
+    fault_epoch = flat["train.fault.epoch"] if flat["train.fault.model"] == flat["trial.model"] else 0
+    for epoch in range(start_epoch, epochs):
+        if attempt == 0 and fault_epoch and epoch + 1 == fault_epoch:
+            raise InjectedFault(f"train.fault: {flat['trial.name']} fails at epoch {fault_epoch} (test-only)")
+        started = time.perf_counter()
+        loss = train_one_epoch(model, optimizer, train_x, train_y, step, generator, device)
+        schedule.step()
+        val_accuracy = accuracy(model, val_x, val_y, step.batch_size, device, step.bf16)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss,
+            "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - started,
+            "retries": attempt,
+            **context,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "random": random_state(generator),
+                "epoch": epoch,
+                "attempt": attempt,
+                "config": flat,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            }
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _node_id() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (unit tests): the process is its own node
+        return f"local-{os.getpid()}"

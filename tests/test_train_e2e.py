@@ -1,0 +1,193 @@
+"""The train stage for real: `dvc repro` with in-process Ray, a trial fault and its retry, MLflow's server.
+
+One module-scoped study run (tiny data, every family, 2 epochs) backs several tests; each test asserts one
+behaviour of that run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import make_study_repo, run_command
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = {
+    "vit",
+    "mamba_hybrid-rowmajor",
+    "mamba_hybrid-hilbert",
+    "e3nn",
+    "pointnet-none",
+    "pointnet-so3",
+    "dgcnn",
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = make_study_repo(
+        tmp_path_factory.mktemp("train"), {"train": {"fault": {"model": "pointnet", "epoch": 2}}}
+    )
+    result = run_command(["dvc", "repro"], root)
+    return root, result
+
+
+def _trials(root: Path) -> list[dict]:
+    with open(root / "data/train/trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_dvc_repro_trains_every_variant_and_locks_the_outputs(trained):
+    root, result = trained
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert [o["path"] for o in lock["stages"]["train"]["outs"]] == ["data/train", "metrics/train.json"]
+    rows = _trials(root)
+    assert {r["variant"] for r in rows} == VARIANTS
+    assert all(r["status"] == "TERMINATED" and r["epochs"] == "2" for r in rows)
+    for name in VARIANTS:
+        assert (root / f"data/train/models/{name}.pt").is_file()
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert set(metrics["val_accuracy"]) == VARIANTS
+    shown = run_command(["dvc", "metrics", "show"], root).stdout
+    assert "val_accuracy.vit" in shown
+
+
+def test_the_live_status_replaces_rays_tables(trained):
+    _, result = trained
+    assert "[train " in result.stdout and "7/7 done" in result.stdout
+    assert "Configuration for experiment" not in result.stdout + result.stderr
+    assert "Trial status" not in result.stdout
+
+
+def test_a_failed_trial_is_retried_from_its_checkpoint_and_the_retry_is_recorded(trained):
+    root, result = trained
+    rows = _trials(root)
+    for row in rows:
+        expected = 1 if row["variant"].startswith("pointnet") else 0
+        assert int(row["retries"]) == expected, row
+    assert "retrying from its last checkpoint" in result.stdout
+
+
+def test_best_checkpoints_load_safely_and_rebuild_their_model(trained):
+    from pipeline.training.trainable import build_model
+
+    root, _ = trained
+    points = torch.from_numpy(__import__("numpy").load(root / "data/prepared/points/test_points.npy"))
+    images = torch.from_numpy(__import__("numpy").load(root / "data/prepared/images/test_r16.npy"))
+    for name in VARIANTS:
+        state = torch.load(root / f"data/train/models/{name}.pt", weights_only=True)
+        model = build_model(state["config"])
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        inputs = images[:3] if state["config"]["trial.family"] in ("vit", "mamba_hybrid") else points[:3]
+        with torch.no_grad():
+            assert model(inputs).shape == (3, 4)
+        assert state["config"]["trial.name"] == name and state["config"]["seed"] == 7
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(trained):
+    root, _ = trained
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--default-artifact-root", (root / "mlartifacts").as_uri()],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None:
+                raise AssertionError(f"mlflow server exited: {server.stderr.read()}") from None
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise AssertionError("mlflow server did not answer /health within 120 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _api(url: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
+    full = f"{url}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(full, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_shows_the_parent_run_and_one_child_per_trial(trained, mlflow_server):
+    root, _ = trained
+    study = json.loads((root / "data/train/study.json").read_text())
+    experiment = _api(mlflow_server, "experiments/get-by-name", query={"experiment_name": "perception-study"})
+    experiment_id = experiment["experiment"]["experiment_id"]
+
+    parent = _api(mlflow_server, "runs/get", query={"run_id": study["mlflow"]["parent_run_id"]})["run"]
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert parent["info"]["status"] == "FINISHED"
+    assert len(tags["dataset.points.sha256"]) == 64 and len(tags["dataset.images.sha256"]) == 64
+    assert "git_commit" in tags and "mlflow.parentRunId" not in tags
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["seed"] == "7" and params["train.epochs"] == "2"
+
+    children = _api(
+        mlflow_server,
+        "runs/search",
+        {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'",
+        },
+    )["runs"]
+    rows = _trials(root)
+    assert len(children) == len(rows) == len(VARIANTS)
+    by_variant = {}
+    for child in children:
+        child_tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
+        by_variant[child_tags["variant"]] = child
+        metrics = {m["key"] for m in child["data"]["metrics"]}
+        assert {"train_loss", "val_accuracy", "best_val_accuracy"} <= metrics
+        history = _api(
+            mlflow_server,
+            "metrics/get-history",
+            query={"run_id": child["info"]["run_id"], "metric_key": "val_accuracy"},
+        )["metrics"]
+        assert sorted(m["step"] for m in history) == [1, 2]  # a retry resumes; it does not log epoch 1 again
+        assert child_tags["retries"] == ("1" if child_tags["variant"].startswith("pointnet") else "0")
+        assert child["info"]["status"] == "FINISHED"
+    assert set(by_variant) == VARIANTS
+
+
+def test_every_trial_run_has_its_model(trained, mlflow_server):
+    import mlflow
+
+    root, _ = trained
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("perception-study")
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    runs = {row["mlflow_run_id"] for row in _trials(root)}
+    assert runs <= {m.source_run_id for m in models}

@@ -1,0 +1,263 @@
+"""Unit tests of our training logic: the search space, rotations, splits, deterministic resumable epochs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from perception.models import build
+from perception.training import (
+    StepSettings,
+    accuracy,
+    augment_points,
+    random_rotations,
+    random_state,
+    restore_random_state,
+    rotations_about_z,
+    stratified_split,
+    train_one_epoch,
+)
+from pipeline.config import ConfigError, Domain, parse_config
+from pipeline.training import space
+from tests.conftest import TINY_PARAMS, merge
+
+
+def _config(train: dict | None = None):
+    params = merge(TINY_PARAMS, {})
+    if train is not None:
+        params["train"] = {"all_families": False, **train}  # just the listed models
+    return parse_config(params)
+
+
+# --- search space ------------------------------------------------------------------------------------------
+
+
+def test_default_models_expand_into_the_studys_variants():
+    names = [v.name for v in space.expand(_config())]
+    assert names == [
+        "vit",
+        "mamba_hybrid-rowmajor",
+        "mamba_hybrid-snake",
+        "mamba_hybrid-hilbert",
+        "e3nn",
+        "pointnet-none",
+        "pointnet-so3",
+        "dgcnn-none",
+        "dgcnn-so3",
+    ]
+
+
+def test_grid_values_are_fixed_per_variant_and_sampled_values_stay_domains():
+    config = _config(
+        {"models": {"vit": {"dim": {"choice": [32, 64]}, "lr": {"loguniform": [1e-4, 1e-2]}, "depth": 2}}}
+    )
+    (variant,) = space.expand(config)
+    assert variant.fixed == {"size": "tiny", "depth": 2}
+    assert variant.searched == {"dim": Domain("choice", (32, 64)), "lr": Domain("loguniform", (1e-4, 1e-2))}
+    assert space.is_search(config, [variant])
+
+
+def test_two_entries_of_one_family_are_separate_variants():
+    config = _config({"models": {"vit-small-patch": {"family": "vit", "patch_size": 4}, "vit": {}}})
+    variants = space.expand(config)
+    assert [(v.name, v.family) for v in variants] == [("vit-small-patch", "vit"), ("vit", "vit")]
+
+
+def test_tune_space_resolves_to_one_flat_config_per_trial():
+    from ray.tune.search.variant_generator import generate_variants
+
+    config = _config(
+        {"models": {"pointnet": {"augment": {"grid": ["none", "so3"]}, "lr": {"uniform": [0.1, 0.2]}}}}
+    )
+    variants = space.expand(config)
+    flat = {"seed": 7, "train.epochs": 3}
+    resolved = [
+        space.resolved(spec) for _, spec in generate_variants(space.param_space(config, variants, flat))
+    ]
+    assert [r["trial.name"] for r in resolved] == ["pointnet-none", "pointnet-so3"]
+    for r in resolved:
+        assert 0.1 <= r["trial.lr"] <= 0.2 and r["trial.seed"] == config.seed and r["train.epochs"] == 3
+        assert all(not isinstance(v, dict) for v in r.values())
+
+
+BAD_TRAIN = [
+    ({"models": {"resnet": {}}}, "train.models.resnet.family = 'resnet' is not allowed"),
+    (
+        {"models": {"vit": {"dim": [32, 64]}}},
+        "train.models.vit.dim = [32, 64] is not allowed: a list must say",
+    ),
+    ({"models": {"vit": {"dim": {"range": [1, 2]}}}}, "expected a fixed value or one of {grid: [...]}"),
+    ({"models": {"vit": {"lr": {"loguniform": [0, 1]}}}}, "train.models.vit.lr.loguniform = [0, 1]"),
+    ({"models": {"vit": {"lr": {"uniform": [2, 1]}}}}, "low < high"),
+    ({"models": {}}, "train.models = {} is not allowed"),
+    ({"epochs": 0}, "train.epochs = 0 is not allowed"),
+    ({"scheduler": "hyperband"}, "train.scheduler = 'hyperband' is not allowed"),
+    ({"fault": {"model": 3}}, "train.fault.model = 3"),
+]
+
+
+@pytest.mark.parametrize("train,message", BAD_TRAIN)
+def test_bad_train_params_fail_with_one_line(train, message):
+    with pytest.raises(ConfigError) as err:
+        space.expand(_config(train))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+BAD_VARIANTS = [
+    ({"models": {"vit": {"dim": 30}}}, "train.models.vit: ViTConfig.dim = 30 is not allowed"),
+    ({"models": {"vit": {"dmi": 30}}}, "train.models.vit: ViTConfig.dmi: unknown hparam"),
+    ({"models": {"vit": {"augment": "so3"}}}, "train.models.vit.augment: only point models take it"),
+    ({"models": {"pointnet": {"augment": "x"}}}, "train.models.pointnet.augment = 'x' is not allowed"),
+    ({"models": {"vit": {"size": "huge"}}}, "size 'huge' is not allowed"),
+    ({"models": {"mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "zigzag"]}}}}, "scan_order = 'zigzag'"),
+    ({"models": {"vit": {"depth": {"randint": [0, 3]}}}}, "ViTConfig.depth = 0 is not allowed"),
+    ({"models": {"vit": {}}, "fault": {"model": "dgcnn", "epoch": 1}}, "train.fault.model = 'dgcnn'"),
+]
+
+
+@pytest.mark.parametrize("train,message", BAD_VARIANTS)
+def test_bad_variants_are_caught_before_ray_starts(train, message):
+    config = _config(train)
+    with pytest.raises(ConfigError) as err:
+        space.check(config, space.expand(config), num_classes=4, in_channels=4)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --- rotations, splits --------------------------------------------------------------------------------------
+
+
+def test_random_rotations_are_proper_rotations_and_cover_so3():
+    rotations = random_rotations(2000, torch.Generator().manual_seed(0), torch.float64)
+    eye = torch.eye(3, dtype=torch.float64).expand(2000, 3, 3)
+    assert torch.allclose(rotations @ rotations.transpose(1, 2), eye, atol=1e-12)
+    assert torch.allclose(torch.linalg.det(rotations), torch.ones(2000, dtype=torch.float64))
+    # Haar measure: a rotated fixed axis is uniform on the sphere, so its mean is near 0 and E[z^2] = 1/3.
+    z = rotations[:, :, 2]
+    assert z.mean(0).abs().max() < 0.05 and abs(z[:, 2].square().mean() - 1 / 3) < 0.03
+
+
+def test_z_rotations_keep_the_up_axis_and_so3_moves_it():
+    points = torch.randn(64, 50, 3)
+    gen = torch.Generator().manual_seed(1)
+    about_z = augment_points(points, "z", gen)
+    assert torch.allclose(about_z[..., 2], points[..., 2], atol=1e-6)
+    assert torch.allclose(about_z.norm(dim=-1), points.norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(augment_points(points, "so3", gen)[..., 2], points[..., 2], atol=1e-2)
+    assert augment_points(points, "none", gen) is points
+    quarter = rotations_about_z(torch.tensor([torch.pi / 2]))
+    assert torch.allclose(quarter[0] @ torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]), atol=1e-6)
+
+
+def test_stratified_split_holds_out_every_class_and_is_seeded():
+    labels = np.repeat(np.arange(4), [10, 5, 2, 1])
+    train, held = stratified_split(labels, 0.2, seed=3)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(len(labels)))
+    assert np.bincount(labels[held], minlength=4).tolist() == [2, 1, 1, 0]  # a class of one stays in train
+    again = stratified_split(labels, 0.2, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip((train, held), again, strict=True))
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=4)[1], held)
+
+
+# --- epochs: deterministic, and resumable to the same numbers -----------------------------------------------
+
+
+def _fit(epochs: int, state: dict | None = None):
+    torch.manual_seed(0)
+    model = build("pointnet", num_classes=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(5)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_random_state(generator, state["random"])
+    data = torch.Generator().manual_seed(9)
+    x, y = torch.randn(24, 64, 3, generator=data), torch.randint(0, 3, (24,), generator=data)
+    settings = StepSettings(batch_size=8, augment="so3", points_per_cloud=32)
+    losses = [
+        train_one_epoch(model, optimizer, x, y, settings, generator, torch.device("cpu"))
+        for _ in range(epochs)
+    ]
+    return model, optimizer, generator, losses, (x, y)
+
+
+def test_training_is_deterministic_on_cpu():
+    _, _, _, first, _ = _fit(2)
+    _, _, _, second, _ = _fit(2)
+    assert first == second
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_numbers_as_training_straight_through():
+    model, _, _, straight, (x, y) = _fit(2)
+    half, optimizer, generator, first_epoch, _ = _fit(1)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": half.state_dict(), "optimizer": optimizer.state_dict(), "random": random_state(generator)},
+        buffer,
+    )
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed, _, _, second_epoch, _ = _fit(1, state)
+    assert first_epoch + second_epoch == straight
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert accuracy(model, x, y, 8, torch.device("cpu")) == accuracy(resumed, x, y, 8, torch.device("cpu"))
+
+
+# --- where things go, and what the live status says ---------------------------------------------------------
+
+
+def test_tracking_uri_param_then_environment_then_the_repos_sqlite(tmp_path, monkeypatch):
+    from pipeline.training.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri("", tmp_path) == "http://127.0.0.1:5000"
+    assert tracking_uri("sqlite:////elsewhere.db", tmp_path) == "sqlite:////elsewhere.db"
+
+
+class _Trial:
+    def __init__(self, trial_id: str, name: str):
+        self.trial_id, self.config = trial_id, {"trial": {"name": name}}
+
+
+def test_live_status_counts_trials_and_tracks_the_best(tmp_path):
+    from pipeline.training.status import LiveStatus
+
+    out = io.StringIO()
+    status = LiveStatus(total=2, out=out, every_s=0.0)
+    a, b = _Trial("a", "vit"), _Trial("b", "e3nn")
+    status.on_trial_start(0, [], a)
+    status.on_trial_start(0, [], b)
+    status.on_trial_result(0, [], a, {"val_accuracy": 0.5})
+    status.on_trial_recover(0, [], b)
+    status.on_trial_start(0, [], b)
+    status.on_trial_result(0, [], b, {"val_accuracy": 0.75})
+    status.on_trial_complete(0, [], a)
+    status.on_trial_complete(0, [], b)
+    lines = out.getvalue().splitlines()
+    assert "e3nn failed; retrying from its last checkpoint" in lines[3]
+    assert lines[-1].endswith(
+        "0 running, 2/2 done, 0 failed | best val_accuracy 0.750 (e3nn) | finished e3nn"
+    )
+    assert all(line.startswith("[train 0:00]") for line in lines)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["vit", "mamba_hybrid", "e3nn", "dgcnn"])
+def test_an_epoch_on_cuda_with_bf16_autocast(name):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build(name, num_classes=3).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    is_image = name in ("vit", "mamba_hybrid")
+    x = torch.randn(8, 4, 32, 32) if is_image else torch.randn(8, 256, 3)
+    y = torch.randint(0, 3, (8,))
+    settings = StepSettings(batch_size=4, augment="none" if is_image else "so3", bf16=True)
+    loss = train_one_epoch(model, optimizer, x, y, settings, torch.Generator().manual_seed(0), device)
+    assert np.isfinite(loss)
+    assert 0.0 <= accuracy(model, x, y, 4, device, bf16=True) <= 1.0
