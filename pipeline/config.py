@@ -233,6 +233,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Stage `evaluate`: the claims measured on the trained models."""
+
+    rotation_draws: int = field(default=4, metadata=_range(1, 1000, "rotations per test sample and mode"))
+    invariance_clouds: int = field(default=16, metadata=_range(1, 100_000))
+    batch_size: int = field(default=64, metadata=_range(1, 65_536))
+    # The cost sweep: ViT, Mamba-hybrid and pure Mamba at one width and depth, over these resolutions.
+    cost_resolutions: tuple[int, ...] = field(default=(224, 384, 512, 1024), metadata=_range(16, 8192))
+    cost_patch_size: int = field(default=16, metadata=_range(1, 1024))
+    cost_dim: int = field(default=192, metadata=_range(8, 8192))
+    cost_depth: int = field(
+        default=4, metadata=_range(2, 1000, "the hybrid needs a Mamba and an attention block")
+    )
+    cost_heads: int = field(default=3, metadata=_range(1, 256))
+    cost_repeats: int = field(default=3, metadata=_range(1, 1000))
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """Where trials run. Not tracked by DVC: results do not depend on where they ran."""
 
@@ -255,6 +273,7 @@ class StudyConfig:
     points: PointsConfig = PointsConfig()
     images: ImagesConfig = ImagesConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -390,6 +409,18 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
                 f"{key} = {res} is not allowed: "
                 f"expected a multiple of images.patch_size = {images.patch_size}"
             )
+    evaluate = config.evaluate
+    for i, res in enumerate(evaluate.cost_resolutions):
+        if res % evaluate.cost_patch_size:
+            raise ConfigError(
+                f"evaluate.cost_resolutions[{i}] = {res} is not allowed: "
+                f"expected a multiple of evaluate.cost_patch_size = {evaluate.cost_patch_size}"
+            )
+    if evaluate.cost_dim % evaluate.cost_heads:
+        raise ConfigError(
+            f"evaluate.cost_dim = {evaluate.cost_dim} is not allowed: "
+            f"expected a multiple of evaluate.cost_heads = {evaluate.cost_heads}"
+        )
     points = config.points
     if points.source == "folder":
         root = resolve_path(points.root, base_dir)

@@ -34,3 +34,14 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary sibling and rename it into place: readers see the old file or the new one."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)

@@ -52,7 +52,15 @@ def write_params(path: Path, data: dict) -> Path:
 
 # --- a study repository of our own, for real `dvc repro` runs -----------------------------------------------
 
-STUDY_FILES = ["pipeline", "perception", "dvc.yaml", ".dvcignore", ".gitignore", "data/raw/README.md"]
+STUDY_FILES = [
+    "pipeline",
+    "perception",
+    "plots_templates",
+    "dvc.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/README.md",
+]
 
 # Training on the tiny data: every family once, a grid of two where the study compares variants.
 TINY_TRAIN = {
@@ -67,6 +75,19 @@ TINY_TRAIN = {
     "batch_size": 4,
     "points_per_cloud": 32,
     "grace_period": 1,
+}
+
+
+# A cost sweep small enough for CI: two token counts, a one-block model.
+TINY_EVALUATE = {
+    "rotation_draws": 2,
+    "invariance_clouds": 4,
+    "cost_resolutions": [32, 64],
+    "cost_patch_size": 16,
+    "cost_dim": 16,
+    "cost_depth": 2,
+    "cost_heads": 2,
+    "cost_repeats": 1,
 }
 
 
@@ -102,6 +123,7 @@ def make_study_repo(tmp_path: Path, override: dict | None = None, models: dict |
     real = yaml.safe_load((REPO / "params.yaml").read_text())
     params = merge(merge(real, TINY_PARAMS), {"runtime": {"workers": 2}})
     params["train"] = {**params["train"], **TINY_TRAIN}
+    params["evaluate"] = {**params["evaluate"], **TINY_EVALUATE}
     params = merge(params, override or {})
     if models is not None:
         params["train"]["models"] = models

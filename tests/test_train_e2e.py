@@ -191,3 +191,75 @@ def test_every_trial_run_has_its_model(trained, mlflow_server):
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     runs = {row["mlflow_run_id"] for row in _trials(root)}
     assert runs <= {m.source_run_id for m in models}
+
+
+# --- evaluate and report: the rest of the DAG, on the same run ----------------------------------------------
+
+
+def test_the_whole_dag_ran_and_the_report_states_a_verdict_per_claim(trained):
+    root, result = trained
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare_points", "prepare_images", "train", "evaluate", "report"}
+    report = (root / "reports/report.md").read_text()
+    verdicts = json.loads((root / "reports/verdicts.json").read_text())
+    assert len(verdicts) == 4
+    for verdict in verdicts:
+        assert verdict["verdict"] in ("holds", "does not hold", "inconclusive")
+        assert f"{verdict['claim']}: {verdict['verdict']}" in report and verdict["rule"] in report
+    html = (root / "reports/report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # self-contained: every figure inlined
+    study = json.loads((root / "data/train/study.json").read_text())
+    assert study["mlflow"]["parent_run_id"] in report
+    assert "train" in report and "wall time" in report
+
+
+def test_evaluation_metrics_hold_sane_values(trained):
+    root, _ = trained
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert set(metrics["rotation"]) == {"e3nn", "pointnet-none", "pointnet-so3", "dgcnn"}
+    for row in metrics["rotation"].values():
+        for mode in ("none", "z", "so3"):
+            assert 0.0 <= row[f"accuracy_{mode}"] <= 1.0
+    # The equivariant model is invariant by construction; the baselines are not.
+    assert metrics["rotation"]["e3nn"]["invariance_error_float64"] < 1e-9
+    assert metrics["rotation"]["pointnet-none"]["invariance_error_float64"] > 1e-4
+    assert set(metrics["resolution"]["vit"]) == {"accuracy_16px", "accuracy_24px"}
+    assert set(metrics["cost"]) == {"vit", "mamba_hybrid", "mamba"}
+    shown = run_command(["dvc", "metrics", "show"], root).stdout
+    assert "rotation.e3nn.accuracy_so3" in shown
+
+
+def test_dvc_plots_render_the_evaluation(trained):
+    root, _ = trained
+    for name in ("accuracy_by_angle", "accuracy_by_resolution", "cost_by_tokens"):
+        with open(root / f"plots/{name}.csv") as handle:
+            assert len(list(csv.DictReader(handle))) > 0
+    run_command(["dvc", "plots", "show", "--out", "dvc_plots"], root)
+    page = (root / "dvc_plots/index.html").read_text()
+    assert "Accuracy against rotation angle" in page and "Forward latency against tokens" in page
+
+
+def test_the_evaluation_is_in_the_mlflow_parent_run(trained):
+    import mlflow
+
+    root, _ = trained
+    study = json.loads((root / "data/train/study.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=study["mlflow"]["tracking_uri"])
+    parent = client.get_run(study["mlflow"]["parent_run_id"])
+    assert "eval.rotation.e3nn.accuracy_so3" in parent.data.metrics
+    assert parent.data.tags["claim_4"] in ("holds", "does not hold", "inconclusive")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation/figures")}
+    assert "evaluation/figures/rotation.png" in artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html"}
+
+
+def test_dvc_reruns_only_what_changed(trained):
+    root, _ = trained
+    again = run_command(["dvc", "repro"], root)
+    assert "Running stage" not in again.stdout
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["rotation_draws"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    partial = run_command(["dvc", "repro"], root)
+    ran = {line.split("'")[1] for line in partial.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate", "report"}

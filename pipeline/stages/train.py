@@ -26,7 +26,7 @@ import torch
 from perception.data.arrays import open_dataset
 from perception.training import stratified_split
 from pipeline.config import ConfigError, StudyConfig, resolve_path
-from pipeline.outputs import atomic_output_dir
+from pipeline.outputs import atomic_output_dir, write_json_atomic
 from pipeline.training import space
 from pipeline.training.trainable import CHECKPOINT_FILE, TrialData, run_trial
 
@@ -252,7 +252,7 @@ def train(
             _export_checkpoint(Path(row["checkpoint_path"]), folder / "models" / f"{name}.pt", row)
         _write_table(rows, folder)
         (folder / "study.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    _write_json_atomic(metrics_out, metrics)
+    write_json_atomic(metrics_out, metrics)
 
     # Models and the table go to MLflow once the outputs are safe on disk.
     _log_models(client, rows, mlflow_callback, config)
@@ -361,13 +361,6 @@ def _write_table(rows: list[dict], folder: Path) -> None:
             writer.writerow({**row, "settings": json.dumps(row["settings"], sort_keys=True)})
     public = [{k: row[k] for k in TABLE_COLUMNS} for row in rows]
     (folder / "trials.json").write_text(json.dumps(public, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
 
 
 def _log_models(client, rows: list[dict], mlflow_callback, config: StudyConfig) -> None:
