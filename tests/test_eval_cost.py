@@ -115,3 +115,19 @@ def test_essay_rows_quote_and_recompute_the_table():
     for r in rows:  # the essay's rounded numbers are within 5% of the exact ones
         assert r["attention_entries_essay"] == pytest.approx(r["attention_entries"], rel=0.05)
         assert r["relative_cost_essay"] == pytest.approx(r["relative_cost"], rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_sweep_measures_the_gpu_with_its_allocator():
+    device = torch.device("cuda")
+    points = cost_sweep(
+        _models(),  # cost_sweep moves each model to the device
+        resolutions=RESOLUTIONS,
+        patch_size=PATCH,
+        repeats=2,
+        device=device,
+    )
+    for point in points:
+        assert "cuda" in point.memory_method and point.peak_memory_mb > 0
+        assert point.latency_ms_min <= point.latency_ms <= point.latency_ms_max

@@ -171,6 +171,8 @@ def _cost(config: StudyConfig) -> dict[str, Any]:
         resolutions=ev.cost_resolutions,
         patch_size=ev.cost_patch_size,
         repeats=ev.cost_repeats,
+        # On a GPU machine the sweep measures the GPU (latency and the CUDA allocator's peak).
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         progress=lambda line: print(f"evaluate: {line}", flush=True),
     )
     rows = [p.as_dict() for p in points]
