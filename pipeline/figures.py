@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -93,6 +94,10 @@ def cost_figure(cost: dict[str, Any], path: Path) -> Path:
             ax.plot(span, [y0 * (t / t0) ** slope for t in span], style, color="grey", label=f"slope {slope}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # Label the measured token counts themselves; log-scale minor labels overlap.
+        all_tokens = sorted({r["tokens"] for r in cost["rows"]})
+        ax.set_xticks(all_tokens, [str(t) for t in all_tokens])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("tokens")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)

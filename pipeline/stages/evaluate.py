@@ -239,7 +239,8 @@ def evaluate(
         for name, rows in plots.items():
             _write_csv(folder / f"{name}.csv", rows)
     write_json_atomic(metrics_out, metrics)
-    _log_to_mlflow(study, metrics, out / "results.json", [out / "figures" / f.name for f in figures])
+    tables = [out / "results.json"] + [plots_dir / f"{name}.csv" for name in plots]
+    _log_to_mlflow(study, metrics, tables, [out / "figures" / f.name for f in figures])
     print(f"evaluate: done in {results['wall_seconds']:.0f} s -> {out}, {metrics_out}, {plots_dir}")
     return results
 
@@ -313,8 +314,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _log_to_mlflow(study: dict, metrics: dict, results_file: Path, figures: list[Path]) -> None:
-    """Evaluation numbers, the results file and the figures to the study's parent run."""
+def _log_to_mlflow(study: dict, metrics: dict, tables: list[Path], figures: list[Path]) -> None:
+    """Evaluation numbers, tables (results.json, the plot data) and figures to the study's parent run."""
     tracking = study.get("mlflow") or {}
     if not tracking.get("parent_run_id"):
         print("evaluate: no MLflow parent run in the train outputs; skipping MLflow")
@@ -329,7 +330,8 @@ def _log_to_mlflow(study: dict, metrics: dict, results_file: Path, figures: list
     batch = [Metric(k, v, now, 0) for k, v in flat.items()]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i : i + 500])
-    client.log_artifact(run_id, str(results_file), "evaluation")
+    for table in tables:
+        client.log_artifact(run_id, str(table), "evaluation")
     for figure in figures:
         client.log_artifact(run_id, str(figure), "evaluation/figures")
 
