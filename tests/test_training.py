@@ -261,3 +261,17 @@ def test_an_epoch_on_cuda_with_bf16_autocast(name):
     loss = train_one_epoch(model, optimizer, x, y, settings, torch.Generator().manual_seed(0), device)
     assert np.isfinite(loss)
     assert 0.0 <= accuracy(model, x, y, 4, device, bf16=True) <= 1.0
+
+
+def test_an_unreachable_cluster_address_fails_in_seconds_naming_it():
+    import socket
+
+    from pipeline.config import ConfigError
+    from pipeline.stages.train import _check_reachable
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS = '127.0.0.1:{port}': no Ray cluster answers there"):
+        _check_reachable(f"127.0.0.1:{port}")
+    _check_reachable("auto")  # resolved by Ray itself

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,28 @@ def _storage(config: StudyConfig, repo: Path) -> str:
     return str(resolve_path(storage or "data/ray_results", repo).resolve())
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, naming the address, when no Ray head answers there (ray.init would wait minutes)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=10):
+            return
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"ray.address / RAY_ADDRESS = {address!r}: no Ray cluster answers there; start one with "
+            "`ray start --head` and use the address it prints, or unset it to run Ray in-process"
+        ) from None
+
+
 def _connect_ray(config: StudyConfig, repo: Path) -> bool:
     """Join the cluster at `ray.address` / RAY_ADDRESS, or start Ray in-process. True if started here."""
     import ray
 
     address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_reachable(address)
     # Quiet: our LiveStatus replaces Tune's tables (legacy output at verbose=0 prints nothing).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -137,46 +155,50 @@ def train(
         res = config.images.train_resolution
         image_data = _split_data(config, images.array(f"train_r{res}"), labels, len(classes))
 
-    study_flat = config.flat()
-    uri, client = _tracking(config, repo)
-    dataset_hashes = {"points": points.manifest_sha256, "images": images.manifest_sha256 if images else ""}
-    tags = {
-        "git_commit": git_commit(repo),
-        "dataset.points.sha256": dataset_hashes["points"],
-        "dataset.images.sha256": dataset_hashes["images"],
-        "stage": "train",
-    }
-    parent_id = start_parent(
-        client, config.mlflow.experiment, time.strftime("study %Y-%m-%d %H:%M:%S"), tags, study_flat
-    )
-    storage = _storage(config, repo)
-    search = space.is_search(config, variants)
-    scheduler = config.train.scheduler
-    use_asha = scheduler == "asha" or (scheduler == "auto" and search)
-    total_trials = len(variants) * config.train.num_samples
-    resources = {"cpu": config.train.cpus_per_trial, "gpu": config.train.gpus_per_trial}
-    # What trials see: the study's knobs (variants come in as `trial.*`) and the data's facts.
-    trial_flat = {k: v for k, v in study_flat.items() if not k.startswith("train.models.")}
-    trial_flat.update({"data.num_classes": len(classes), "data.in_channels": in_channels})
-    mlflow_callback = MlflowTrials(client, parent_id)
-    print(
-        f"train: {total_trials} trials ({len(variants)} variants x {config.train.num_samples} samples), "
-        f"{config.train.epochs} epochs, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
-        f"{', ASHA' if use_asha else ''}; MLflow {uri}, run {parent_id}",
-        flush=True,
-    )
-
+    # Ray first: an unreachable cluster fails before an MLflow run is opened for nothing.
     started_here = _connect_ray(config, repo)
     began = time.monotonic()
+    parent_id = None
     try:
         import ray
 
         cluster_cpus = ray.cluster_resources().get("CPU", 0)
-        if cluster_cpus < resources["cpu"]:
+        if cluster_cpus < config.train.cpus_per_trial:
             raise ConfigError(
-                f"train.cpus_per_trial = {resources['cpu']:g} is not allowed: the Ray cluster has "
+                f"train.cpus_per_trial = {config.train.cpus_per_trial:g} is not allowed: the Ray cluster has "
                 f"{cluster_cpus:g} CPUs"
             )
+        study_flat = config.flat()
+        uri, client = _tracking(config, repo)
+        dataset_hashes = {
+            "points": points.manifest_sha256,
+            "images": images.manifest_sha256 if images else "",
+        }
+        tags = {
+            "git_commit": git_commit(repo),
+            "dataset.points.sha256": dataset_hashes["points"],
+            "dataset.images.sha256": dataset_hashes["images"],
+            "stage": "train",
+        }
+        parent_id = start_parent(
+            client, config.mlflow.experiment, time.strftime("study %Y-%m-%d %H:%M:%S"), tags, study_flat
+        )
+        storage = _storage(config, repo)
+        search = space.is_search(config, variants)
+        scheduler = config.train.scheduler
+        use_asha = scheduler == "asha" or (scheduler == "auto" and search)
+        total_trials = len(variants) * config.train.num_samples
+        resources = {"cpu": config.train.cpus_per_trial, "gpu": config.train.gpus_per_trial}
+        # What trials see: the study's knobs (variants come in as `trial.*`) and the data's facts.
+        trial_flat = {k: v for k, v in study_flat.items() if not k.startswith("train.models.")}
+        trial_flat.update({"data.num_classes": len(classes), "data.in_channels": in_channels})
+        mlflow_callback = MlflowTrials(client, parent_id)
+        print(
+            f"train: {total_trials} trials ({len(variants)} variants x {config.train.num_samples} samples), "
+            f"{config.train.epochs} epochs, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
+            f"{', ASHA' if use_asha else ''}; MLflow {uri}, run {parent_id}",
+            flush=True,
+        )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, images=image_data, points=point_data), resources
         )
@@ -211,7 +233,8 @@ def train(
         grid = tuner.fit()
         rows = _trial_rows(grid, mlflow_callback)
     except BaseException:
-        client.set_terminated(parent_id, status="FAILED")
+        if parent_id is not None:
+            client.set_terminated(parent_id, status="FAILED")
         raise
     finally:
         if started_here:
