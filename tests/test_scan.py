@@ -8,9 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perception.ops.scan import selective_scan, selective_scan_chunked, selective_scan_ref
+from perception.ops.scan import (
+    SCAN_BACKENDS,
+    native_available,
+    resolve_backend,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_native,
+    selective_scan_ref,
+)
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+# Every fast backend, tested against the reference; native needs a C compiler and is skipped without one.
+_needs_cc = pytest.mark.skipif(not native_available(), reason="native scan: no C compiler here")
+FAST = ["auto", "chunked", pytest.param("native", marks=_needs_cc)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,18 +110,54 @@ def test_reference_by_hand():
 # ----------------------------------------------------------------------- fast path against the reference
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_fast_matches_reference_L197(option):
-    assert_match(mamba_inputs(2, 8, 197, 16), OPTIONS[option])
+def test_fast_matches_reference_L197(option, backend):
+    assert_match(mamba_inputs(2, 8, 197, 16), OPTIONS[option], backend=backend)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("groups", [None, 2])
-def test_fast_matches_reference_L1025(groups):
-    assert_match(mamba_inputs(1, 4, 1025, 16, groups=groups, seed=3), NAMES)
+def test_fast_matches_reference_L1025(groups, backend):
+    assert_match(mamba_inputs(1, 4, 1025, 16, groups=groups, seed=3), NAMES, backend=backend)
 
 
-def test_fast_matches_reference_L4096():
-    assert_match(mamba_inputs(1, 4, 4096, 16, seed=4), NAMES)
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_matches_reference_L4096(backend):
+    assert_match(mamba_inputs(1, 4, 4096, 16, seed=4), NAMES, backend=backend)
+
+
+@_needs_cc
+@pytest.mark.parametrize("n", [3, 4, 64])
+def test_native_matches_reference_other_state_sizes(n):
+    """The kernel is compiled per N: odd and large N, grouped B/C, batch 2, L not a power of two."""
+    assert_match(mamba_inputs(2, 6, 301, n, groups=3, seed=9), NAMES, backend="native")
+
+
+@_needs_cc
+def test_native_float64_and_threads_fall_back_or_agree():
+    """float64 goes to chunked (in double); one thread and several threads give the same result."""
+    inputs = {k: v.double() for k, v in mamba_inputs(1, 4, 50, 4, seed=10).items()}
+    out = selective_scan_native(**inputs, delta_softplus=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, selective_scan_ref(**inputs, delta_softplus=True))
+    inputs = mamba_inputs(2, 7, 97, 16, groups=7, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out1, g1 = run(selective_scan_native, inputs, NAMES)
+        torch.set_num_threads(max(2, threads))
+        out2, g2 = run(selective_scan_native, inputs, NAMES)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel(out1, out2) < 1e-6
+    for k in NAMES:
+        assert rel(g1[k], g2[k]) < 1e-6, k
+
+
+def test_auto_picks_native_when_it_compiles():
+    assert resolve_backend("auto") == ("native" if native_available() else "chunked")
+    assert set(SCAN_BACKENDS) >= {"ref", "chunked", "native"}
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64, 197, 500])
@@ -135,16 +183,18 @@ def test_fast_gradcheck_float64():
     assert torch.autograd.gradcheck(f, leaves)
 
 
-def test_float32_large_L_stays_finite():
+@pytest.mark.parametrize("backend", FAST)
+def test_float32_large_L_stays_finite(backend):
     """Large steps (dt up to 5) and A down to -64 over L=4096: decays underflow to 0, never overflow."""
     inputs = mamba_inputs(2, 8, 4096, 64, seed=7, dt_max=5.0)
-    out, g = run(selective_scan, inputs, NAMES)
+    out, g = run(selective_scan, inputs, NAMES, backend=backend)
     assert torch.isfinite(out).all()
     for k, t in g.items():
         assert torch.isfinite(t).all(), k
 
 
-def test_fast_path_keeps_little_for_backward():
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_path_keeps_little_for_backward(backend):
     """Memory: the fast path saves O(b d L) for backward, not the O(b d L n) states autograd would keep."""
     b, d, L, n = 1, 16, 4096, 16
     inputs = {k: v.requires_grad_() for k, v in mamba_inputs(b, d, L, n, seed=8).items()}
@@ -158,17 +208,18 @@ def test_fast_path_keeps_little_for_backward():
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     with count("fast"):
-        selective_scan(**inputs, delta_softplus=True)
+        selective_scan(**inputs, delta_softplus=True, backend=backend)
     with count("ref"):
         selective_scan_ref(**inputs, delta_softplus=True)
     assert saved["fast"] < 12 * b * d * L  # a few [b, d, L] tensors, B and C, chunk-start states
     assert saved["ref"] > 3 * b * d * L * n
 
 
-def test_dtype_in_dtype_out():
+@pytest.mark.parametrize("backend", FAST)
+def test_dtype_in_dtype_out(backend):
     inputs = mamba_inputs(1, 4, 33, 4)
     half = {k: (v.bfloat16() if k in ("u", "delta", "z") else v) for k, v in inputs.items()}
-    out = selective_scan(**half, delta_softplus=True)
+    out = selective_scan(**half, delta_softplus=True, backend=backend)
     assert out.dtype == torch.bfloat16
     ref = selective_scan_ref(**half, delta_softplus=True)
     torch.testing.assert_close(out, ref)
