@@ -17,6 +17,10 @@ Part 2, the models: forward latency (no_grad, batch 1, in_channels 4) of ViT, Ma
 and pure Mamba (attn_layers=0) at dim 192, depth 12, heads 3, patch 16, at 224/384/512/1024 px = 196, 576,
 1024, 4096 tokens, and the smallest token count at which pure Mamba (and the hybrid) beat ViT, if any.
 Times are the median and the min-max over repeats, in ms. Threads: torch's default (2 on the study box).
+
+Part 3, in the same run: the e3nn model's training throughput against e3nn's gate_points_2102 at 256
+points (benchmarks.e3nn_reference), the log-log slope of each backend's peak memory against L, and the
+wall time of each stage of the last `dvc repro` in this checkout (data/timings).
 """
 
 from __future__ import annotations
@@ -190,6 +194,30 @@ def bench_models(quick: bool, depth: int) -> dict:
     return {"depth": depth, "rows": rows, "faster_than_vit_from_tokens": crossover}
 
 
+def _memory_exponents(rows: list[dict]) -> dict[str, float]:
+    """Least-squares log-log slope of fwd+bwd peak memory against L, per backend and dim (1 = linear)."""
+    from perception.evaluation.cost import fit_exponent
+
+    out = {}
+    for backend in sorted({r["backend"] for r in rows}):
+        for d in DIMS:
+            pts = [
+                (r["L"], r["fwd_bwd"]["peak_mib"])
+                for r in rows
+                if r["backend"] == backend and r["dim"] == d and r["fwd_bwd"] and r["fwd_bwd"]["peak_mib"]
+            ]
+            if len(pts) >= 2:
+                out[f"{backend}_d{d}"] = round(fit_exponent([p[0] for p in pts], [p[1] for p in pts]), 3)
+    return out
+
+
+def _stage_times(folder: Path) -> dict[str, float]:
+    """Each stage's wall time in the last `dvc repro` here (written by `python -m pipeline`)."""
+    return {
+        p.stem: round(json.loads(p.read_text())["wall_seconds"], 1) for p in sorted(folder.glob("*.json"))
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,6 +254,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k:24s} {v:7.1f}x")
     result["models"] = bench_models(args.quick, args.depth)
     print(f"\nfaster than ViT from (tokens): {result['models']['faster_than_vit_from_tokens']}")
+    result["memory_exponent_in_L"] = _memory_exponents(result["scan"])
+    print(f"peak memory of fwd+bwd against L (log-log slope): {result['memory_exponent_in_L']}")
+    if not args.quick:
+        from benchmarks.e3nn_reference import measure_e3nn_vs_reference
+
+        e3nn = measure_e3nn_vs_reference(num_points=256, batch=16, repeats=3)
+        result["e3nn_vs_gate_points_2102"] = e3nn
+        print(
+            f"e3nn training at 256 points: {e3nn['ours']['clouds_per_s']['median']:.1f} clouds/s vs "
+            f"gate_points_2102 {e3nn['gate_points_2102']['clouds_per_s']['median']:.1f} "
+            f"({e3nn['speedup']['median']:.1f}x, min {e3nn['speedup']['min']:.1f}x)"
+        )
+    result["study_stage_seconds"] = _stage_times(Path("data/timings"))
+    print(
+        f"last study run, wall time per stage (s): {result['study_stage_seconds'] or 'no study run here yet'}"
+    )
     result["wall_s"] = time.perf_counter() - t0
     print(f"auto backend: {result['auto_backend']}; total {result['wall_s']:.0f} s")
     if args.json:

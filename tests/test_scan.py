@@ -245,3 +245,12 @@ def test_softplus_is_applied_after_bias():
         inputs, delta=F.softplus(inputs["delta"] + inputs["delta_bias"][:, None]), delta_bias=None
     )
     torch.testing.assert_close(selective_scan(**inputs, delta_softplus=True), selective_scan(**explicit))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "chunked"])
+def test_fast_matches_reference_on_cuda(backend):
+    # The native kernel is CPU-only: on CUDA tensors `auto` and `native` hand over to the chunked form.
+    inputs = {k: v.cuda() for k, v in mamba_inputs(1, 8, 1025, 16, seed=5).items()}
+    assert_match(inputs, NAMES, backend=backend)
