@@ -13,45 +13,49 @@ from pipeline.outputs import write_json_atomic
 TIMINGS = Path("data/timings")
 
 
+# stage -> (help, {path option: default}); every stage also takes --params.
+STAGES: dict[str, tuple[str, dict[str, str]]] = {
+    "prepare-points": ("make the point-cloud dataset (and its meshes)", {"out": "data/prepared/points"}),
+    "prepare-images": (
+        "render the point dataset's meshes as depth + normals",
+        {"points": "data/prepared/points", "out": "data/prepared/images"},
+    ),
+    "train": (
+        "train every model variant in one Ray Tune run, tracked in MLflow",
+        {
+            "points": "data/prepared/points",
+            "images": "data/prepared/images",
+            "out": "data/train",
+            "metrics": "metrics/train.json",
+        },
+    ),
+    "evaluate": (
+        "measure the four claims on the trained models",
+        {
+            "points": "data/prepared/points",
+            "images": "data/prepared/images",
+            "train": "data/train",
+            "out": "data/evaluation",
+            "metrics": "metrics/evaluate.json",
+            "plots": "plots",
+        },
+    ),
+    "report": (
+        "the verdict on each claim, as Markdown and HTML",
+        {"evaluation": "data/evaluation", "train": "data/train", "out": "reports"},
+    ),
+    "check-params": ("validate params.yaml and print the resolved config", {}),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-
-    points = stages.add_parser("prepare-points", help="make the point-cloud dataset (and its meshes)")
-    points.add_argument("--params", type=Path, default=Path("params.yaml"))
-    points.add_argument("--out", type=Path, default=Path("data/prepared/points"))
-
-    images = stages.add_parser("prepare-images", help="render the point dataset's meshes as depth + normals")
-    images.add_argument("--params", type=Path, default=Path("params.yaml"))
-    images.add_argument("--points", type=Path, default=Path("data/prepared/points"))
-    images.add_argument("--out", type=Path, default=Path("data/prepared/images"))
-
-    train = stages.add_parser(
-        "train", help="train every model variant in one Ray Tune run, tracked in MLflow"
-    )
-    train.add_argument("--params", type=Path, default=Path("params.yaml"))
-    train.add_argument("--points", type=Path, default=Path("data/prepared/points"))
-    train.add_argument("--images", type=Path, default=Path("data/prepared/images"))
-    train.add_argument("--out", type=Path, default=Path("data/train"))
-    train.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
-
-    evaluate = stages.add_parser("evaluate", help="measure the four claims on the trained models")
-    evaluate.add_argument("--params", type=Path, default=Path("params.yaml"))
-    evaluate.add_argument("--points", type=Path, default=Path("data/prepared/points"))
-    evaluate.add_argument("--images", type=Path, default=Path("data/prepared/images"))
-    evaluate.add_argument("--train", type=Path, default=Path("data/train"))
-    evaluate.add_argument("--out", type=Path, default=Path("data/evaluation"))
-    evaluate.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
-    evaluate.add_argument("--plots", type=Path, default=Path("plots"))
-
-    report = stages.add_parser("report", help="the verdict on each claim, as Markdown and HTML")
-    report.add_argument("--params", type=Path, default=Path("params.yaml"))
-    report.add_argument("--evaluation", type=Path, default=Path("data/evaluation"))
-    report.add_argument("--train", type=Path, default=Path("data/train"))
-    report.add_argument("--out", type=Path, default=Path("reports"))
-
-    check = stages.add_parser("check-params", help="validate params.yaml and print the resolved config")
-    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    for name, (help, paths) in STAGES.items():
+        stage = stages.add_parser(name, help=help)
+        stage.add_argument("--params", type=Path, default=Path("params.yaml"))
+        for option, default in paths.items():
+            stage.add_argument(f"--{option}", type=Path, default=Path(default))
     return parser
 
 

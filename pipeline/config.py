@@ -107,9 +107,6 @@ class Domain:
             return (self.values[0], self.values[1] - 1)
         return self.values
 
-    def plain(self) -> dict[str, list]:
-        return {self.kind: list(self.values)}
-
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -118,9 +115,6 @@ class ModelEntry:
     name: str
     family: str
     settings: tuple[tuple[str, Any], ...]  # (key, value or Domain), in the file's order
-
-    def plain(self) -> dict[str, Any]:
-        return {k: v.plain() if isinstance(v, Domain) else v for k, v in self.settings}
 
 
 def _parse_value(key: str, value: Any) -> Any:

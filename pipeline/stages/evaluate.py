@@ -214,7 +214,6 @@ def evaluate(
     images = open_dataset(images_dir, "images")
     study = json.loads((train_dir / "study.json").read_text()) if (train_dir / "study.json").is_file() else {}
     models = _load_models(train_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     began = time.monotonic()
 
     results: dict[str, Any] = {"seed": config.seed, "evaluate": dict(vars(config.evaluate))}

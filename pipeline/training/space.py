@@ -101,11 +101,10 @@ def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_cha
     for variant in variants:
         family = FAMILIES[variant.family]
         where = f"train.models.{variant.model}"
-        for key in [*variant.fixed, *variant.searched]:
-            if key in ("augment",) and family.input_kind != "points":
-                raise ConfigError(
-                    f"{where}.{key}: only point models take it; {variant.family} is an image model"
-                )
+        if family.input_kind != "points" and "augment" in {**variant.fixed, **variant.searched}:
+            raise ConfigError(
+                f"{where}.augment: only point models take it; {variant.family} is an image model"
+            )
         augment = variant.fixed.get("augment", "none")
         if augment not in AUGMENTS:
             raise ConfigError(

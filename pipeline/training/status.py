@@ -27,7 +27,7 @@ class LiveStatus(Callback):
         self.done: set[str] = set()
         self.failed: set[str] = set()
 
-    def _line(self, trials, event: str) -> None:
+    def _line(self, event: str) -> None:
         running, done, failed = len(self.running), len(self.done), len(self.failed)
         elapsed = int(time.monotonic() - self.started)
         best = f" | best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
@@ -45,25 +45,25 @@ class LiveStatus(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
-        self._line(trials, f"started {self._name(trial)}")
+        self._line(f"started {self._name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         if isinstance(value, float) and (self.best is None or value > self.best[0]):
             self.best = (value, self._name(trial))
         if time.monotonic() - self.last_print >= self.every_s:
-            self._line(trials, "")
+            self._line("")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.done.add(trial.trial_id)
-        self._line(trials, f"finished {self._name(trial)}")
+        self._line(f"finished {self._name(trial)}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)  # it starts again (on_trial_start) when retried
-        self._line(trials, f"{self._name(trial)} failed; retrying from its last checkpoint")
+        self._line(f"{self._name(trial)} failed; retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.failed.add(trial.trial_id)
-        self._line(trials, f"{self._name(trial)} failed for good")
+        self._line(f"{self._name(trial)} failed for good")
