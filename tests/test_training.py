@@ -275,3 +275,41 @@ def test_an_unreachable_cluster_address_fails_in_seconds_naming_it():
     with pytest.raises(ConfigError, match=rf"RAY_ADDRESS = '127.0.0.1:{port}': no Ray cluster answers there"):
         _check_reachable(f"127.0.0.1:{port}")
     _check_reachable("auto")  # resolved by Ray itself
+
+
+# --- checkpoints the evaluation refuses -------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this would call os.system: a weights-only load must refuse it without running it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "malicious", "not a checkpoint"])
+def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path, kind):
+    from perception.data.arrays import DatasetError
+    from pipeline.stages.evaluate import _load_models
+
+    models = tmp_path / "train" / "models"
+    models.mkdir(parents=True)
+    path = models / "vit.pt"
+    marker = tmp_path / "payload-ran"
+    if kind == "truncated":
+        buffer = io.BytesIO()
+        torch.save({"state_dict": build("vit").state_dict(), "config": {}}, buffer)
+        path.write_bytes(buffer.getvalue()[:1000])
+    elif kind == "malicious":
+        torch.save({"state_dict": {}, "config": _Payload(str(marker))}, path)
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(DatasetError, match=rf"^{path}: not a usable checkpoint of the train stage") as err:
+        _load_models(tmp_path / "train")
+    assert "\n" not in str(err.value) and "dvc repro -f train" in str(err.value)
+    assert not marker.exists()

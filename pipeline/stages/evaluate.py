@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,16 @@ def _load_models(train_dir: Path) -> dict[str, tuple[torch.nn.Module, dict, dict
         raise DatasetError(f"{folder}: missing; run the train stage first (dvc repro train)")
     models = {}
     for path in sorted(folder.glob("*.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(state["config"])
-        model.load_state_dict(state["state_dict"])
+        try:
+            # weights_only: a checkpoint carrying arbitrary pickled objects is refused, never run.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = build_model(state["config"])
+            model.load_state_dict(state["state_dict"])
+        except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise DatasetError(
+                f"{path}: not a usable checkpoint of the train stage ({reason}); rerun `dvc repro -f train`"
+            ) from None
         models[path.stem] = (model.eval(), state["config"], state["state_dict"])
     if not models:
         raise DatasetError(f"{folder}: holds no checkpoints; rerun the train stage")
