@@ -39,14 +39,13 @@ class TrainingError(RuntimeError):
     """The Tune run did not produce a trained model for every variant."""
 
 
-def _split_data(config: StudyConfig, inputs: np.ndarray, labels: np.ndarray, num_classes: int) -> TrialData:
+def _split_data(config: StudyConfig, inputs: np.ndarray, labels: np.ndarray) -> TrialData:
     train_idx, val_idx = stratified_split(labels, config.train.val_fraction, config.seed)
     return TrialData(
         np.ascontiguousarray(inputs[train_idx]),
         labels[train_idx],
         np.ascontiguousarray(inputs[val_idx]),
         labels[val_idx],
-        num_classes,
     )
 
 
@@ -149,11 +148,11 @@ def train(
     point_data = image_data = None
     if "points" in kinds:
         labels = points.array("train_labels")
-        point_data = _split_data(config, points.array("train_points"), labels, len(classes))
+        point_data = _split_data(config, points.array("train_points"), labels)
     if images is not None:
         labels = images.array("train_labels")
         res = config.images.train_resolution
-        image_data = _split_data(config, images.array(f"train_r{res}"), labels, len(classes))
+        image_data = _split_data(config, images.array(f"train_r{res}"), labels)
 
     # Ray first: an unreachable cluster fails before an MLflow run is opened for nothing.
     started_here = _connect_ray(config, repo)
@@ -278,7 +277,7 @@ def train(
     write_json_atomic(metrics_out, metrics)
 
     # Models and the table go to MLflow once the outputs are safe on disk.
-    _log_models(client, rows, mlflow_callback, config)
+    _log_models(client, rows)
     now = int(time.time() * 1000)
     client.log_batch(
         parent_id,
@@ -386,7 +385,7 @@ def _write_table(rows: list[dict], folder: Path) -> None:
     (folder / "trials.json").write_text(json.dumps(public, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _log_models(client, rows: list[dict], mlflow_callback, config: StudyConfig) -> None:
+def _log_models(client, rows: list[dict]) -> None:
     """Every trial's best model into its nested run (`mlflow.pytorch.log_model`)."""
     import mlflow
     import mlflow.pytorch

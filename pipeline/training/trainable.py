@@ -36,7 +36,6 @@ class TrialData:
     train_labels: np.ndarray  # int64[N]
     val_inputs: np.ndarray
     val_labels: np.ndarray
-    num_classes: int
 
 
 def trial_settings(flat: dict[str, Any]) -> dict[str, Any]:
