@@ -143,16 +143,12 @@ def _resolution(config: StudyConfig, models, images) -> dict[str, Any]:
 
 
 def _serialisation(config: StudyConfig, resolution: dict[str, Any]) -> dict[str, Any]:
-    grid = config.images.train_resolution // config.images.patch_size
-    cost_grid = 1024 // 16  # the essay's largest image: 1024 px at patch 16
-    orders = {}
-    for order in ("rowmajor", "snake", "hilbert"):
-        orders[order] = {
-            f"locality_{grid}x{grid}": locality_stats(scan_order(order, grid, grid), grid, grid),
-            f"locality_{cost_grid}x{cost_grid}": locality_stats(
-                scan_order(order, cost_grid, cost_grid), cost_grid, cost_grid
-            ),
-        }
+    # The training grid, and the essay's largest image: 1024 px at patch 16.
+    grids = (config.images.train_resolution // config.images.patch_size, 1024 // 16)
+    orders = {
+        order: {f"locality_{g}x{g}": locality_stats(scan_order(order, g, g), g, g) for g in grids}
+        for order in ("rowmajor", "snake", "hilbert")
+    }
     accuracy_by_order = {
         row["scan_order"]: row["accuracy"][str(config.images.train_resolution)]
         for row in resolution.values()

@@ -101,21 +101,6 @@ def _experiment_name(storage: str) -> str:
     return name
 
 
-def _tracking(config: StudyConfig, repo: Path):
-    from mlflow import MlflowClient
-
-    from pipeline.training.tracking import tracking_uri
-
-    uri = tracking_uri(config.mlflow.tracking_uri, repo)
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(config.mlflow.experiment) is None and uri.startswith("sqlite:"):
-        # Artifacts beside the SQLite store, wherever the stage runs from.
-        client.create_experiment(
-            config.mlflow.experiment, artifact_location=(repo / "mlartifacts").resolve().as_uri()
-        )
-    return uri, client
-
-
 def train(
     config: StudyConfig, points_dir: Path, images_dir: Path, out: Path, metrics_out: Path, repo: Path
 ) -> dict[str, Any]:
@@ -137,13 +122,14 @@ def train(
             "CUDA device; use 0, or run on a cluster with GPU workers (ray.address / RAY_ADDRESS)"
         )
 
+    from mlflow import MlflowClient
     from mlflow.entities import Metric
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline.training.status import LiveStatus
-    from pipeline.training.tracking import MlflowTrials, git_commit, start_parent
+    from pipeline.training.tracking import MlflowTrials, git_commit, start_parent, tracking_uri
 
     point_data = image_data = None
     if "points" in kinds:
@@ -168,7 +154,8 @@ def train(
                 f"{cluster_cpus:g} CPUs"
             )
         study_flat = config.flat()
-        uri, client = _tracking(config, repo)
+        uri = tracking_uri(config.mlflow.tracking_uri, repo)
+        client = MlflowClient(tracking_uri=uri)
         dataset_hashes = {
             "points": points.manifest_sha256,
             "images": images.manifest_sha256 if images else "",
@@ -179,8 +166,15 @@ def train(
             "dataset.images.sha256": dataset_hashes["images"],
             "stage": "train",
         }
+        # With a SQLite store, artifacts go beside it wherever the stage runs from.
+        artifacts = (repo / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
         parent_id = start_parent(
-            client, config.mlflow.experiment, time.strftime("study %Y-%m-%d %H:%M:%S"), tags, study_flat
+            client,
+            config.mlflow.experiment,
+            time.strftime("study %Y-%m-%d %H:%M:%S"),
+            tags,
+            study_flat,
+            artifacts,
         )
         storage = _storage(config, repo)
         search = space.is_search(config, variants)

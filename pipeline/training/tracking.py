@@ -57,10 +57,20 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def start_parent(
-    client: MlflowClient, experiment: str, run_name: str, tags: dict[str, str], flat: dict[str, Any]
+    client: MlflowClient,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    flat: dict[str, Any],
+    artifact_location: str | None = None,
 ) -> str:
+    """The study's parent run, in `experiment` (created, with `artifact_location`, if it is new)."""
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment, artifact_location=artifact_location)
+    )
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     log_params(client, run.info.run_id, flat)
     return run.info.run_id
