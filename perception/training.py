@@ -45,18 +45,29 @@ def rotations_about_z(angles: Tensor) -> Tensor:
     return torch.stack(rows, dim=1).reshape(-1, 3, 3)
 
 
-def augment_points(points: Tensor, mode: str, generator: torch.Generator) -> Tensor:
-    """Rotate every cloud of float[B, N, 3] by its own random rotation: `z` about the up axis, `so3` any."""
+def sample_rotations(count: int, mode: str, generator: torch.Generator, dtype=torch.float32) -> Tensor:
+    """`count` rotations of one kind: float[count, 3, 3].
+
+    `none` gives identities (nothing is drawn), `z` uniform angles about the up axis, `so3` Haar-uniform
+    rotations. Training augmentation and the rotation evaluation both draw here.
+    """
     if mode == "none":
-        return points
-    count = points.shape[0]
+        return torch.eye(3, dtype=dtype).expand(count, 3, 3).clone()
     if mode == "z":
         angles = torch.rand(count, generator=generator, dtype=torch.float64) * (2 * math.pi)
-        rotation = rotations_about_z(angles).to(points.dtype)
-    elif mode == "so3":
-        rotation = random_rotations(count, generator, points.dtype)
-    else:
+        return rotations_about_z(angles).to(dtype)
+    if mode == "so3":
+        return random_rotations(count, generator, dtype)
+    raise ValueError(f"rotation mode {mode!r} is not allowed: expected one of {', '.join(AUGMENTS)}")
+
+
+def augment_points(points: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """Rotate every cloud of float[B, N, 3] by its own random rotation: `z` about the up axis, `so3` any."""
+    if mode not in AUGMENTS:
         raise ValueError(f"augment = {mode!r} is not allowed: expected one of {', '.join(AUGMENTS)}")
+    if mode == "none":
+        return points
+    rotation = sample_rotations(points.shape[0], mode, generator, points.dtype)
     # Row vectors: p' = p R^T, i.e. [B, N, 3] @ [B, 3, 3].
     return points @ rotation.transpose(1, 2)
 

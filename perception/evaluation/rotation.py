@@ -9,14 +9,13 @@ does not hide (or fake) invariance. Plain torch: seeded `torch.Generator`s, no o
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from perception.training import predict, random_rotations, rotations_about_z
+from perception.training import predict, sample_rotations
 
 MODES: tuple[str, ...] = ("none", "z", "so3")
 BIN_WIDTH_DEG = 15.0
@@ -39,14 +38,7 @@ def rotation_draws(count: int, draws: int, mode: str, seed: int) -> Tensor:
     if count < 0 or draws < 0:
         raise ValueError(f"count and draws must be >= 0, got count={count}, draws={draws}")
     generator = torch.Generator().manual_seed(seed * len(MODES) + MODES.index(mode))
-    total = draws * count
-    if mode == "none":
-        flat = torch.eye(3, dtype=torch.float64).expand(total, 3, 3).clone()
-    elif mode == "z":
-        angles = torch.rand(total, generator=generator, dtype=torch.float64) * (2 * math.pi)
-        flat = rotations_about_z(angles)
-    else:
-        flat = random_rotations(total, generator, torch.float64)
+    flat = sample_rotations(draws * count, mode, generator, torch.float64)
     # [draws * count, 3, 3] -> [draws, count, 3, 3]: draw-major, matching the order of the draws above.
     return flat.reshape(draws, count, 3, 3)
 
