@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -183,3 +184,42 @@ def ply_ascii_points(vertices: np.ndarray) -> str:
     header = ["ply", "format ascii 1.0", f"element vertex {len(vertices)}"]
     header += ["property float x", "property float y", "property float z", "end_header"]
     return "\n".join(header + [" ".join(f"{c:g}" for c in v) for v in vertices]) + "\n"
+
+
+# --- a whole smoke study, and its metrics without the timing-derived values ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory) -> Path:
+    """A tiny study (make_study_repo's defaults) after a whole `dvc repro` from scratch; its root."""
+    root = make_study_repo(tmp_path_factory.mktemp("smoke"))
+    run_command(["dvc", "repro"], root)
+    return root
+
+
+# Metric keys derived from wall-clock timing, as paths with "*" for any key; everything else in
+# metrics/*.json (accuracies, invariance errors, FLOP exponents, the profiler's peak-memory exponents on CPU)
+# repeats exactly between two runs with the same seeds.
+TIMING_METRICS = [
+    # the log-log fit of forward latency against tokens: median wall time of timed forwards
+    ("evaluate", "cost", "*", "latency_ms_exponent"),
+]
+
+
+def _drop(tree: dict, path: tuple[str, ...]) -> None:
+    head, *rest = path
+    for key in list(tree) if head == "*" else [head]:
+        if not rest:
+            tree.pop(key, None)
+        elif isinstance(tree.get(key), dict):
+            _drop(tree[key], tuple(rest))
+
+
+def comparable_metrics(root: Path) -> dict:
+    """{"train": metrics/train.json, "evaluate": metrics/evaluate.json} less TIMING_METRICS."""
+    metrics = {
+        name: json.loads((root / f"metrics/{name}.json").read_text()) for name in ("train", "evaluate")
+    }
+    for path in TIMING_METRICS:
+        _drop(metrics, path)
+    return metrics
