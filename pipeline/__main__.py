@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     # Imports are deferred so that a bad params file fails before heavy libraries load.
     from perception.data.arrays import DatasetError
     from perception.data.meshio import UnusableMesh
+    from pipeline.mlflow_store import TrackingUnavailable, fail_fast_requests
     from pipeline.stages.prepare_points import DataError
     from pipeline.stages.train import TrainingError
 
+    fail_fast_requests()
     began = time.monotonic()
     try:
         config = load_config(args.params)
@@ -93,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "report":
             from pipeline.stages.report import report
 
-            report(args.evaluation, args.train, base_dir / TIMINGS, args.out)
-    except (ConfigError, DatasetError, DataError, UnusableMesh, TrainingError) as err:
+            report(args.evaluation, args.train, base_dir / TIMINGS, args.out, config.mlflow.wait_seconds)
+    except (ConfigError, DatasetError, DataError, UnusableMesh, TrainingError, TrackingUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.stage != "check-params":

@@ -219,7 +219,10 @@ class TrainConfig:
     scheduler: Literal["auto", "none", "asha"] = "auto"
     grace_period: int = field(default=2, metadata=_range(1, 100_000, "epochs before ASHA may stop a trial"))
     cpus_per_trial: float = field(default=1.0, metadata=_range(0.1, 1024.0))
-    gpus_per_trial: float = field(default=0.0, metadata=_range(0.0, 64.0))
+    # Ray shares a GPU between trials by fractions up to 1; above 1 a trial takes whole GPUs.
+    gpus_per_trial: float = field(
+        default=0.0, metadata=_range(0.0, 64.0, "a fraction up to 1, or a whole number of GPUs")
+    )
     max_concurrent_trials: int = field(default=0, metadata=_range(0, 100_000, "0: as resources allow"))
     max_failures: int = field(default=2, metadata=_range(0, 1000, "retries of a failed trial"))
     bf16: bool = False  # bfloat16 autocast in training and validation
@@ -259,6 +262,9 @@ class MlflowConfig:
     # "" uses MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db.
     tracking_uri: str = field(default="", metadata={"empty": True})
     experiment: str = "perception-study"
+    # How long the end of a stage keeps retrying an unreachable tracking server before it reports what was
+    # not logged (trial results stay on disk; a rerun logs them without training again).
+    wait_seconds: float = field(default=120.0, metadata=_range(0.0, 86_400.0))
 
 
 @dataclass(frozen=True)
@@ -403,6 +409,12 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
                 f"{key} = {res} is not allowed: "
                 f"expected a multiple of images.patch_size = {images.patch_size}"
             )
+    gpus = config.train.gpus_per_trial
+    if gpus > 1 and not gpus.is_integer():
+        raise ConfigError(
+            f"train.gpus_per_trial = {gpus:g} is not allowed: expected a fraction up to 1 "
+            "(trials share a GPU) or a whole number of GPUs"
+        )
     evaluate = config.evaluate
     for i, res in enumerate(evaluate.cost_resolutions):
         if res % evaluate.cost_patch_size:

@@ -45,3 +45,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(temporary, path)
+
+
+def read_json(path: Path, writer: str) -> dict:
+    """A stage output's JSON, or a one-line DatasetError naming the file and the stage (`writer`) to rerun."""
+    import json
+
+    from perception.data.arrays import DatasetError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing; run the {writer} stage first (dvc repro {writer})") from None
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"not valid JSON: {err}"
+        raise DatasetError(f"{path}: unreadable ({reason}); rerun the {writer} stage") from None
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f"{path}: expected a JSON object, found {type(data).__name__}; rerun the {writer} stage"
+        )
+    return data

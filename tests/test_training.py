@@ -210,7 +210,7 @@ def test_resuming_from_a_checkpoint_gives_the_same_numbers_as_training_straight_
 
 
 def test_tracking_uri_param_then_environment_then_the_repos_sqlite(tmp_path, monkeypatch):
-    from pipeline.training.tracking import tracking_uri
+    from pipeline.mlflow_store import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"

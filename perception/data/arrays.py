@@ -2,13 +2,15 @@
 
 `.npy` is byte-deterministic (unlike `.npz`, whose zip entries carry timestamps) and memory-mappable. The
 manifest records every file's sha256, shape and dtype, so a reader can refuse a truncated or altered file
-by name before it is used.
+by name before it is used; it also holds every file to its kind's layout (points [N, P, 3], images
+[N, C, R, R], labels [N]) and refuses NaN or inf, which a hash cannot tell from sound data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ def write_dataset(folder: Path, arrays: dict[str, np.ndarray], manifest: dict[st
 class PreparedDataset:
     folder: Path
     manifest: dict[str, Any]
+    # True when `open_dataset` read every file whole: readable, the manifest's shape, finite values.
+    checked: bool = False
 
     @property
     def manifest_sha256(self) -> str:
@@ -62,20 +66,91 @@ class PreparedDataset:
             raise DatasetError(
                 f"{path}: not part of this dataset; it has {', '.join(self.manifest['files'])}"
             )
-        try:
-            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DatasetError(f"{path}: unreadable ({err}); rerun the stage that writes it") from None
-        if list(array.shape) != expected["shape"] or str(array.dtype) != expected["dtype"]:
+        return _load(path, expected, mmap, check_values=not self.checked)
+
+
+def _load(path: Path, expected: dict[str, Any], mmap: bool, check_values: bool = True) -> np.ndarray:
+    """`path` as an array, refused by name if unreadable, not the shape and dtype its manifest entry says,
+    or (with `check_values`) holding NaN or inf."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: unreadable ({err}); rerun the stage that writes it") from None
+    if list(array.shape) != expected["shape"] or str(array.dtype) != expected["dtype"]:
+        raise DatasetError(
+            f"{path}: shape {list(array.shape)} {array.dtype}, manifest says {expected['shape']} "
+            f"{expected['dtype']}; rerun the stage that writes it"
+        )
+    if check_values and array.dtype.kind == "f":
+        _check_finite(path, array)
+    return array
+
+
+def _check_finite(path: Path, array: np.ndarray) -> None:
+    """Refuse NaN or inf values: a hash only proves the file is the one written, not that it is sound."""
+    if array.size == 0:
+        return
+    rows = array.reshape(array.shape[0] if array.ndim else 1, -1)  # (first axis, everything else)
+    # In blocks of rows, so that a large memory-mapped array is never copied whole.
+    step = max(1, (1 << 24) // rows.shape[1])
+    count, first = 0, -1
+    for start in range(0, len(rows), step):
+        bad = ~np.isfinite(rows[start : start + step])
+        if bad.any():
+            count += int(bad.sum())
+            if first < 0:
+                first = start + int(np.argmax(bad.any(axis=1)))
+    if count:
+        unit = "vertex" if path.stem.endswith("_vertices") else "sample"
+        raise DatasetError(
+            f"{path}: {count} non-finite values (first in {unit} {first}); rerun the stage that writes it"
+        )
+
+
+def _expected_shape(kind: str, name: str, manifest: dict[str, Any]) -> tuple[list[int | None], str] | None:
+    """The shape file `name` of a `kind` dataset must have (None: any size) and what its axes are, from the
+    manifest (the split's sample count, points per cloud, channels) and the `r<R>` in an image file's name;
+    None for a file without a fixed layout."""
+    split, _, rest = name.removesuffix(".npy").partition("_")
+    count = manifest.get("splits", {}).get(split, {}).get("count")
+    if rest == "labels":
+        return [count], "[samples]"
+    if kind == "points":
+        if rest == "points":
+            return [count, manifest.get("params", {}).get("num_points"), 3], "[samples, points, xyz]"
+        if rest in ("mesh_vertices", "mesh_faces"):
+            return [None, 3], f"[{rest.removeprefix('mesh_')}, 3]"
+        if rest in ("mesh_vertex_offsets", "mesh_face_offsets"):
+            return [None if count is None else count + 1], "[samples + 1]"
+    if kind == "images" and (match := re.fullmatch(r"r(\d+)", rest)):
+        resolution, channels = int(match[1]), manifest.get("channels")
+        return [count, None if channels is None else len(channels), resolution, resolution], (
+            "[samples, channels, R, R]"
+        )
+    return None
+
+
+def _check_layout(folder: Path, kind: str, manifest: dict[str, Any]) -> None:
+    """Every file's shape (as the manifest records it, which `array` holds the file to) fits its kind."""
+    for name, entry in manifest["files"].items():
+        layout = _expected_shape(kind, name, manifest)
+        if layout is None:
+            continue
+        expected, axes = layout
+        shape = entry["shape"]
+        if len(shape) != len(expected) or any(
+            e is not None and s != e for s, e in zip(shape, expected, strict=True)
+        ):
+            shown = ", ".join("*" if e is None else str(e) for e in expected)
             raise DatasetError(
-                f"{path}: shape {list(array.shape)} {array.dtype}, manifest says {expected['shape']} "
-                f"{expected['dtype']}; rerun the stage that writes it"
+                f"{folder / name}: shape {shape}, expected {axes} = [{shown}]; rerun the stage that writes it"
             )
-        return array
 
 
 def open_dataset(folder: Path | str, kind: str, verify: bool = True) -> PreparedDataset:
-    """Open a prepared dataset of the given kind, checking that it is whole (every file, every hash)."""
+    """Open a prepared dataset of the given kind, checking that it is whole and sound: every file there, its
+    hash, its shape as the kind lays it out, no NaN or inf (`verify=False`: the layout only; `array` checks
+    each file it loads)."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -88,6 +163,7 @@ def open_dataset(folder: Path | str, kind: str, verify: bool = True) -> Prepared
         raise DatasetError(f"{manifest_path}: unreadable ({err}); rerun the stage that writes it") from None
     if manifest.get("kind") != kind:
         raise DatasetError(f"{manifest_path}: a {manifest.get('kind')!r} dataset, expected {kind!r}")
+    _check_layout(folder, kind, manifest)
     if verify:
         for name, expected in manifest["files"].items():
             path = folder / name
@@ -95,7 +171,10 @@ def open_dataset(folder: Path | str, kind: str, verify: bool = True) -> Prepared
                 raise DatasetError(f"{path}: missing; rerun the stage that writes it")
             if sha256_file(path) != expected["sha256"]:
                 raise DatasetError(f"{path}: content does not match its manifest hash; rerun the stage")
-    return PreparedDataset(folder, manifest)
+            # A hash proves the file is the one written, not that it is sound: a truncated array or NaN
+            # points are refused here, before a stage starts any work (memory-mapped: read, not held).
+            _load(path, expected, mmap=True)
+    return PreparedDataset(folder, manifest, checked=verify)
 
 
 def pack_meshes(meshes: list[tuple[np.ndarray, np.ndarray]], prefix: str) -> dict[str, np.ndarray]:

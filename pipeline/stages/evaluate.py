@@ -31,7 +31,8 @@ from perception.models import FAMILIES
 from perception.ops.serialization import locality_stats, scan_order
 from perception.training import accuracy
 from pipeline.config import StudyConfig
-from pipeline.outputs import atomic_output_dir, write_json_atomic
+from pipeline.mlflow_store import check_reachable, retrying
+from pipeline.outputs import atomic_output_dir, read_json, write_json_atomic
 
 
 def _load_models(train_dir: Path) -> dict[str, tuple[torch.nn.Module, dict, dict]]:
@@ -48,8 +49,18 @@ def _load_models(train_dir: Path) -> dict[str, tuple[torch.nn.Module, dict, dict
             state = torch.load(path, map_location="cpu", weights_only=True)
             model = build_model(state["config"])
             model.load_state_dict(state["state_dict"])
-        except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        except (
+            OSError,
+            EOFError,
+            RuntimeError,
+            KeyError,
+            TypeError,
+            ValueError,  # hparams the family's config refuses (ModelConfigError), e.g. an unknown size
+            pickle.UnpicklingError,
+        ) as err:
+            # load_state_dict puts the first mismatch ("size mismatch for head.weight: ...") on line two.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] if lines else type(err).__name__
             raise DatasetError(
                 f"{path}: not a usable checkpoint of the train stage ({reason}); rerun `dvc repro -f train`"
             ) from None
@@ -216,8 +227,11 @@ def evaluate(
 ) -> dict[str, Any]:
     points = open_dataset(points_dir, "points")
     images = open_dataset(images_dir, "images")
-    study = json.loads((train_dir / "study.json").read_text()) if (train_dir / "study.json").is_file() else {}
+    study = read_json(train_dir / "study.json", "train") if (train_dir / "study.json").is_file() else {}
     models = _load_models(train_dir)
+    tracking = study.get("mlflow") or {}
+    if tracking.get("parent_run_id"):
+        check_reachable(tracking["tracking_uri"], f"the study's tracking store ({train_dir / 'study.json'})")
     began = time.monotonic()
 
     results: dict[str, Any] = {"seed": config.seed, "evaluate": dict(vars(config.evaluate))}
@@ -243,7 +257,17 @@ def evaluate(
             _write_csv(folder / f"{name}.csv", rows)
     write_json_atomic(metrics_out, metrics)
     tables = [out / "results.json"] + [plots_dir / f"{name}.csv" for name in plots]
-    _log_to_mlflow(study, metrics, tables, [out / "figures" / f.name for f in figures])
+    if tracking.get("parent_run_id"):
+        figure_paths = [out / "figures" / f.name for f in figures]
+        retrying(
+            lambda: _log_to_mlflow(tracking, metrics, tables, figure_paths),
+            "logging the evaluation",
+            tracking["tracking_uri"],
+            config.mlflow.wait_seconds,
+            print,
+        )
+    else:
+        print("evaluate: no MLflow parent run in the train outputs; skipping MLflow")
     print(f"evaluate: done in {results['wall_seconds']:.0f} s -> {out}, {metrics_out}, {plots_dir}")
     return results
 
@@ -317,12 +341,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _log_to_mlflow(study: dict, metrics: dict, tables: list[Path], figures: list[Path]) -> None:
+def _log_to_mlflow(tracking: dict, metrics: dict, tables: list[Path], figures: list[Path]) -> None:
     """Evaluation numbers, tables (results.json, the plot data) and figures to the study's parent run."""
-    tracking = study.get("mlflow") or {}
-    if not tracking.get("parent_run_id"):
-        print("evaluate: no MLflow parent run in the train outputs; skipping MLflow")
-        return
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 

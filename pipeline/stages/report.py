@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.outputs import atomic_output_dir
+from perception.data.arrays import DatasetError
+from pipeline.mlflow_store import check_reachable, retrying
+from pipeline.outputs import atomic_output_dir, read_json
 
 # Thresholds of the rules, in accuracy points (percent) where they are accuracies.
 ROTATION_TOLERANCE = 3.0  # an invariant model's SO(3) accuracy within this of its unrotated accuracy
@@ -371,17 +373,22 @@ def render_html(blocks: list[tuple]) -> str:
     )
 
 
-def report(evaluation_dir: Path, train_dir: Path, timings_dir: Path, out: Path) -> list[Verdict]:
-    results_path = evaluation_dir / "results.json"
-    if not results_path.is_file():
-        from perception.data.arrays import DatasetError
-
-        raise DatasetError(f"{results_path}: missing; run the evaluate stage first (dvc repro evaluate)")
-    results = json.loads(results_path.read_text())
-    train_summary = (
-        json.loads((train_dir / "study.json").read_text()) if (train_dir / "study.json").is_file() else {}
-    )
-    verdict_list = verdicts(results)
+def report(
+    evaluation_dir: Path, train_dir: Path, timings_dir: Path, out: Path, wait_s: float = 120.0
+) -> list[Verdict]:
+    results = read_json(evaluation_dir / "results.json", "evaluate")
+    study_path = train_dir / "study.json"
+    train_summary = read_json(study_path, "train") if study_path.is_file() else {}
+    mlflow = results.get("mlflow") or {}
+    if mlflow.get("parent_run_id"):
+        check_reachable(mlflow["tracking_uri"], f"the study's tracking store ({study_path})")
+    try:
+        verdict_list = verdicts(results)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DatasetError(
+            f"{evaluation_dir / 'results.json'}: not the evaluate stage's results ({type(err).__name__}: "
+            f"{err}); rerun the evaluate stage"
+        ) from None
     figures = {p.name: p for p in sorted((evaluation_dir / "figures").glob("*.png"))}
     blocks = _blocks(results, verdict_list, train_summary, stage_times(timings_dir), figures)
     with atomic_output_dir(out) as folder:
@@ -394,14 +401,17 @@ def report(evaluation_dir: Path, train_dir: Path, timings_dir: Path, out: Path) 
         (folder / "verdicts.json").write_text(json.dumps([v.__dict__ for v in verdict_list], indent=2) + "\n")
     for v in verdict_list:
         print(f"report: {v.claim}: {v.verdict}")
-    mlflow = results.get("mlflow") or {}
     if mlflow.get("parent_run_id"):
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
-        for name in ("report.md", "report.html", "verdicts.json"):
-            client.log_artifact(mlflow["parent_run_id"], str(out / name), "report")
-        for i, v in enumerate(verdict_list, 1):
-            client.set_tag(mlflow["parent_run_id"], f"claim_{i}", v.verdict)
+
+        def log_report() -> None:
+            for name in ("report.md", "report.html", "verdicts.json"):
+                client.log_artifact(mlflow["parent_run_id"], str(out / name), "report")
+            for i, v in enumerate(verdict_list, 1):
+                client.set_tag(mlflow["parent_run_id"], f"claim_{i}", v.verdict)
+
+        retrying(log_report, "logging the report", mlflow["tracking_uri"], wait_s, print)
     print(f"report: {out / 'report.md'}, {out / 'report.html'}")
     return verdict_list

@@ -10,13 +10,16 @@ and `<metrics>` (a JSON file `dvc metrics show` reads): the best validation accu
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,14 @@ import torch
 from perception.data.arrays import open_dataset
 from perception.training import stratified_split
 from pipeline.config import ConfigError, StudyConfig, resolve_path
+from pipeline.mlflow_store import (
+    TrackingUnavailable,
+    check_reachable,
+    fail_fast_requests,
+    retrying,
+    tracking_uri,
+    uri_source,
+)
 from pipeline.outputs import atomic_output_dir, write_json_atomic
 from pipeline.training import space
 from pipeline.training.trainable import CHECKPOINT_FILE, TrialData, run_trial
@@ -72,6 +83,15 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def _loopback_only() -> None:
+    """In-process Ray listens on 127.0.0.1 only. Ray does that where it runs no multi-node clusters,
+    chosen by this variable when `ray` is imported; set here for this process and the ones it starts."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # ray was imported before (a test, a notebook): it read the flag then
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def _connect_ray(config: StudyConfig, repo: Path) -> bool:
     """Join the cluster at `ray.address` / RAY_ADDRESS, or start Ray in-process. True if started here."""
     import ray
@@ -82,6 +102,9 @@ def _connect_ray(config: StudyConfig, repo: Path) -> bool:
     # Quiet: our LiveStatus replaces Tune's tables (legacy output at verbose=0 prints nothing).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune saves its run state this often (by default every 10 s or more): a driver killed just after a
+    # trial finished then finds it finished on restore, and does not train it again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         # Ship this checkout's code to the cluster's workers; data goes through the object store.
@@ -89,22 +112,75 @@ def _connect_ray(config: StudyConfig, repo: Path) -> bool:
         runtime_env = {"working_dir": str(repo), "excludes": excludes}
         ray.init(address=address, runtime_env=runtime_env, **quiet)
         return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    _loopback_only()
+    # "local": a new instance even where `ray start` left a cluster that ray.init would otherwise join.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     return True
 
 
-def _experiment_name(storage: str) -> str:
-    name = time.strftime("train-%Y%m%d-%H%M%S", time.gmtime())
-    if "://" not in storage:  # keep one local run's trial folders, not every run's
-        for old in Path(storage).glob("train-*"):
+# The experiment folder keeps this file beside Tune's own state: which study run it belongs to and whether
+# it finished. A folder whose run did not finish is restored by the next run of the same params.
+RUN_STATE = "study-run.json"
+
+
+def _experiment_name(config: StudyConfig, dataset_hashes: dict[str, str]) -> str:
+    """`train-<hash>` of what the trials depend on (the seed, `train.*`, the datasets): the same study
+    finds its interrupted run again, a changed one starts its own."""
+    flat = config.flat()
+    relevant = {k: v for k, v in flat.items() if k == "seed" or k.startswith("train.")}
+    payload = json.dumps({"params": relevant, "datasets": dataset_hashes}, sort_keys=True, default=str)
+    return "train-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _read_state(experiment: str) -> dict[str, Any]:
+    try:
+        if "://" in experiment:
+            from pyarrow import fs
+
+            filesystem, path = fs.FileSystem.from_uri(experiment)
+            with filesystem.open_input_stream(f"{path}/{RUN_STATE}") as handle:
+                return json.loads(handle.read())
+        return json.loads((Path(experiment) / RUN_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(experiment: str, state: dict[str, Any]) -> None:
+    if "://" in experiment:
+        from pyarrow import fs
+
+        filesystem, path = fs.FileSystem.from_uri(experiment)
+        filesystem.create_dir(path, recursive=True)
+        with filesystem.open_output_stream(f"{path}/{RUN_STATE}") as handle:
+            handle.write(json.dumps(state, indent=2, sort_keys=True).encode())
+        return
+    write_json_atomic(Path(experiment) / RUN_STATE, state)
+
+
+def _check_trusted(experiment: Path) -> None:
+    """Restoring unpickles Tune's state: only from a folder this user owns and nobody else can write."""
+    for path in (experiment, experiment / "tuner.pkl"):
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ConfigError(
+                f"{path}: not restoring a Tune run from a file or folder another user owns or can write "
+                "(restoring unpickles it); remove the folder to train from scratch"
+            )
+
+
+def _clear_local_runs(storage: str, keep: str) -> None:
+    """One local run is kept: the current one. Old runs' checkpoints would pile up in data/ray_results."""
+    if "://" in storage:
+        return
+    for old in Path(storage).glob("train-*"):
+        if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
-    return name
 
 
 def train(
     config: StudyConfig, points_dir: Path, images_dir: Path, out: Path, metrics_out: Path, repo: Path
 ) -> dict[str, Any]:
-    # Everything that can be wrong with params or inputs is found before Ray or MLflow start.
+    # Everything that can be wrong with params, inputs or the tracking store is found before Ray starts.
     variants = space.expand(config)
     kinds = {v.input_kind for v in variants}
     points = open_dataset(points_dir, "points")
@@ -112,24 +188,29 @@ def train(
     classes = points.manifest["classes"]
     in_channels = len(images.manifest["channels"]) if images else 4
     space.check(config, variants, len(classes), in_channels)
-    if (
-        config.train.gpus_per_trial > 0
-        and not torch.cuda.is_available()
-        and not (config.ray.address or os.environ.get("RAY_ADDRESS"))
-    ):
+    address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if config.train.gpus_per_trial > 0 and not torch.cuda.is_available() and not address:
         raise ConfigError(
             f"train.gpus_per_trial = {config.train.gpus_per_trial} is not allowed here: this machine has no "
             "CUDA device; use 0, or run on a cluster with GPU workers (ray.address / RAY_ADDRESS)"
         )
+    machine_cpus = os.cpu_count() or 1
+    if not address and config.train.cpus_per_trial > machine_cpus:
+        raise ConfigError(
+            f"train.cpus_per_trial = {config.train.cpus_per_trial:g} is not allowed here: expected at most "
+            f"{machine_cpus}, the CPUs of this machine; use fewer, or run on a cluster "
+            "(ray.address / RAY_ADDRESS)"
+        )
+    uri = tracking_uri(config.mlflow.tracking_uri, repo)
+    fail_fast_requests()
+    check_reachable(uri, uri_source(config.mlflow.tracking_uri))
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline.training.status import LiveStatus
-    from pipeline.training.tracking import MlflowTrials, git_commit, start_parent, tracking_uri
+    from pipeline.training.tracking import MlflowTrials, git_commit, start_parent
 
     point_data = image_data = None
     if "points" in kinds:
@@ -140,9 +221,23 @@ def train(
         res = config.images.train_resolution
         image_data = _split_data(config, images.array(f"train_r{res}"), labels)
 
+    dataset_hashes = {"points": points.manifest_sha256, "images": images.manifest_sha256 if images else ""}
+    storage = _storage(config, repo)
+    name = _experiment_name(config, dataset_hashes)
+    experiment = f"{storage.rstrip('/')}/{name}"
+    previous = _read_state(experiment)
+    restoring = previous.get("status") == "running" and tune.Tuner.can_restore(experiment)
+    if restoring and "://" not in experiment:
+        _check_trusted(Path(experiment))
+    if not restoring and "://" not in experiment:
+        shutil.rmtree(experiment, ignore_errors=True)  # a finished run of the same params: train again
+    _clear_local_runs(storage, keep=name)
+
     # Ray first: an unreachable cluster fails before an MLflow run is opened for nothing.
     started_here = _connect_ray(config, repo)
     began = time.monotonic()
+    client = MlflowClient(tracking_uri=uri)
+    wait_s = config.mlflow.wait_seconds
     parent_id = None
     try:
         import ray
@@ -154,80 +249,69 @@ def train(
                 f"{cluster_cpus:g} CPUs"
             )
         study_flat = config.flat()
-        uri = tracking_uri(config.mlflow.tracking_uri, repo)
-        client = MlflowClient(tracking_uri=uri)
-        dataset_hashes = {
-            "points": points.manifest_sha256,
-            "images": images.manifest_sha256 if images else "",
-        }
-        tags = {
-            "git_commit": git_commit(repo),
-            "dataset.points.sha256": dataset_hashes["points"],
-            "dataset.images.sha256": dataset_hashes["images"],
-            "stage": "train",
-        }
-        # With a SQLite store, artifacts go beside it wherever the stage runs from.
-        artifacts = (repo / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-        parent_id = start_parent(
-            client,
-            config.mlflow.experiment,
-            time.strftime("study %Y-%m-%d %H:%M:%S"),
-            tags,
-            study_flat,
-            artifacts,
-        )
-        storage = _storage(config, repo)
-        search = space.is_search(config, variants)
-        scheduler = config.train.scheduler
-        use_asha = scheduler == "asha" or (scheduler == "auto" and search)
+        if restoring and previous.get("mlflow", {}).get("tracking_uri") == uri:
+            parent_id = _reopen_parent(client, previous["mlflow"]["parent_run_id"])
+        if parent_id is None:
+            tags = {
+                "git_commit": git_commit(repo),
+                "dataset.points.sha256": dataset_hashes["points"],
+                "dataset.images.sha256": dataset_hashes["images"],
+                "stage": "train",
+            }
+            # With a SQLite store, artifacts go beside it wherever the stage runs from.
+            artifacts = (repo / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            run_name = time.strftime("study %Y-%m-%d %H:%M:%S")
+            parent_id = start_parent(client, config.mlflow.experiment, run_name, tags, study_flat, artifacts)
+        state = {"status": "running", "mlflow": {"tracking_uri": uri, "parent_run_id": parent_id}}
+        _write_state(experiment, state)
+
+        use_asha = _use_asha(config, variants)
         total_trials = len(variants) * config.train.num_samples
         resources = {"cpu": config.train.cpus_per_trial, "gpu": config.train.gpus_per_trial}
         # What trials see: the study's knobs (variants come in as `trial.*`) and the data's facts.
         trial_flat = {k: v for k, v in study_flat.items() if not k.startswith("train.models.")}
         trial_flat.update({"data.num_classes": len(classes), "data.in_channels": in_channels})
         mlflow_callback = MlflowTrials(client, parent_id)
-        print(
-            f"train: {total_trials} trials ({len(variants)} variants x {config.train.num_samples} samples), "
-            f"{config.train.epochs} epochs, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
-            f"{', ASHA' if use_asha else ''}; MLflow {uri}, run {parent_id}",
-            flush=True,
-        )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, images=image_data, points=point_data), resources
         )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.param_space(config, variants, trial_flat),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
-                num_samples=config.train.num_samples,
-                max_concurrent_trials=config.train.max_concurrent_trials or None,
-                search_alg=BasicVariantGenerator(random_state=config.seed),
-                scheduler=ASHAScheduler(
-                    time_attr="training_iteration",
-                    max_t=config.train.epochs,
-                    grace_period=min(config.train.grace_period, config.train.epochs),
-                )
-                if use_asha
-                else None,
-            ),
-            run_config=tune.RunConfig(
-                name=_experiment_name(storage),
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-                ),
-                callbacks=[mlflow_callback, LiveStatus(total_trials, METRIC)],
-                verbose=0,
-            ),
+        done_before = 0
+        if restoring:
+            # resume_errored: trials that failed for good last time get their retries again.
+            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+            finished = {
+                r.metrics["trial_id"]
+                for r in tuner.get_results()
+                if (r.metrics or {}).get("epoch") == config.train.epochs
+            }
+            done_before = len(finished)
+            interrupted = retrying(
+                lambda: mlflow_callback.adopt(finished), "reopening the trials' runs", uri, wait_s, print
+            )
+            print(
+                f"train: restoring the interrupted run {experiment}: {done_before}/{total_trials} trials "
+                f"had finished and are kept, {interrupted} interrupted ones resume from their checkpoints",
+                flush=True,
+            )
+        else:
+            param_space = space.param_space(config, variants, trial_flat)
+            tuner = _new_tuner(config, trainable, param_space, name, storage, use_asha)
+        # A restored Tuner brings back the callbacks pickled with the run; this driver's own go in instead.
+        tuner._local_tuner.get_run_config().callbacks = [
+            mlflow_callback,
+            LiveStatus(total_trials, METRIC, done_before=done_before),
+        ]
+        print(
+            f"train: {total_trials} trials ({len(variants)} variants x {config.train.num_samples} samples), "
+            f"{config.train.epochs} epochs, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
+            f"{', ASHA' if use_asha else ''}; MLflow {uri}, run {parent_id}; Tune run {experiment}",
+            flush=True,
         )
         grid = tuner.fit()
-        rows = _trial_rows(grid, mlflow_callback)
     except BaseException:
         if parent_id is not None:
-            client.set_terminated(parent_id, status="FAILED")
+            with contextlib.suppress(Exception):
+                client.set_terminated(parent_id, status="FAILED")
         raise
     finally:
         if started_here:
@@ -236,6 +320,20 @@ def train(
             ray.shutdown()
     wall = time.monotonic() - began
 
+    # MLflow gets whatever live logging missed (an outage, a restore) from the results on disk.
+    results = list(grid)
+    try:
+        retrying(lambda: mlflow_callback.sync(results), "logging the trials", uri, wait_s, print)
+    except TrackingUnavailable as err:
+        raise TrainingError(
+            f"{err}; every trial's results are kept in {experiment}: run the stage again once the server "
+            "answers and it logs them without training again"
+        ) from None
+    if mlflow_callback.skipped:
+        print(
+            f"train: {mlflow_callback.skipped} live MLflow writes missed during an outage, logged from disk"
+        )
+    rows = _trial_rows(results, mlflow_callback)
     failed = [r for r in rows if r["status"] == "ERROR"]
     if failed:
         client.set_terminated(parent_id, status="FAILED")
@@ -249,6 +347,7 @@ def train(
     summary = {
         "mlflow": {"tracking_uri": uri, "experiment": config.mlflow.experiment, "parent_run_id": parent_id},
         "storage": storage,
+        "tune_run": experiment,
         "datasets": dataset_hashes,
         "wall_seconds": round(wall, 1),
         "variants": {
@@ -256,10 +355,10 @@ def train(
             for name, row in best.items()
         },
     }
+    # Results only: how often trials were retried or resumed is in the trials table and MLflow.
     metrics = {
         "val_accuracy": {name: row["val_accuracy"] for name, row in best.items()},
         "trials": len(rows),
-        "retries": sum(r["retries"] for r in rows),
     }
 
     with atomic_output_dir(out) as folder:
@@ -271,30 +370,95 @@ def train(
     write_json_atomic(metrics_out, metrics)
 
     # Models and the table go to MLflow once the outputs are safe on disk.
-    _log_models(client, rows)
-    now = int(time.time() * 1000)
-    client.log_batch(
-        parent_id,
-        metrics=[
-            Metric(f"best_val_accuracy.{name}", row["val_accuracy"], now, 0) for name, row in best.items()
-        ]
-        + [Metric("train_wall_seconds", wall, now, 0)],
-    )
-    client.log_artifact(parent_id, str(out / "trials.csv"))
-    client.set_terminated(parent_id, status="FINISHED")
+    def log_study() -> None:
+        _log_models(client, rows)
+        now = int(time.time() * 1000)
+        client.log_batch(
+            parent_id,
+            metrics=[
+                Metric(f"best_val_accuracy.{name}", row["val_accuracy"], now, 0) for name, row in best.items()
+            ]
+            + [Metric("train_wall_seconds", wall, now, 0)],
+        )
+        client.log_artifact(parent_id, str(out / "trials.csv"))
+        client.set_terminated(parent_id, status="FINISHED")
+
+    try:
+        retrying(log_study, "logging the models", uri, wait_s, print)
+    except TrackingUnavailable as err:
+        raise TrainingError(
+            f"{err}; the outputs are in {out} and the trials in {experiment}: run the stage again once the "
+            "server answers"
+        ) from None
+    _write_state(experiment, {**state, "status": "finished"})
     print(f"train: {len(rows)} trials in {wall:.0f} s; best of every variant in {out / 'models'}")
     for name, row in best.items():
         print(f"  {name:24s} val_accuracy {row['val_accuracy']:.3f} (epoch {row['best_epoch']})")
     return summary
 
 
+def _use_asha(config: StudyConfig, variants: list[space.Variant]) -> bool:
+    scheduler = config.train.scheduler
+    return scheduler == "asha" or (scheduler == "auto" and space.is_search(config, variants))
+
+
+def _new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, storage: str, use_asha: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            num_samples=config.train.num_samples,
+            max_concurrent_trials=config.train.max_concurrent_trials or None,
+            search_alg=BasicVariantGenerator(random_state=config.seed),
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=config.train.epochs,
+                grace_period=min(config.train.grace_period, config.train.epochs),
+            )
+            if use_asha
+            else None,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            verbose=0,
+        ),
+    )
+
+
+def _reopen_parent(client, run_id: str) -> str | None:
+    """The interrupted run's parent MLflow run, running again; None if it is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active":
+        return None
+    client.update_run(run_id, status="RUNNING")
+    restores = int(run.data.tags.get("restores", "0")) + 1
+    client.set_tag(run_id, "restores", str(restores))
+    return run_id
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _trial_rows(grid, mlflow_callback) -> list[dict[str, Any]]:
+def _trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
     """One row per trial from the real run: config, metrics, node, duration, retries, best checkpoint."""
     rows = []
-    for result in grid:
+    for result in results:
         config = result.config
         trial = config["trial"]
         history = result.metrics_dataframe
@@ -395,6 +559,8 @@ def _log_models(client, rows: list[dict]) -> None:
         run_id = row["mlflow_run_id"]
         if not run_id or not row["checkpoint_path"]:
             continue
+        if client.get_run(run_id).data.tags.get("model_logged"):
+            continue  # logged by an earlier attempt of this step (a retry after an outage, a restored run)
         state = torch.load(row["checkpoint_path"], map_location="cpu", weights_only=True)
         model = build_model(state["config"])
         model.load_state_dict(state["model"])
@@ -406,3 +572,4 @@ def _log_models(client, rows: list[dict]) -> None:
                 serialization_format="pickle",
             )
             mlflow.log_metrics({"best_val_accuracy": row["val_accuracy"], "best_epoch": row["best_epoch"]})
+            mlflow.set_tag("model_logged", "true")

@@ -50,6 +50,11 @@ def expand(config: StudyConfig) -> list[Variant]:
                 f"train.models.{entry.name}.family = {entry.family!r} is not allowed: "
                 f"expected a registered family: {', '.join(FAMILIES)}"
             )
+        if not any(key == "size" for key, _ in entry.settings) and config.train.size not in family.sizes:
+            raise ConfigError(
+                f"train.size = {config.train.size!r} is not allowed: expected one of "
+                f"{', '.join(family.sizes)} (the sizes of {entry.family})"
+            )
         fixed = {"size": config.train.size}
         if family.input_kind == "points":
             fixed["augment"] = "none"

@@ -16,9 +16,15 @@ class LiveStatus(Callback):
     """
 
     def __init__(
-        self, total: int, metric: str = "val_accuracy", every_s: float = 5.0, out: TextIO = sys.stdout
+        self,
+        total: int,
+        metric: str = "val_accuracy",
+        every_s: float = 5.0,
+        out: TextIO = sys.stdout,
+        done_before: int = 0,
     ):
         self.total, self.metric, self.every_s, self.out = total, metric, every_s, out
+        self.done_before = done_before  # trials a restored run had finished before
         self.started = time.monotonic()
         self.last_print = 0.0
         self.best: tuple[float, str] | None = None
@@ -28,7 +34,7 @@ class LiveStatus(Callback):
         self.failed: set[str] = set()
 
     def _line(self, event: str) -> None:
-        running, done, failed = len(self.running), len(self.done), len(self.failed)
+        running, done, failed = len(self.running), self.done_before + len(self.done), len(self.failed)
         elapsed = int(time.monotonic() - self.started)
         best = f" | best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         print(
