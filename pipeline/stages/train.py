@@ -290,7 +290,7 @@ def train(
             )
             print(
                 f"train: restoring the interrupted run {experiment}: {done_before}/{total_trials} trials "
-                f"had finished and are kept, {interrupted} interrupted ones resume from their checkpoints",
+                f"had finished and are kept, {interrupted} cut short resume from their last checkpoint",
                 flush=True,
             )
         else:

@@ -129,9 +129,8 @@ class MlflowTrials(Callback):
                 self.run_ids[trial_id] = run_id
                 self.last_step[run_id] = max(self._logged_steps(run_id), default=0)
                 if run.info.status == "RUNNING" and trial_id not in finished:
-                    self.client.set_tag(
-                        run_id, "interrupted", "the driver stopped; resumed from a checkpoint"
-                    )
+                    note = "the driver stopped mid-trial; resumed from its last checkpoint, if it had one"
+                    self.client.set_tag(run_id, "interrupted", note)
                     interrupted += 1
             page = runs.token
             if not page:
