@@ -64,11 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     # Imports are deferred so that a bad params file fails before heavy libraries load.
     from perception.data.arrays import DatasetError
     from perception.data.meshio import UnusableMesh
-    from pipeline.mlflow_store import TrackingUnavailable, fail_fast_requests
+    from pipeline.mlflow_store import TrackingUnavailable
     from pipeline.stages.prepare_points import DataError
     from pipeline.stages.train import TrainingError
 
-    fail_fast_requests()
     began = time.monotonic()
     try:
         config = load_config(args.params)

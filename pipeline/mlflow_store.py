@@ -81,7 +81,9 @@ def short(error: BaseException) -> str:
 
 
 def check_reachable(uri: str, source: str) -> None:
-    """Fail in seconds, before any work, when the tracking store does not answer (one cheap request)."""
+    """Fail in seconds, before any work, when the tracking store does not answer (one cheap request).
+    From here on this process's MLflow requests fail fast (`fail_fast_requests`)."""
+    fail_fast_requests()
     if uri.startswith("sqlite:///"):
         # A local file: its folder must be writable (the store itself is created when first used).
         folder = Path(uri[len("sqlite:///") :]).parent

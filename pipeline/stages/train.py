@@ -33,7 +33,6 @@ from pipeline.config import ConfigError, StudyConfig, resolve_path
 from pipeline.mlflow_store import (
     TrackingUnavailable,
     check_reachable,
-    fail_fast_requests,
     retrying,
     tracking_uri,
     uri_source,
@@ -168,10 +167,9 @@ def _check_trusted(experiment: Path) -> None:
             )
 
 
-def _clear_local_runs(storage: str, keep: str) -> None:
-    """One local run is kept: the current one. Old runs' checkpoints would pile up in data/ray_results."""
-    if "://" in storage:
-        return
+def _clear_local_runs(storage: str, keep: str | None) -> None:
+    """Remove local Tune runs but `keep` (the one being restored): a finished run of the same params is
+    trained again, and old runs' checkpoints would pile up in data/ray_results."""
     for old in Path(storage).glob("train-*"):
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -202,7 +200,6 @@ def train(
             "(ray.address / RAY_ADDRESS)"
         )
     uri = tracking_uri(config.mlflow.tracking_uri, repo)
-    fail_fast_requests()
     check_reachable(uri, uri_source(config.mlflow.tracking_uri))
 
     from mlflow import MlflowClient
@@ -227,11 +224,10 @@ def train(
     experiment = f"{storage.rstrip('/')}/{name}"
     previous = _read_state(experiment)
     restoring = previous.get("status") == "running" and tune.Tuner.can_restore(experiment)
-    if restoring and "://" not in experiment:
-        _check_trusted(Path(experiment))
-    if not restoring and "://" not in experiment:
-        shutil.rmtree(experiment, ignore_errors=True)  # a finished run of the same params: train again
-    _clear_local_runs(storage, keep=name)
+    if "://" not in storage:
+        if restoring:
+            _check_trusted(Path(experiment))
+        _clear_local_runs(storage, keep=name if restoring else None)
 
     # Ray first: an unreachable cluster fails before an MLflow run is opened for nothing.
     started_here = _connect_ray(config, repo)

@@ -236,7 +236,6 @@ class MlflowTrials(Callback):
             ]
             for i in range(0, len(batch), _METRIC_BATCH):
                 self.client.log_batch(run_id, metrics=batch[i : i + _METRIC_BATCH])
-            self.last_step[run_id] = max([*logged, *missing], default=0)
             tags = {
                 **self.pending_tags.pop(trial_id, {}),
                 "retries": str(int(metrics.get("retries", 0))),
