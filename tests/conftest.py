@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +96,21 @@ TINY_EVALUATE = {
 }
 
 
+def tool_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment for a tool of this environment (dvc, python, mlflow): this venv first on PATH, no
+    outside Ray cluster or MLflow store, then `extra`."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return {**env, **(extra or {})}
+
+
 def run_command(
     cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """Run a tool of this environment (dvc, python) in `cwd`; fail the test with its output if it fails."""
-    bin_dir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1"}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
-    full_env.pop("RAY_ADDRESS", None)
-    full_env.update(env or {})
-    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -223,3 +232,53 @@ def comparable_metrics(root: Path) -> dict:
     for path in TIMING_METRICS:
         _drop(metrics, path)
     return metrics
+
+
+# --- a real MLflow tracking server -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store, which a test can stop (SIGKILL) and start
+    again on the same port."""
+
+    def __init__(self, store: Path, artifacts: Path):
+        self.store, self.artifacts, self.port = store, artifacts, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = store.parent / f"mlflow-server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                ["mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.store}",
+                 "--default-artifact-root", self.artifacts.as_uri()],
+                cwd=self.store.parent, env=tool_env(), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"mlflow server did not answer /health within {timeout:g} s")
+            time.sleep(0.5)
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

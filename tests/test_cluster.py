@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import make_study_repo, run_command
+from tests.conftest import make_study_repo, run_command, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -96,9 +95,7 @@ def test_a_trial_whose_node_dies_resumes_from_its_checkpoint_on_the_surviving_no
     run_command(["dvc", "repro", "prepare_points", "prepare_images"], root)  # the timing is the training's
     worker = next(iter(two_node_cluster.worker_nodes))
     head_id = two_node_cluster.head_node.node_id
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(DVC_NO_ANALYTICS="1", RAY_ADDRESS=two_node_cluster.address)
+    env = tool_env({"RAY_ADDRESS": two_node_cluster.address})
     log = tmp_path / "repro.log"  # a file, not a pipe: a pipe nobody reads while we poll would fill and block
     with open(log, "w") as out:
         study = subprocess.Popen(

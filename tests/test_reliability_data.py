@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import comparable_metrics, make_study_repo, run_command
+from tests.conftest import comparable_metrics, make_study_repo, run_command, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +59,6 @@ KILLED_STAGES = {
     ),  # 42 MB of renders
 }  # fmt: skip
 DATA_STAGES = ("prepare_points", "prepare_images")
-
-
-def _tool_env() -> dict[str, str]:
-    """The environment run_command gives a tool (this venv first on PATH, no outside Ray or MLflow)."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def _file_hashes(root: Path, folders: tuple[str, ...]) -> dict[str, str]:
@@ -114,7 +104,7 @@ def _kill_when(command: list[str], root: Path, log: Path, ready: Callable[[], bo
     """Start `command` in its own process group, SIGKILL the whole group once `ready()`; returns its pid."""
     with open(log, "w") as out:
         process = subprocess.Popen(
-            command, cwd=root, env=_tool_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=root, env=tool_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     deadline = time.monotonic() + 600
     while not ready():

@@ -9,17 +9,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, comparable_metrics, make_study_repo, run_command
+from tests.conftest import (
+    REPO,
+    MlflowServer,
+    comparable_metrics,
+    free_port,
+    make_study_repo,
+    run_command,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +34,6 @@ TRAIN_CMD = [
     sys.executable, "-m", "pipeline", "train", "--params", "params.yaml", "--points", "data/prepared/points",
     "--images", "data/prepared/images", "--out", "data/train", "--metrics", "metrics/train.json",
 ]  # fmt: skip
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return {**env, "DVC_NO_ANALYTICS": "1", **(extra or {})}
 
 
 def _results(root: Path) -> dict[str, list[dict]]:
@@ -89,7 +88,12 @@ def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tm
     run_command(["dvc", "repro", "prepare_points", "prepare_images"], root)
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(
-        ["dvc", "repro"], cwd=root, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        ["dvc", "repro"],
+        cwd=root,
+        env=tool_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     # Kill once some trials have finished and others have not (Tune saves its state every second).
     _wait_for(lambda: len(_finished(_results(root))) >= 2, 600, proc, "two trials finished")
@@ -142,43 +146,6 @@ def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tm
 # --- 3. the tracking server is away -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 that a test can stop (SIGKILL) and start again on the same port."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts")],
-            cwd=self.folder, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        _wait_for(self._answers, 120, self.proc, "the MLflow server to answer")
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def prepared_repo(tmp_path_factory) -> Path:
     """Three short trials (3 epochs) on prepared data; each test copies it."""
@@ -192,7 +159,7 @@ def prepared_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def server(tmp_path):
-    mlflow_server = MlflowServer(tmp_path)
+    mlflow_server = MlflowServer(tmp_path / "server.db", tmp_path / "server-artifacts")
     mlflow_server.start()
     yield mlflow_server
     mlflow_server.stop()
@@ -214,10 +181,10 @@ def _copy(prepared: Path, tmp_path: Path) -> Path:
 
 def test_a_tracking_server_that_is_down_stops_the_stage_before_training(prepared_repo, tmp_path):
     root = _copy(prepared_repo, tmp_path)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     began = time.monotonic()
     result = subprocess.run(
-        TRAIN_CMD, cwd=root, env=_env({"MLFLOW_TRACKING_URI": uri}), capture_output=True, text=True
+        TRAIN_CMD, cwd=root, env=tool_env({"MLFLOW_TRACKING_URI": uri}), capture_output=True, text=True
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert time.monotonic() - began < 60
@@ -235,7 +202,7 @@ def _epochs_per_run(uri: str, parent_id: str) -> dict[str, list[int]]:
 def test_a_short_tracking_outage_is_retried_without_losing_a_metric(prepared_repo, tmp_path, server):
     root = _copy(prepared_repo, tmp_path)
     proc = subprocess.Popen(
-        TRAIN_CMD, cwd=root, env=_env({"MLFLOW_TRACKING_URI": server.uri}), stdout=subprocess.PIPE,
+        TRAIN_CMD, cwd=root, env=tool_env({"MLFLOW_TRACKING_URI": server.uri}), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     _wait_for(lambda: _results(root), 300, proc, "the first trial result")
@@ -256,7 +223,7 @@ def test_a_long_outage_is_reported_at_the_end_and_a_rerun_logs_without_training(
 ):
     root = _copy(prepared_repo, tmp_path)
     _set_params(root, "mlflow", wait_seconds=3)
-    env = _env({"MLFLOW_TRACKING_URI": server.uri})
+    env = tool_env({"MLFLOW_TRACKING_URI": server.uri})
     proc = subprocess.Popen(
         TRAIN_CMD, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -299,7 +266,12 @@ ray.shutdown()
 
 def test_the_ray_instance_the_stage_starts_listens_on_loopback_only():
     result = subprocess.run(
-        [sys.executable, "-c", LISTENERS], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", LISTENERS],
+        cwd=REPO,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     addresses = json.loads(result.stdout.strip().splitlines()[-1])

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import make_study_repo, run_command
+from tests.conftest import MlflowServer, make_study_repo, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -97,40 +94,13 @@ def test_best_checkpoints_load_safely_and_rebuild_their_model(trained):
         assert state["config"]["trial.name"] == name and state["config"]["seed"] == 7
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(trained):
     root, _ = trained
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", (root / "mlartifacts").as_uri()],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None:
-                raise AssertionError(f"mlflow server exited: {server.stderr.read()}") from None
-            time.sleep(0.5)
-    else:
-        server.kill()
-        raise AssertionError("mlflow server did not answer /health within 120 s")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    server = MlflowServer(root / "mlflow.db", root / "mlartifacts")
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 def _api(url: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
