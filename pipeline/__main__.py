@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imports are deferred so that a bad params file fails before heavy libraries load.
     from perception.data.arrays import DatasetError
     from perception.data.meshio import UnusableMesh
+    from pipeline.errors import DataError, TrainingError
     from pipeline.mlflow_store import TrackingUnavailable
-    from pipeline.stages.prepare_points import DataError
-    from pipeline.stages.train import TrainingError
 
     began = time.monotonic()
     try:

@@ -182,8 +182,8 @@ DEFAULT_MODELS = parse_models(
         "vit": {},
         "mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "snake", "hilbert"]}},
         "e3nn": {},
-        "pointnet": {"augment": {"grid": ["none", "so3"]}},
-        "dgcnn": {"augment": {"grid": ["none", "so3"]}},
+        "pointnet": {"augment": {"grid": ["none", "z", "so3"]}},
+        "dgcnn": {"augment": {"grid": ["none", "z", "so3"]}},
     },
 )
 
@@ -237,14 +237,22 @@ class EvaluateConfig:
     invariance_clouds: int = field(default=16, metadata=_range(1, 100_000))
     batch_size: int = field(default=64, metadata=_range(1, 65_536))
     # The cost sweep: ViT, Mamba-hybrid and pure Mamba at one width and depth, over these resolutions.
-    cost_resolutions: tuple[int, ...] = field(default=(224, 384, 512, 1024), metadata=_range(16, 8192))
+    cost_resolutions: tuple[int, ...] = field(default=(128, 224, 384, 512, 1024), metadata=_range(16, 8192))
     cost_patch_size: int = field(default=16, metadata=_range(1, 1024))
     cost_dim: int = field(default=192, metadata=_range(8, 8192))
     cost_depth: int = field(
         default=4, metadata=_range(2, 1000, "the hybrid needs a Mamba and an attention block")
     )
     cost_heads: int = field(default=3, metadata=_range(1, 256))
-    cost_repeats: int = field(default=3, metadata=_range(1, 1000))
+    # Timing: torch.utils.benchmark blocks until this many seconds are spent on a point (at least
+    # cost_min_blocks blocks); exponents are fitted over token counts >= cost_fit_min_tokens.
+    cost_min_run_time: float = field(default=1.0, metadata=_range(0.001, 3600.0, "seconds per point"))
+    cost_min_blocks: int = field(default=7, metadata=_range(2, 10_000, "timed blocks per point"))
+    cost_fit_min_tokens: int = field(default=576, metadata=_range(1, 10_000_000))
+    # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many
+    # resamples, drawn from a generator seeded with bootstrap_seed.
+    bootstrap_resamples: int = field(default=2000, metadata=_range(100, 1_000_000))
+    bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,11 @@ class MlflowConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
+    # The data seed: every dataset instance's generator derives from it.
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    # Training seeds: every variant trains once per seed (initialisation, batch order, augmentation), so
+    # the evaluation's intervals cover the spread between training runs as well as the test samples.
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_range(0, 2**31 - 1))
     points: PointsConfig = PointsConfig()
     images: ImagesConfig = ImagesConfig()
     train: TrainConfig = TrainConfig()

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "seed": 7,
+    "seeds": [0, 1],
     "points": {
         "classes": ["box", "sphere", "cone", "torus"],
         "train_per_class": 3,
@@ -83,16 +84,18 @@ TINY_TRAIN = {
 }
 
 
-# A cost sweep small enough for CI: two token counts, a one-block model.
+# A cost sweep small enough for CI: three token counts, a two-block model.
 TINY_EVALUATE = {
     "rotation_draws": 2,
     "invariance_clouds": 4,
-    "cost_resolutions": [32, 64],
+    "cost_resolutions": [32, 64, 128],
     "cost_patch_size": 16,
     "cost_dim": 16,
     "cost_depth": 2,
     "cost_heads": 2,
-    "cost_repeats": 1,
+    "cost_min_run_time": 0.05,
+    "cost_min_blocks": 3,
+    "cost_fit_min_tokens": 16,
 }
 
 
@@ -210,8 +213,14 @@ def smoke_study(tmp_path_factory) -> Path:
 # metrics/*.json (accuracies, invariance errors, FLOP exponents, the profiler's peak-memory exponents on CPU)
 # repeats exactly between two runs with the same seeds.
 TIMING_METRICS = [
-    # the log-log fit of forward latency against tokens: median wall time of timed forwards
-    ("evaluate", "cost", "*", "latency_ms_exponent"),
+    # the log-log fits of forward latency against tokens (timed forwards), their intervals, and the cost
+    # claim's effect (a difference of latency exponents)
+    *(
+        ("evaluate", "cost", "*", f"{fit}_exponent{end}")
+        for fit in ("latency", "latency_full")
+        for end in ("", "_lo", "_hi")
+    ),
+    ("evaluate", "effects", "cost"),
 ]
 
 

@@ -457,6 +457,7 @@ def _checkpoint_config(repo: Path) -> dict:
     images = params["images"]
     return {
         "trial.name": "pointnet",
+        "trial.seed": 0,
         "trial.family": "pointnet",
         "trial.size": "tiny",
         "data.num_classes": len(params["points"]["classes"]),
@@ -507,12 +508,13 @@ def test_corrupted_checkpoint_fails_the_evaluate_stage_naming_the_file(
     make, reason = BAD_CHECKPOINTS[case]
     config = _checkpoint_config(study)
     models = tmp_path / "train" / "models"
-    models.mkdir(parents=True)
+    (models / "a-sound").mkdir(parents=True)
+    (models / "pointnet").mkdir(parents=True)
     # A sound checkpoint first, so the stage is refused for the bad one, not for holding nothing usable.
-    (models / "a-sound.pt").write_bytes(_saved(_checkpoint(config)))
-    (models / "pointnet.pt").write_bytes(make(config))
+    (models / "a-sound" / "seed-0.pt").write_bytes(_saved(_checkpoint(config)))
+    (models / "pointnet" / "seed-0.pt").write_bytes(make(config))
     argv = stage_argv(study, "evaluate", study / "params.yaml", train=tmp_path / "train")
     line = assert_fails_cleanly(
         study, lambda: run_in_process(argv, capfd), ["not a usable checkpoint", reason]
     )
-    assert line.startswith(f"error: {models / 'pointnet.pt'}: "), line
+    assert line.startswith(f"error: {models / 'pointnet' / 'seed-0.pt'}: "), line

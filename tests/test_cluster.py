@@ -35,7 +35,8 @@ def two_node_cluster():
 
 
 def test_the_train_stage_runs_its_trials_across_the_nodes_of_an_existing_cluster(tmp_path, two_node_cluster):
-    root = make_study_repo(tmp_path, {"train": {"cpus_per_trial": 1, "all_families": False}}, models=MODELS)
+    override = {"seeds": [0], "train": {"cpus_per_trial": 1, "all_families": False}}
+    root = make_study_repo(tmp_path, override, models=MODELS)
     result = run_command(["dvc", "repro"], root, env={"RAY_ADDRESS": two_node_cluster.address})
     assert "7/7" not in result.stdout and "4/4 done" in result.stdout
 
@@ -52,6 +53,7 @@ def test_the_train_stage_runs_its_trials_across_the_nodes_of_an_existing_cluster
 # enough to kill a node after a trial's first checkpoint and before its last epoch, short enough for CI.
 EPOCHS = 5
 SLOW_TRIALS = {
+    "seeds": [0],
     "points": {"train_per_class": 16, "num_points": 128},
     "train": {
         "cpus_per_trial": 1,
@@ -138,7 +140,7 @@ def test_a_trial_whose_node_dies_resumes_from_its_checkpoint_on_the_surviving_no
     moved = rows[before_kill["trial_id"]]
     assert int(moved["retries"]) >= 1 and moved["node_id"] == head_id, moved
     for name in SLOW_MODELS:
-        assert (root / f"data/train/models/{name}.pt").is_file()
+        assert (root / f"data/train/models/{name}/seed-0.pt").is_file()
 
     # Every epoch reported once: the retry went on from the last checkpoint, not from epoch 1.
     results = _reported(root)[victim]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -223,15 +222,6 @@ def test_a_kill_after_the_rename_but_before_dvc_records_the_stage_is_rerun(momen
 
 # --- determinism: a second study with the same seeds ------------------------------------------------------
 
-VERDICT_LINE = re.compile(r"(holds|does not hold|inconclusive)( \|)?$")
-
-
-def _verdict_lines(root: Path) -> list[str]:
-    """The report's verdict table rows and claim headings (each ends with the verdict)."""
-    return [
-        line for line in (root / "reports/report.md").read_text().splitlines() if VERDICT_LINE.search(line)
-    ]
-
 
 def test_two_studies_with_the_same_seeds_produce_identical_data_and_metrics(
     smoke_study: Path, tmp_path: Path
@@ -249,9 +239,11 @@ def test_two_studies_with_the_same_seeds_produce_identical_data_and_metrics(
     metrics = comparable_metrics(smoke_study)
     assert comparable_metrics(second) == metrics
     kept_cost = metrics["evaluate"]["cost"]
-    assert all(
-        set(fits) == {"flops_total_exponent", "peak_memory_mb_exponent"} for fits in kept_cost.values()
-    )
-    verdicts = _verdict_lines(smoke_study)
-    assert len(verdicts) == 8  # four table rows, four headings
-    assert _verdict_lines(second) == verdicts
+    # What is left of the cost sweep is counted or deterministic: memory and FLOPs exponents.
+    assert all(key.startswith(("memory", "flops")) for fits in kept_cost.values() for key in fits)
+    assert all(fits for fits in kept_cost.values())
+    # The verdicts of the claims on trained models repeat exactly (claim 3's rests on timings).
+    verdicts = json.loads((smoke_study / "reports/verdicts.json").read_text())["claims"]
+    again = json.loads((second / "reports/verdicts.json").read_text())["claims"]
+    assert len(verdicts) == 4
+    assert [v for v in again if v["claim"] != 3] == [v for v in verdicts if v["claim"] != 3]

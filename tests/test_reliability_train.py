@@ -80,6 +80,9 @@ def _run_state(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
+TRIALS = 14  # make_study_repo's default study: 7 variants x 2 training seeds
+
+
 # --- 1. the driver dies ---------------------------------------------------------------------------------
 
 
@@ -102,7 +105,7 @@ def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tm
     proc.wait()
     before = _results(root)
     finished_before = _finished(before)
-    assert 2 <= len(finished_before) < 7, f"killed too late: {len(finished_before)} trials had finished"
+    assert 2 <= len(finished_before) < TRIALS, f"killed too late: {len(finished_before)} trials had finished"
     assert not (root / "data/train").exists()
     state = _run_state(root)
     assert state["status"] == "running"
@@ -111,7 +114,7 @@ def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tm
     assert "restoring the interrupted run" in rerun.stdout, rerun.stdout
 
     after = _results(root)
-    assert len(after) == 7
+    assert len(after) == TRIALS
     for name in finished_before:  # not trained again: no new result lines
         assert after[name] == before[name], name
     for rows in after.values():  # every trial complete, each epoch once
@@ -123,7 +126,7 @@ def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tm
     assert parent_id == state["mlflow"]["parent_run_id"]
     runs = _nested_runs(uri, parent_id)
     trial_ids = [r.data.tags["trial_id"] for r in runs]
-    assert len(runs) == 7 and len(set(trial_ids)) == 7
+    assert len(runs) == TRIALS and len(set(trial_ids)) == TRIALS
     finished_ids = {before[name][-1]["trial_id"] for name in finished_before}
     # Trials that had reported an epoch but not finished were running when the driver died.
     reported = {name: rows for name, rows in before.items() if rows}
@@ -151,7 +154,9 @@ def prepared_repo(tmp_path_factory) -> Path:
     """Three short trials (3 epochs) on prepared data; each test copies it."""
     models = {"vit": {}, "pointnet": {}, "e3nn": {}}
     root = make_study_repo(
-        tmp_path_factory.mktemp("outage"), {"train": {"epochs": 3, "all_families": False}}, models=models
+        tmp_path_factory.mktemp("outage"),
+        {"seeds": [0], "train": {"epochs": 3, "all_families": False}},
+        models=models,
     )
     run_command(["dvc", "repro", "prepare_points", "prepare_images"], root)
     return root

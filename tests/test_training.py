@@ -44,8 +44,10 @@ def test_default_models_expand_into_the_studys_variants():
         "mamba_hybrid-hilbert",
         "e3nn",
         "pointnet-none",
+        "pointnet-z",
         "pointnet-so3",
         "dgcnn-none",
+        "dgcnn-z",
         "dgcnn-so3",
     ]
 
@@ -77,10 +79,20 @@ def test_tune_space_resolves_to_one_flat_config_per_trial():
     resolved = [
         space.resolved(spec) for _, spec in generate_variants(space.param_space(config, variants, flat))
     ]
-    assert [r["trial.name"] for r in resolved] == ["pointnet-none", "pointnet-so3"]
+    # Every variant once per training seed (TINY_PARAMS: seeds 0 and 1).
+    assert sorted((r["trial.name"], r["trial.seed"]) for r in resolved) == [
+        ("pointnet-none", 0),
+        ("pointnet-none", 1),
+        ("pointnet-so3", 0),
+        ("pointnet-so3", 1),
+    ]
     for r in resolved:
-        assert 0.1 <= r["trial.lr"] <= 0.2 and r["trial.seed"] == config.seed and r["train.epochs"] == 3
+        assert 0.1 <= r["trial.lr"] <= 0.2 and r["train.epochs"] == 3
         assert all(not isinstance(v, dict) for v in r.values())
+    labels = {
+        space.trial_label(spec) for _, spec in generate_variants(space.param_space(config, variants, flat))
+    }
+    assert labels == {"pointnet-none-s0", "pointnet-none-s1", "pointnet-so3-s0", "pointnet-so3-s1"}
 
 
 BAD_TRAIN = [
@@ -221,7 +233,7 @@ def test_tracking_uri_param_then_environment_then_the_repos_sqlite(tmp_path, mon
 
 class _Trial:
     def __init__(self, trial_id: str, name: str):
-        self.trial_id, self.config = trial_id, {"trial": {"name": name}}
+        self.trial_id, self.config = trial_id, {"trial": {"name": name}, "trial_seed": 3}
 
 
 def test_live_status_counts_trials_and_tracks_the_best(tmp_path):
@@ -239,9 +251,9 @@ def test_live_status_counts_trials_and_tracks_the_best(tmp_path):
     status.on_trial_complete(0, [], a)
     status.on_trial_complete(0, [], b)
     lines = out.getvalue().splitlines()
-    assert "e3nn failed; retrying from its last checkpoint" in lines[3]
+    assert "e3nn-s3 failed; retrying from its last checkpoint" in lines[3]
     assert lines[-1].endswith(
-        "0 running, 2/2 done, 0 failed | best val_accuracy 0.750 (e3nn) | finished e3nn"
+        "0 running, 2/2 done, 0 failed | best val_accuracy 0.750 (e3nn-s3) | finished e3nn-s3"
     )
     assert all(line.startswith("[train 0:00]") for line in lines)
 
@@ -295,11 +307,11 @@ class _Payload:
 @pytest.mark.parametrize("kind", ["truncated", "malicious", "not a checkpoint"])
 def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path, kind):
     from perception.data.arrays import DatasetError
-    from pipeline.stages.evaluate import _load_models
+    from pipeline.measurements import load_checkpoints
 
-    models = tmp_path / "train" / "models"
+    models = tmp_path / "train" / "models" / "vit"
     models.mkdir(parents=True)
-    path = models / "vit.pt"
+    path = models / "seed-0.pt"
     marker = tmp_path / "payload-ran"
     if kind == "truncated":
         buffer = io.BytesIO()
@@ -310,6 +322,6 @@ def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path,
     else:
         torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(DatasetError, match=rf"^{path}: not a usable checkpoint of the train stage") as err:
-        _load_models(tmp_path / "train")
+        load_checkpoints(tmp_path / "train")
     assert "\n" not in str(err.value) and "dvc repro -f train" in str(err.value)
     assert not marker.exists()

@@ -1,40 +1,64 @@
 """Compute cost of image backbones against the number of tokens: latency, peak memory, FLOPs.
 
 The study tests the claim "attention cost grows quadratically with the number of tokens; state space
-models (Mamba) grow linearly". `cost_sweep` measures each model at several resolutions (tokens =
-(resolution / patch)^2) and `fit_exponent` / `loglog_slopes` turn the measurements into the exponent k of
-cost ~ tokens^k, to set beside the essay's published table (`ESSAY_TABLE`, quoted, not computed).
+models (Mamba) grow linearly". `cost_study` measures each model at several resolutions (tokens =
+(resolution / patch)^2), fits the exponent k of cost ~ tokens^k in log-log with a bootstrap interval, and
+finds the token count from which pure Mamba is faster than ViT. The essay's published table
+(`ESSAY_TABLE`) is quoted beside it, not computed.
+
+Models (`default_cost_models`), all at one width and depth, batch 1:
+  - vit:           ViT with the fused attention kernel (`F.scaled_dot_product_attention`), as trained.
+  - vit_explicit:  the same ViT, same weights, with explicit softmax attention, which materialises the
+                   (T, T) attention matrix per head. Fused and explicit do the same arithmetic; only the
+                   memory they hold (and how fast they run) differs, so "memory scales like compute" can
+                   hold for one and not the other.
+  - mamba_hybrid:  Mamba blocks, then a minority of attention blocks.
+  - mamba:         pure Mamba (attn_layers=0).
 
 What each number is:
-  - latency: wall time of one forward under `torch.inference_mode`, median (and min, max) of `repeats`.
-  - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one forward, plus our own count of the selective
-    scan (the counter sees only the scan's output contraction, a bmm, and none of its recurrence).
+  - latency: wall time of one forward under `torch.inference_mode`, timed by `torch.utils.benchmark.Timer`
+    (`blocked_autorange`: its own warm-up and block size, then blocks until a per-point time budget is
+    spent), after one untimed warm-up forward of ours. Every block's time per forward is kept; the row's
+    latency is their median, with the quartiles (spread) and a bootstrap interval of the median.
   - peak memory: CUDA's `max_memory_allocated` above the baseline; on CPU, torch.profiler's record of every
     c10 allocator alloc/free during one forward, and the peak of their running sum. Both count activations
-    and workspaces only (the weights and the input exist before the forward starts).
+    and workspaces only (the weights and the input exist before the forward starts). One measurement: on
+    CPU the same forward allocates the same bytes every time, so there is no spread to resample.
+  - FLOPs: COUNTED, not measured (context only): `torch.utils.flop_counter.FlopCounterMode` over one
+    forward, plus our own count of the selective scan, 9*B*L*D*N per scan (the counter sees at most the
+    scan's output contraction, and none of its recurrence).
   - attention entries: the attention-matrix entries an explicit implementation would materialise. The fused
-    kernel (`F.scaled_dot_product_attention`) does not materialise them, so measured memory can grow far
-    slower than this count.
+    kernel does not materialise them.
+
+Exponents: least squares of log(cost) on log(tokens), over the upper part of the sweep (tokens >=
+`fit_min_tokens`, where the leading term dominates the per-token and fixed costs) and over the whole sweep.
+The latency interval is a percentile bootstrap: each resample redraws the block times within every token
+count (with replacement, to the same number), takes their medians and refits. This covers the spread of the
+repeats at each point, not a drift of machine load between points; `cost_study` measures the models
+interleaved at each resolution so a drift hits all of them alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-import statistics
+import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from perception.layers.attention import Attention
 from perception.models import build
 from perception.models.mamba_hybrid import BiMamba
-from perception.ops.scan import selective_scan
+from perception.ops.scan import resolve_backend, selective_scan
 
 # ------------------------------------------------------------------------------------- the essay's table
 
@@ -85,30 +109,7 @@ def essay_rows() -> list[dict[str, Any]]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------- one point
-
-
-@dataclass(frozen=True)
-class CostPoint:
-    """The cost of one model at one resolution (batch `batch`, forward only)."""
-
-    model: str
-    resolution: int  # px per side (square images)
-    tokens: int  # patch tokens, (resolution / patch_size)^2, without any class token
-    batch: int
-    latency_ms: float  # median over `repeats` timed forwards
-    latency_ms_min: float
-    latency_ms_max: float
-    repeats: int
-    peak_memory_mb: float  # MiB above the pre-forward baseline
-    memory_method: str  # how peak_memory_mb was measured
-    flops_counted: int  # FlopCounterMode's total for one forward
-    scan_flops: int  # our count of the selective scans, 9*B*L*D*N each
-    flops_total: int  # flops_counted + scan_flops, less the scan FLOPs the counter already saw
-    attention_entries: int  # per image: sum over attention layers of heads * sequence_length^2
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# -------------------------------------------------------------------------------- counts: FLOPs, entries
 
 
 def scan_flops(model: nn.Module, tokens: int, batch: int) -> int:
@@ -116,13 +117,13 @@ def scan_flops(model: nn.Module, tokens: int, batch: int) -> int:
 
     Per step and channel a scan computes exp(dt*A), dt*B*x, h = dA*h + dBx and C.h over N states: about
     9 FLOPs per (b, l, d, n). Each BiMamba block runs two scans (forward and backward direction), each over
-    d_inner channels; the code stacks them into one grouped scan of 2*d_inner channels, the same count.
+    d_inner channels; the code stacks them into one grouped scan of D = 2*d_inner channels, the same count.
     0 for a model without Mamba blocks.
     """
     total = 0
     for m in model.modules():
         if isinstance(m, BiMamba):
-            total += 2 * 9 * batch * tokens * m.d_inner * m.d_state
+            total += 9 * batch * tokens * (2 * m.d_inner) * m.d_state
     return total
 
 
@@ -159,28 +160,48 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _scan_flops_seen(backend: str, b: int, d: int, L: int, n: int, g: int) -> int:
-    """FLOPs FlopCounterMode attributes to one selective scan of this shape (the chunked path's bmm).
+def _scan_flops_seen(backend: str, device: str, dtype: str, b: int, d: int, L: int, n: int, g: int) -> int:
+    """FLOPs FlopCounterMode attributes to one selective scan of this shape, as `backend` runs it on
+    `device`: chunked's output contraction (a bmm, 2*b*d*L*n); nothing for ref (elementwise ops only) or
+    the native kernel (one opaque C call).
 
-    Run on meta tensors: shapes only, so it costs Python steps and no arithmetic.
+    Measured by running that scan on zeros of that shape, device and dtype, so the backend takes the path
+    it takes in the model. (It once ran on meta tensors, where `native` hands over to `chunked`: the count
+    then subtracted chunked's bmm, which the native path never adds: flops_total came out 1-3% low at dim
+    192, depth 4.)
     """
-    meta = torch.device("meta")
-    u, delta = torch.empty(b, d, L, device=meta), torch.empty(b, d, L, device=meta)
-    A = torch.empty(d, n, device=meta)
-    B, C = torch.empty(b, g, n, L, device=meta), torch.empty(b, g, n, L, device=meta)
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    u = torch.zeros(b, d, L, device=dev, dtype=dt)
+    A = -torch.ones(d, n, device=dev, dtype=dt)
+    BC = torch.zeros(b, g, n, L, device=dev, dtype=dt)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        selective_scan(u, delta, A, B, C, delta_softplus=True, backend=backend)
+        selective_scan(u, u, A, BC, BC, delta_softplus=True, backend=backend)
     return int(counter.get_total_flops())
 
 
 def _counted_scan_flops(model: nn.Module, tokens: int, batch: int) -> int:
     """What the counter already saw of `scan_flops`, so flops_total does not count it twice."""
-    return sum(
-        _scan_flops_seen(m.scan_backend, batch, 2 * m.d_inner, tokens, m.d_state, 2)  # BiMamba's shapes
-        for m in model.modules()
-        if isinstance(m, BiMamba)
-    )
+    total = 0
+    for m in model.modules():
+        if isinstance(m, BiMamba):
+            dtype = str(m.A_log.dtype).removeprefix("torch.")
+            # BiMamba's one grouped scan: 2*d_inner channels, a B/C group per direction.
+            shape = (batch, 2 * m.d_inner, tokens, m.d_state, 2)
+            total += _scan_flops_seen(m.scan_backend, str(m.A_log.device), dtype, *shape)
+    return total
+
+
+def model_flops(model: nn.Module, x: torch.Tensor, tokens: int) -> tuple[int, int, int]:
+    """(counted, scan, total) FLOPs of one forward: the counter's total, our scan count, and
+    counted - (what the counter saw of the scans) + scan."""
+    counted = count_flops(model, x)
+    scans = scan_flops(model, tokens, x.shape[0])
+    seen = _counted_scan_flops(model, tokens, x.shape[0]) if scans else 0
+    return counted, scans, counted - seen + scans
+
+
+# ------------------------------------------------------------------------------------------ peak memory
 
 
 def _cpu_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -188,7 +209,7 @@ def _cpu_peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
     torch.profiler(profile_memory=True) records each alloc (+bytes) and free (-bytes) with a timestamp;
     the running sum in time order is the bytes live, its maximum the peak. Exact for tensors; buffers
-    allocated outside c10 (oneDNN/MKL scratch) are not seen.
+    allocated outside c10 (oneDNN/MKL scratch, the native scan's per-thread workspace) are not seen.
     """
     from torch._C._profiler import _EventType  # the event tree torch's own memory profiler reads
 
@@ -214,8 +235,9 @@ CPU_MEMORY_METHOD = "cpu: torch.profiler profile_memory, peak running sum of c10
 CUDA_MEMORY_METHOD = "cuda: max_memory_allocated minus memory_allocated before the forward"
 
 
-def _peak_memory(model: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[float, str]:
-    """(peak MiB above the pre-forward baseline, method) for one forward."""
+def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
+    """(peak MiB above the pre-forward baseline, method) for one forward on x's device."""
+    device = x.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -227,70 +249,149 @@ def _peak_memory(model: nn.Module, x: torch.Tensor, device: torch.device) -> tup
     return _cpu_peak_bytes(model, x) / 2**20, CPU_MEMORY_METHOD
 
 
+# ----------------------------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads, then restore the number there was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA runs asynchronously: time the work, not the launch
+
+
+def time_forward(
+    model: nn.Module, x: torch.Tensor, min_run_time: float, min_blocks: int, threads: int
+) -> tuple[list[float], int]:
+    """Time one forward of `model` on `x`: (seconds per forward of every block, forwards per block).
+
+    One untimed warm-up forward (first-call allocations, kernel selection) whose duration sets the budget:
+    `blocked_autorange` runs blocks until max(min_run_time, (min_blocks - 0.5) * warm-up time) seconds are
+    spent, so a slow point still gets about `min_blocks` blocks (and blocks are topped up to `min_blocks`
+    with `Timer.timeit` where the budget ran out first). The Timer picks the block size (forwards
+    per block) so that the timer's overhead is negligible, warms up again while doing so, synchronises CUDA
+    around each block, and runs on `threads` threads, restoring the number after.
+    """
+    device = x.device
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    _synchronize(device)
+    start = time.perf_counter()
+    forward()
+    _synchronize(device)
+    warmup_s = time.perf_counter() - start
+    budget = max(min_run_time, (min_blocks - 0.5) * warmup_s)
+    timer = benchmark.Timer(stmt="forward()", globals={"forward": forward}, num_threads=threads)
+    measurement = timer.blocked_autorange(min_run_time=budget)
+    times, number = list(measurement.times), int(measurement.number_per_run)
+    while len(times) < min_blocks:  # a fast point whose blocks are long (many forwards) and the budget short
+        times.extend(timer.timeit(number).times)  # one more block of the same size (after 2+ warm-up runs)
+    return times, number
+
+
+# ------------------------------------------------------------------------------------------ one point
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """The cost of one model at one resolution (forward only, batch `batch`)."""
+
+    model: str
+    resolution: int  # px per side (square images)
+    tokens: int  # patch tokens, (resolution / patch_size)^2, without any class token
+    batch: int
+    latency_ms: float  # median of latency_ms_blocks
+    latency_ms_q25: float  # quartiles of latency_ms_blocks: the spread of the repeats
+    latency_ms_q75: float
+    latency_ms_lo: float | None  # bootstrap interval of the median (None until the study resamples)
+    latency_ms_hi: float | None
+    latency_ms_blocks: tuple[float, ...]  # every timed block's time per forward
+    forwards_per_block: int
+    peak_memory_mb: float  # MiB above the pre-forward baseline, one (deterministic) measurement
+    memory_method: str
+    flops_counted: int  # FlopCounterMode's total for one forward
+    scan_flops: int  # our count of the selective scans, 9*B*L*D*N each
+    flops_total: int  # flops_counted + scan_flops, less the scan FLOPs the counter already saw
+    attention_entries: int  # per image: sum over attention layers of heads * sequence_length^2
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def _in_channels(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "in_channels", 4))  # the study's images: depth + 3 normal channels
 
 
-def measure_cost(
+def study_input(model: nn.Module, resolution: int, batch: int, device: torch.device) -> torch.Tensor:
+    """float32[batch, C, resolution, resolution], the same for every model (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, _in_channels(model), resolution, resolution, generator=gen).to(device)
+
+
+def measure_point(
     name: str,
     model: nn.Module,
     resolution: int,
     patch_size: int,
     batch: int = 1,
-    repeats: int = 5,
-    warmup: int = 1,
-    device: torch.device = torch.device("cpu"),  # noqa: B008 (an immutable default)
-) -> CostPoint:
-    """Measure one forward of `model` on float32[batch, C, resolution, resolution] on `device`.
+    min_run_time: float = 1.0,
+    min_blocks: int = 5,
+    threads: int | None = None,
+) -> CostRow:
+    """Measure one forward of `model` (already on its device, in eval mode) at `resolution` px.
 
-    `model` should already be on `device` and in eval mode. Runs `warmup` untimed forwards (first-call
-    allocations and kernel selection), `repeats` timed ones, one under FlopCounterMode and one for memory.
+    Times it (`time_forward`), then one forward under FlopCounterMode and one for peak memory. The row's
+    latency interval is left None: it comes from the study's bootstrap.
     """
     if resolution % patch_size:
         raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch_size}")
-    if repeats < 1 or warmup < 0 or batch < 1:
-        raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    if batch < 1 or min_blocks < 1 or min_run_time <= 0:
+        raise ValueError(
+            f"need batch >= 1, min_blocks >= 1, min_run_time > 0; got {batch}, {min_blocks}, {min_run_time}"
+        )
+    device = next(model.parameters()).device
+    threads = threads or torch.get_num_threads()
     tokens = (resolution // patch_size) ** 2
-    gen = torch.Generator().manual_seed(0)  # the same input for every model
-    x = torch.randn(batch, _in_channels(model), resolution, resolution, generator=gen).to(device)
-    cuda = device.type == "cuda"
-
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize(device)  # CUDA runs asynchronously: time the work, not the launch
-            start = time.perf_counter()
-            model(x)
-            if cuda:
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-
-    counted = count_flops(model, x)
-    scans = scan_flops(model, tokens, batch)
-    seen = _counted_scan_flops(model, tokens, batch) if scans else 0
-    memory_mb, method = _peak_memory(model, x, device)
-    return CostPoint(
+    x = study_input(model, resolution, batch, device)
+    blocks_s, per_block = time_forward(model, x, min_run_time, min_blocks, threads)
+    blocks_ms = [t * 1e3 for t in blocks_s]
+    q25, q50, q75 = np.quantile(blocks_ms, [0.25, 0.5, 0.75]).tolist()
+    counted, scans, total = model_flops(model, x, tokens)
+    memory_mb, method = peak_memory_mb(model, x)
+    return CostRow(
         model=name,
         resolution=resolution,
         tokens=tokens,
         batch=batch,
-        latency_ms=statistics.median(times),
-        latency_ms_min=min(times),
-        latency_ms_max=max(times),
-        repeats=repeats,
+        latency_ms=q50,
+        latency_ms_q25=q25,
+        latency_ms_q75=q75,
+        latency_ms_lo=None,
+        latency_ms_hi=None,
+        latency_ms_blocks=tuple(blocks_ms),
+        forwards_per_block=per_block,
         peak_memory_mb=memory_mb,
         memory_method=method,
         flops_counted=counted,
         scan_flops=scans,
-        flops_total=counted - seen + scans,
+        flops_total=total,
         attention_entries=attention_entries(model, tokens),
     )
 
 
-# --------------------------------------------------------------------------------- sweeps and exponents
+# ------------------------------------------------------------------------------ exponents and intervals
 
 
 def loglog_slopes(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
@@ -305,12 +406,7 @@ def loglog_slopes(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log(y) on log(x) over all points: k in y ~ x^k."""
     _check_positive(xs, ys)
-    lx, ly = [math.log(v) for v in xs], [math.log(v) for v in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    sxx = sum((a - mx) ** 2 for a in lx)
-    if sxx == 0:
-        raise ValueError("fit_exponent needs at least two distinct x values")
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sxx
+    return float(_slopes(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)[None, :])[0])
 
 
 def _check_positive(xs: Sequence[float], ys: Sequence[float]) -> None:
@@ -318,35 +414,215 @@ def _check_positive(xs: Sequence[float], ys: Sequence[float]) -> None:
         raise ValueError(f"need two equally long sequences of >= 2 points; got {len(xs)} and {len(ys)}")
     if min(xs) <= 0 or min(ys) <= 0:
         raise ValueError("log-log slopes need positive values")
+    if len(set(xs)) < 2:
+        raise ValueError("fit_exponent needs at least two distinct x values")
 
 
-def cost_sweep(
-    models: dict[str, Callable[[], nn.Module]],
-    resolutions: Sequence[int] = (224, 384, 512, 1024),
-    patch_size: int = 16,
-    batch: int = 1,
-    repeats: int = 3,
-    device: torch.device = torch.device("cpu"),  # noqa: B008 (an immutable default)
-    progress: Callable[[str], None] | None = None,
-) -> list[CostPoint]:
-    """Build each model once and measure it at every resolution; points in (model, resolution) order.
+def _slopes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Least-squares slope of log(ys[r]) on log(xs) for every row r: xs float[k], ys float[R, k] -> [R]."""
+    lx, ly = np.log(xs), np.log(ys)  # [k], [R, k]
+    dx = lx - lx.mean()  # [k]
+    return (ly - ly.mean(axis=1, keepdims=True)) @ dx / (dx @ dx)  # [R]
 
-    One model instance serves all resolutions: ViT resamples its position grid to the token grid itself,
-    MambaHybrid needs nothing. Each model is freed before the next is built.
+
+def resample_medians(
+    groups: Sequence[Sequence[float]], resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Bootstrap medians: float[resamples, len(groups)], column j the medians of `resamples` resamples
+    of groups[j], each drawn with replacement to the group's own size.
+
+    The groups (the block times at each token count) are resampled independently: repeats within a token
+    count are exchangeable, the token counts are the fixed design. Our own small helper until the study's
+    shared `perception.evaluation.intervals.bootstrap_statistic` lands; seeded by the caller's generator.
     """
-    points = []
-    for name, factory in models.items():
-        model = factory().to(device).eval()
-        for resolution in resolutions:
-            point = measure_cost(name, model, resolution, patch_size, batch, repeats, device=device)
-            points.append(point)
-            if progress is not None:
-                progress(
-                    f"cost {name} {resolution}px ({point.tokens} tokens): {point.latency_ms:.1f} ms, "
-                    f"{point.peak_memory_mb:.1f} MiB, {point.flops_total / 1e9:.2f} GFLOP"
-                )
-        del model
-    return points
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1; got {resamples}")
+    out = np.empty((resamples, len(groups)))
+    for j, group in enumerate(groups):
+        values = np.asarray(group, dtype=float)
+        if values.size == 0:
+            raise ValueError(f"group {j} has no measurements to resample")
+        draws = rng.integers(0, values.size, size=(resamples, values.size))  # [R, n_j]
+        out[:, j] = np.median(values[draws], axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class Exponent:
+    """k in cost ~ tokens^k (or a difference of two such k), with an interval [lo, hi]."""
+
+    value: float
+    lo: float
+    hi: float
+    tokens: tuple[int, ...]  # the token counts fitted
+    interval: str  # how [lo, hi] was obtained
+
+    @classmethod
+    def from_samples(
+        cls, value: float, samples: np.ndarray, level: float, tokens: Sequence[int], interval: str
+    ) -> Exponent:
+        """The point estimate with the percentile interval of bootstrap `samples` at `level`."""
+        lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2]).tolist()
+        return cls(float(value), lo, hi, tuple(int(t) for t in tokens), interval)
+
+    @classmethod
+    def point(cls, value: float, tokens: Sequence[int], interval: str) -> Exponent:
+        return cls(float(value), float(value), float(value), tuple(int(t) for t in tokens), interval)
+
+
+def _bootstrap_interval(level: float, resamples: int) -> str:
+    return (
+        f"{level:.0%} percentile bootstrap, {resamples} resamples of the block times within each token count"
+    )
+
+
+DETERMINISTIC = "none: one measurement per token count, deterministic (the same forward, the same bytes)"
+COUNTED = "none: counted, not measured"
+
+
+def latency_exponent(
+    tokens: Sequence[int],
+    times: Sequence[Sequence[float]],
+    min_tokens: int = 0,
+    resamples: int = 2000,
+    rng: np.random.Generator | None = None,
+    level: float = 0.95,
+) -> tuple[Exponent, np.ndarray]:
+    """Fit k in median latency ~ tokens^k over tokens >= min_tokens, with a bootstrap interval.
+
+    tokens: the swept counts; times: the repeated timings at each. Returns the Exponent and its bootstrap
+    samples (float[resamples]) so two models' exponents can be differenced resample by resample.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    medians = resample_medians(times, resamples, rng)  # [R, k]
+    return _fit_resampled(tokens, times, medians, min_tokens, level)
+
+
+def _fit_resampled(
+    tokens: Sequence[int],
+    times: Sequence[Sequence[float]],
+    medians: np.ndarray,
+    min_tokens: int,
+    level: float,
+) -> tuple[Exponent, np.ndarray]:
+    keep = [j for j, t in enumerate(tokens) if t >= min_tokens]
+    if len({tokens[j] for j in keep}) < 2:
+        raise ValueError(
+            f"fitting over tokens >= {min_tokens} needs two distinct token counts there; the sweep has "
+            f"{sorted(tokens)} (lower fit_min_tokens or add resolutions)"
+        )
+    xs = np.array([tokens[j] for j in keep], dtype=float)
+    observed = np.array([[float(np.median(times[j])) for j in keep]])  # [1, k]
+    samples = _slopes(xs, medians[:, keep])  # [R]
+    interval = _bootstrap_interval(level, medians.shape[0])
+    return Exponent.from_samples(_slopes(xs, observed)[0], samples, level, xs, interval), samples
+
+
+# ------------------------------------------------------------------------------------------- crossover
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """Where `model` (pure Mamba) becomes faster than `reference` (ViT) within the sweep."""
+
+    model: str
+    reference: str
+    # The smallest swept token count from which model's median latency is below reference's, at it and at
+    # every larger swept count; None: not within the sweep.
+    tokens: int | None
+    # Whether at `tokens` the two medians' bootstrap intervals separate (model's hi < reference's lo).
+    holds_with_intervals: bool
+    # The smallest swept count from which the intervals separate at every larger count; None: nowhere.
+    tokens_with_intervals: int | None
+
+
+def find_crossover(rows: Sequence[CostRow], model: str = "mamba", reference: str = "vit") -> Crossover:
+    """The crossover of `model` below `reference` in median latency (a pure function of the rows)."""
+    mine = {r.tokens: r for r in rows if r.model == model}
+    theirs = {r.tokens: r for r in rows if r.model == reference}
+    if not mine or set(mine) != set(theirs):
+        raise ValueError(
+            f"models {model!r} and {reference!r} need rows at the same token counts; got "
+            f"{sorted(mine)} and {sorted(theirs)}"
+        )
+
+    def separated(t: int) -> bool:
+        a, b = mine[t], theirs[t]
+        if a.latency_ms_hi is None or b.latency_ms_lo is None:
+            raise ValueError(f"row {model!r} at {t} tokens has no latency interval yet")
+        return a.latency_ms_hi < b.latency_ms_lo
+
+    def first_from(holds: Callable[[int], bool]) -> int | None:
+        first = None
+        for t in sorted(mine, reverse=True):  # walk down from the largest count while it holds
+            if not holds(t):
+                break
+            first = t
+        return first
+
+    tokens = first_from(lambda t: mine[t].latency_ms < theirs[t].latency_ms)
+    return Crossover(
+        model=model,
+        reference=reference,
+        tokens=tokens,
+        holds_with_intervals=tokens is not None and separated(tokens),
+        tokens_with_intervals=first_from(separated),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+
+@dataclass(frozen=True)
+class ModelFit:
+    """One model's exponents: over tokens >= fit_min_tokens, and (`_full`) over the whole sweep."""
+
+    latency: Exponent
+    memory: Exponent
+    latency_full: Exponent
+    memory_full: Exponent
+    flops: Exponent  # counted FLOPs, context only
+    latency_slopes: tuple[float, ...]  # local log-log slopes of the medians between neighbouring counts
+    memory_slopes: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class CostStudy:
+    rows: tuple[CostRow, ...]  # (resolution, model) order
+    fits: dict[str, ModelFit]  # by model
+    latency_gaps: dict[str, Exponent]  # <model> latency exponent minus pure Mamba's, for every other model
+    crossover: Crossover  # pure Mamba below ViT (fused)
+    setting: dict[str, Any]
+    wall_s: float  # the whole study, measuring and resampling
+
+    @property
+    def latency_gap(self) -> Exponent:
+        """ViT (fused) minus pure Mamba latency exponent over the upper sweep."""
+        return self.latency_gaps["vit"]
+
+    @property
+    def crossover_tokens(self) -> int | None:
+        return self.crossover.tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: rows, fits, gaps, crossover, setting, the essay's table and the wall time."""
+        return {
+            "setting": dict(self.setting),
+            "rows": [r.as_dict() for r in self.rows],
+            "fits": {name: asdict(fit) for name, fit in self.fits.items()},
+            "latency_gap": asdict(self.latency_gap),
+            "latency_gaps": {name: asdict(gap) for name, gap in self.latency_gaps.items()},
+            "crossover": asdict(self.crossover),
+            "crossover_tokens": self.crossover_tokens,
+            "essay": essay_rows(),
+            "wall_s": self.wall_s,
+        }
+
+
+def _point_fit(rows: Sequence[CostRow], key: str, interval: str) -> Exponent:
+    """The exponent of one deterministic number per row (memory, FLOPs): its interval is the point."""
+    tokens = [r.tokens for r in rows]
+    return Exponent.point(fit_exponent(tokens, [getattr(r, key) for r in rows]), tokens, interval)
 
 
 def default_cost_models(
@@ -357,12 +633,15 @@ def default_cost_models(
     in_channels: int = 4,
     patch_size: int = 16,
     image_size: int = 224,
+    seed: int = 0,
 ) -> dict[str, Callable[[], nn.Module]]:
-    """Factories for "vit", "mamba_hybrid" and "mamba" (attn_layers=0) at one common width and depth.
+    """Factories for "vit", "vit_explicit", "mamba_hybrid" and "mamba" (attn_layers=0), one width and depth.
 
-    The hybrid puts max(1, depth // 4) attention blocks after its Mamba blocks (the registry's tiny size
-    is 1 in 4; MambaVision also uses a minority of attention blocks, last), but always keeps one Mamba block.
-    `image_size` is ViT's training grid; other resolutions resample its position embedding.
+    vit_explicit is vit with explicit softmax attention; both are built from `seed`, so they have the same
+    weights. The hybrid puts max(1, depth // 4) attention blocks after its Mamba blocks (the registry's
+    tiny size is 1 in 4; MambaVision also uses a minority of attention blocks, last), but always keeps one
+    Mamba block. `image_size` is ViT's training grid; other resolutions resample its position embedding.
+    Building does not touch the global RNG.
     """
     if depth < 2:
         raise ValueError(f"depth must be >= 2 so the hybrid has both block kinds; got {depth}")
@@ -370,13 +649,178 @@ def default_cost_models(
     common |= {"num_classes": num_classes, "in_channels": in_channels}
     hybrid_attn = min(max(1, depth // 4), depth - 1)
 
-    def vit() -> nn.Module:
-        return build("vit", image_size=image_size, **common)
+    def seeded(family: str, **hparams: Any) -> Callable[[], nn.Module]:
+        def factory() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return build(family, **common, **hparams)
 
-    def mamba_hybrid() -> nn.Module:
-        return build("mamba_hybrid", attn_layers=hybrid_attn, **common)
+        return factory
 
-    def mamba() -> nn.Module:
-        return build("mamba_hybrid", attn_layers=0, **common)
+    return {
+        "vit": seeded("vit", image_size=image_size),
+        "vit_explicit": seeded("vit", image_size=image_size, fused_attention=False),
+        "mamba_hybrid": seeded("mamba_hybrid", attn_layers=hybrid_attn),
+        "mamba": seeded("mamba_hybrid", attn_layers=0),
+    }
 
-    return {"vit": vit, "mamba_hybrid": mamba_hybrid, "mamba": mamba}
+
+CPU_RESOLUTIONS = (128, 224, 384, 512, 1024)  # 64 .. 4096 tokens at patch 16: 64x, 1-1.5 min on 2 cores
+GPU_RESOLUTIONS = (*CPU_RESOLUTIONS, 2048)  # + 16384 tokens (explicit attention: 3.2 GB per head-matrix set)
+
+
+def default_resolutions(device: torch.device) -> tuple[int, ...]:
+    return GPU_RESOLUTIONS if device.type == "cuda" else CPU_RESOLUTIONS
+
+
+def cost_study(
+    dim: int,
+    depth: int,
+    heads: int,
+    patch_size: int,
+    resolutions: Sequence[int],
+    device: torch.device,
+    bootstrap_seed: int,
+    resamples: int,
+    progress: Callable[[str], None] | None = None,
+    *,
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+    min_blocks: int = 7,
+    fit_min_tokens: int = 576,
+    level: float = 0.95,
+    models: dict[str, Callable[[], nn.Module]] | None = None,
+) -> CostStudy:
+    """Measure every model (`default_cost_models` unless `models` is given) at every resolution, batch 1,
+    and fit the exponents, the ViT - Mamba gap and the crossover.
+
+    Models are built once; at each resolution they are measured one after another (interleaved, so a
+    change of machine load between resolutions hits them all). `threads` (default: torch's current number)
+    is set for the whole study and restored after. `min_run_time` is each point's timing budget in
+    seconds, `min_blocks` the number of blocks a slow point still gets (see `time_forward`). The numbers
+    are then summarised by `summarise` (bootstrap seeded by `bootstrap_seed`).
+    """
+    if models is None:
+        models = default_cost_models(dim=dim, depth=depth, heads=heads, patch_size=patch_size)
+    for key in ("vit", "mamba"):
+        if key not in models:
+            raise ValueError(f"cost_study needs a model named {key!r}; got {sorted(models)}")
+    for resolution in resolutions:
+        if resolution % patch_size:
+            raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch_size}")
+    fitted = {t for t in ((r // patch_size) ** 2 for r in resolutions) if t >= fit_min_tokens}
+    if len(fitted) < 2:
+        raise ValueError(
+            f"fit_min_tokens = {fit_min_tokens} leaves {len(fitted)} token count(s) of resolutions "
+            f"{list(resolutions)} at patch {patch_size} to fit; need at least 2"
+        )
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    began = time.monotonic()
+    threads = threads or torch.get_num_threads()
+    resolutions = sorted(set(resolutions))
+    rows: list[CostRow] = []
+    with torch_threads(threads):
+        built = {name: factory().to(device).eval() for name, factory in models.items()}
+        for resolution in resolutions:
+            for name, model in built.items():
+                row = measure_point(name, model, resolution, patch_size, 1, min_run_time, min_blocks, threads)
+                rows.append(row)
+                if progress is not None:
+                    progress(
+                        f"cost {name} {resolution}px ({row.tokens} tokens): {row.latency_ms:.1f} ms "
+                        f"(IQR {row.latency_ms_q25:.1f}-{row.latency_ms_q75:.1f}, "
+                        f"{len(row.latency_ms_blocks)} blocks), {row.peak_memory_mb:.1f} MiB, "
+                        f"{row.flops_total / 1e9:.2f} GFLOP"
+                    )
+        del built
+
+    setting = {
+        "dim": dim,
+        "depth": depth,
+        "heads": heads,
+        "patch_size": patch_size,
+        "resolutions": list(resolutions),
+        "batch": 1,
+        "models": list(models),
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        ),
+        "threads": threads,
+        # what backend "auto" runs; the native kernel itself hands non-CPU tensors to chunked
+        "scan_backend": resolve_backend("auto") if device.type == "cpu" else "chunked",
+        "torch": torch.__version__,
+        "timer": "torch.utils.benchmark.Timer.blocked_autorange after one warm-up forward",
+        "min_run_time_s": min_run_time,
+        "min_blocks": min_blocks,
+        "fit_min_tokens": fit_min_tokens,
+        "level": level,
+        "bootstrap_seed": bootstrap_seed,
+        "resamples": resamples,
+    }
+    study = summarise(rows, setting, bootstrap_seed, resamples, fit_min_tokens, level)
+    return replace(study, wall_s=time.monotonic() - began)
+
+
+def summarise(
+    rows: Sequence[CostRow],
+    setting: dict[str, Any],
+    bootstrap_seed: int,
+    resamples: int,
+    fit_min_tokens: int = 576,
+    level: float = 0.95,
+) -> CostStudy:
+    """The study from measured rows (a pure function of them and the seed): every row's median interval,
+    every model's exponents, each model's latency exponent minus pure Mamba's, and the crossover.
+
+    One bootstrap per model, its generator seeded by (bootstrap_seed, the model's name), so a model's
+    intervals do not depend on which other models are in the rows. The rows need models "mamba" and
+    "vit"; wall_s is left 0.
+    """
+    models = list(dict.fromkeys(r.model for r in rows))
+    fits, samples, with_intervals = {}, {}, {}
+    for name in models:
+        mine = sorted((r for r in rows if r.model == name), key=lambda r: r.tokens)
+        tokens = [r.tokens for r in mine]
+        times = [r.latency_ms_blocks for r in mine]
+        rng = np.random.default_rng([bootstrap_seed, *name.encode()])
+        medians = resample_medians(times, resamples, rng)  # [R, token counts]
+        lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2], axis=0).tolist()
+        for row, a, b in zip(mine, lo, hi, strict=True):
+            with_intervals[(name, row.tokens)] = replace(row, latency_ms_lo=a, latency_ms_hi=b)
+        latency, samples[name] = _fit_resampled(tokens, times, medians, fit_min_tokens, level)
+        latency_full, _ = _fit_resampled(tokens, times, medians, 0, level)
+        upper = [r for r in mine if r.tokens >= fit_min_tokens]
+        fits[name] = ModelFit(
+            latency=latency,
+            memory=_point_fit(upper, "peak_memory_mb", DETERMINISTIC),
+            latency_full=latency_full,
+            memory_full=_point_fit(mine, "peak_memory_mb", DETERMINISTIC),
+            flops=_point_fit(upper, "flops_total", COUNTED),
+            latency_slopes=tuple(loglog_slopes(tokens, [r.latency_ms for r in mine])),
+            memory_slopes=tuple(loglog_slopes(tokens, [r.peak_memory_mb for r in mine])),
+        )
+    rows = [with_intervals[(r.model, r.tokens)] for r in rows]
+    if "mamba" not in fits:
+        raise ValueError(f"the rows need a model named 'mamba' to compare against; got {models}")
+    gap_interval = f"{_bootstrap_interval(level, resamples)}, each model's own, paired by resample index"
+    gaps = {
+        name: Exponent.from_samples(
+            fits[name].latency.value - fits["mamba"].latency.value,
+            samples[name] - samples["mamba"],
+            level,
+            fits["mamba"].latency.tokens,
+            gap_interval,
+        )
+        for name in models
+        if name != "mamba"
+    }
+    return CostStudy(
+        rows=tuple(rows),
+        fits=fits,
+        latency_gaps=gaps,
+        crossover=find_crossover(rows, "mamba", "vit"),
+        setting=dict(setting),
+        wall_s=0.0,
+    )

@@ -71,6 +71,8 @@ class RotationResult:
     accuracy_std: float  # sample standard deviation (ddof=1) over draws; 0 for a single draw
     draw_accuracies: tuple[float, ...]
     angle_bins: tuple[AngleBin, ...]  # 15-degree bins over [0, 180], pooled over samples and draws
+    correct: Tensor | None = None  # bool[N, D]: sample n right under its draw d (for intervals over samples)
+    angles_deg: Tensor | None = None  # float64[N, D]: the rotation angle of each (sample, draw)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain python (lists and dicts of str, float, int) for JSON; empty bins keep accuracy NaN."""
@@ -154,6 +156,8 @@ def evaluate_rotations(
                     accuracy_std=float(accuracies.std()) if mode_draws > 1 else 0.0,
                     draw_accuracies=tuple(draw_accuracies),
                     angle_bins=_angle_bins(angles, correct_all),
+                    correct=torch.stack(correct_per_draw).T.contiguous(),  # [D, N] -> [N, D]
+                    angles_deg=geodesic_angle_deg(rotations).T.contiguous(),  # [D, N] -> [N, D]
                 )
     finally:
         model.train(was_training)

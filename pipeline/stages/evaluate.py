@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -26,194 +25,80 @@ from typing import Any
 import numpy as np
 import torch
 
-from perception.data.arrays import DatasetError, open_dataset
-from perception.models import FAMILIES
+from perception.data.arrays import open_dataset
+from perception.evaluation.intervals import BootstrapSettings
 from perception.ops.serialization import locality_stats, scan_order
-from perception.training import accuracy
+from pipeline import evidence
 from pipeline.config import StudyConfig
+from pipeline.evidence import VariantInfo, evidence_dict, fit_dict
+from pipeline.measurements import (
+    Checkpoint,
+    load_checkpoints,
+    measure_resolution,
+    measure_rotation,
+    save_arrays,
+)
 from pipeline.mlflow_store import check_reachable, retrying
 from pipeline.outputs import atomic_output_dir, read_json, write_json_atomic
 
 
-def _load_models(train_dir: Path) -> dict[str, tuple[torch.nn.Module, dict, dict]]:
-    """Every best checkpoint of the train stage: variant -> (model in eval mode, flat config, state_dict)."""
-    from pipeline.training.trainable import build_model
-
-    folder = train_dir / "models"
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: missing; run the train stage first (dvc repro train)")
-    models = {}
-    for path in sorted(folder.glob("*.pt")):
-        try:
-            # weights_only: a checkpoint carrying arbitrary pickled objects is refused, never run.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model = build_model(state["config"])
-            model.load_state_dict(state["state_dict"])
-        except (
-            OSError,
-            EOFError,
-            RuntimeError,
-            KeyError,
-            TypeError,
-            ValueError,  # hparams the family's config refuses (ModelConfigError), e.g. an unknown size
-            pickle.UnpicklingError,
-        ) as err:
-            # load_state_dict puts the first mismatch ("size mismatch for head.weight: ...") on line two.
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reason = " ".join(lines[:2])[:300] if lines else type(err).__name__
-            raise DatasetError(
-                f"{path}: not a usable checkpoint of the train stage ({reason}); rerun `dvc repro -f train`"
-            ) from None
-        models[path.stem] = (model.eval(), state["config"], state["state_dict"])
-    if not models:
-        raise DatasetError(f"{folder}: holds no checkpoints; rerun the train stage")
-    return models
-
-
-def _float64_model(flat: dict, state: dict) -> torch.nn.Module:
-    """The trained model rebuilt in float64 throughout.
-
-    `.double()` alone leaves constants that e3nn computes at build time (change-of-basis and Clebsch-Gordan
-    tensors) in float32, which caps a measured invariance error near 1e-10; building under a float64
-    default dtype measures the model's own error.
-    """
-    from pipeline.training.trainable import build_model
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = build_model(flat)
-    finally:
-        torch.set_default_dtype(default)
-    # Constant buffers (e3nn's Clebsch-Gordan and basis tensors) were saved in float32: keep the float64
-    # ones built here where they agree to float32 precision; load every trained value.
-    built = dict(model.named_buffers())
-    trained = {
-        key: value
-        for key, value in state.items()
-        if not (
-            key in built and built[key].is_floating_point() and torch.equal(built[key].to(value.dtype), value)
+def _infos(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[str, VariantInfo]:
+    infos = {}
+    for variant, by_seed in checkpoints.items():
+        flat = next(iter(by_seed.values())).flat
+        infos[variant] = VariantInfo(
+            variant,
+            flat["trial.family"],
+            flat.get("trial.augment", "none"),
+            flat.get("trial.scan_order"),
+            flat.get("trial.attn_layers"),
         )
-    }
-    model.load_state_dict(trained, strict=False)  # float32 values are copied into float64 tensors
-    return model.eval()
+    return infos
 
 
-def _rotation(config: StudyConfig, models, points) -> dict[str, Any]:
-    from perception.evaluation.rotation import evaluate_rotations, invariance_error
-
-    ev = config.evaluate
-    test_points = torch.from_numpy(points.array("test_points"))
-    labels = torch.from_numpy(points.array("test_labels"))
-    out = {}
-    for name, (model, flat, state) in models.items():
-        if FAMILIES[flat["trial.family"]].input_kind != "points":
-            continue
-        results = evaluate_rotations(
-            model, test_points, labels, draws=ev.rotation_draws, seed=config.seed, batch_size=ev.batch_size
-        )
-        clouds = test_points[: ev.invariance_clouds]
-        out[name] = {
-            "family": flat["trial.family"],
-            "augment": flat.get("trial.augment", "none"),
-            "modes": {mode: result.as_dict() for mode, result in results.items()},
-            "invariance_error_float64": invariance_error(
-                _float64_model(flat, state), clouds, rotations=4, seed=config.seed
-            ),
-        }
-        print(
-            f"evaluate: {name:24s} accuracy none {results['none'].accuracy:.3f}"
-            f"  z {results['z'].accuracy:.3f}"
-            f"  so3 {results['so3'].accuracy:.3f} ± {results['so3'].accuracy_std:.3f}"
-            f"  invariance error {out[name]['invariance_error_float64']:.1e}",
-            flush=True,
-        )
-    return out
+def _trained_points(checkpoints: dict[str, dict[int, Checkpoint]], num_points: int) -> int:
+    """The point count the point models trained on (`points_per_cloud`, 0 = every point of the cloud)."""
+    counts = set()
+    for by_seed in checkpoints.values():
+        for ckpt in by_seed.values():
+            if ckpt.input_kind == "points":
+                per_cloud = int(ckpt.flat.get("trial.points_per_cloud", ckpt.flat["train.points_per_cloud"]))
+                counts.add(per_cloud if 0 < per_cloud < num_points else num_points)
+    return min(counts) if counts else num_points
 
 
-def _resolution(config: StudyConfig, models, images) -> dict[str, Any]:
-    labels = torch.from_numpy(images.array("test_labels"))
-    renders = {res: torch.from_numpy(images.array(f"test_r{res}")) for res in config.images.resolutions}
-    out = {}
-    for name, (model, flat, _) in models.items():
-        if FAMILIES[flat["trial.family"]].input_kind != "image":
-            continue
-        by_res = {}
-        for res, x in renders.items():
-            by_res[str(res)] = accuracy(model, x, labels, config.evaluate.batch_size, torch.device("cpu"))
-        out[name] = {
-            "family": flat["trial.family"],
-            "scan_order": flat.get("trial.scan_order"),
-            "train_resolution": config.images.train_resolution,
-            "tokens": {str(r): (r // config.images.patch_size) ** 2 for r in renders},
-            "accuracy": by_res,
-        }
-        shown = "  ".join(f"{r}px {a:.3f}" for r, a in by_res.items())
-        print(f"evaluate: {name:24s} {shown}", flush=True)
-    return out
-
-
-def _serialisation(config: StudyConfig, resolution: dict[str, Any]) -> dict[str, Any]:
-    # The training grid, and the essay's largest image: 1024 px at patch 16.
+def _locality(config: StudyConfig) -> dict[str, Any]:
+    """How each order keeps 2D grid neighbours together in 1D, on the training grid and the essay's largest
+    (1024 px at patch 16). A property of the order by construction: context, never a verdict."""
     grids = (config.images.train_resolution // config.images.patch_size, 1024 // 16)
-    orders = {
+    return {
         order: {f"locality_{g}x{g}": locality_stats(scan_order(order, g, g), g, g) for g in grids}
         for order in ("rowmajor", "snake", "hilbert")
     }
-    accuracy_by_order = {
-        row["scan_order"]: row["accuracy"][str(config.images.train_resolution)]
-        for row in resolution.values()
-        if row["family"] == "mamba_hybrid" and row["scan_order"]
-    }
-    return {"orders": orders, "mamba_accuracy": accuracy_by_order}
 
 
-def _cost(config: StudyConfig) -> dict[str, Any]:
-    from perception.evaluation.cost import (
-        cost_sweep,
-        default_cost_models,
-        essay_rows,
-        fit_exponent,
-        loglog_slopes,
-    )
+def _cost(config: StudyConfig, settings: BootstrapSettings) -> dict[str, Any]:
+    """ViT (fused and explicit attention), Mamba-hybrid and pure Mamba timed over token counts; on a GPU
+    machine the sweep measures the GPU (latency and the CUDA allocator's peak)."""
+    from perception.evaluation.cost import cost_study
 
     ev = config.evaluate
-    factories = default_cost_models(
-        dim=ev.cost_dim, depth=ev.cost_depth, heads=ev.cost_heads, patch_size=ev.cost_patch_size
-    )
-    points = cost_sweep(
-        factories,
-        resolutions=ev.cost_resolutions,
-        patch_size=ev.cost_patch_size,
-        repeats=ev.cost_repeats,
-        # On a GPU machine the sweep measures the GPU (latency and the CUDA allocator's peak).
-        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    study = cost_study(
+        ev.cost_dim,
+        ev.cost_depth,
+        ev.cost_heads,
+        ev.cost_patch_size,
+        ev.cost_resolutions,
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        settings.seed,
+        settings.resamples,
         progress=lambda line: print(f"evaluate: {line}", flush=True),
+        min_run_time=ev.cost_min_run_time,
+        min_blocks=ev.cost_min_blocks,
+        fit_min_tokens=ev.cost_fit_min_tokens,
+        level=settings.level,
     )
-    rows = [p.as_dict() for p in points]
-    fits = {}
-    for model in factories:
-        mine = [r for r in rows if r["model"] == model]
-        tokens = [r["tokens"] for r in mine]
-        fits[model] = {
-            key: {
-                "exponent": fit_exponent(tokens, [r[key] for r in mine]),
-                "slopes": loglog_slopes(tokens, [r[key] for r in mine]),
-            }
-            for key in ("latency_ms", "flops_total", "peak_memory_mb")
-        }
-    return {
-        "setting": {
-            "dim": ev.cost_dim,
-            "depth": ev.cost_depth,
-            "heads": ev.cost_heads,
-            "patch_size": ev.cost_patch_size,
-            "repeats": ev.cost_repeats,
-        },
-        "rows": rows,
-        "fits": fits,
-        "essay": essay_rows(),
-    }
+    return study.as_dict()
 
 
 def evaluate(
@@ -228,19 +113,91 @@ def evaluate(
     points = open_dataset(points_dir, "points")
     images = open_dataset(images_dir, "images")
     study = read_json(train_dir / "study.json", "train") if (train_dir / "study.json").is_file() else {}
-    models = _load_models(train_dir)
+    checkpoints = load_checkpoints(train_dir)
     tracking = study.get("mlflow") or {}
     if tracking.get("parent_run_id"):
         check_reachable(tracking["tracking_uri"], f"the study's tracking store ({train_dir / 'study.json'})")
     began = time.monotonic()
+    ev = config.evaluate
+    settings = BootstrapSettings(ev.bootstrap_resamples, ev.bootstrap_seed)
+    infos = _infos(checkpoints)
+    num_classes = len(points.manifest["classes"])
+    train_res = config.images.train_resolution
 
-    results: dict[str, Any] = {"seed": config.seed, "evaluate": dict(vars(config.evaluate))}
-    results["rotation"] = _rotation(config, models, points)
-    results["resolution"] = _resolution(config, models, images)
-    results["serialisation"] = _serialisation(config, results["resolution"])
-    results["cost"] = _cost(config)
-    results["wall_seconds"] = round(time.monotonic() - began, 1)
-    results["mlflow"] = study.get("mlflow", {})
+    rotation = measure_rotation(
+        checkpoints,
+        points.array("test_points"),
+        points.array("test_labels"),
+        draws=ev.rotation_draws,
+        data_seed=config.seed,
+        batch_size=ev.batch_size,
+        invariance_clouds=ev.invariance_clouds,
+        trained_points=_trained_points(checkpoints, config.points.num_points),
+    )
+    renders = {res: images.array(f"test_r{res}") for res in config.images.resolutions}
+    resolution = measure_resolution(
+        checkpoints, renders, images.array("test_labels"), batch_size=ev.batch_size
+    )
+
+    rotation_table = evidence.rotation_tables(rotation.correct, infos, settings)
+    for variant, row in rotation_table.items():
+        row["invariance_error_float64"] = rotation.invariance_error[variant]
+        row["angle_bins"] = {
+            mode: evidence.angle_bins(rotation.correct[variant][mode], rotation.angles[mode], settings)
+            for mode in ("z", "so3")
+        }
+    resolution_table = evidence.resolution_tables(
+        resolution.correct, infos, train_res, config.images.patch_size, settings
+    )
+    fits = {
+        **evidence.model_fits(rotation_table, infos, num_classes, "rotation"),
+        **evidence.model_fits(resolution_table, infos, num_classes, "resolution"),
+    }
+    locality = _locality(config)
+    largest_grid = list(locality["rowmajor"])[-1]
+    claim_evidence = {
+        "serialisation": evidence.serialisation_evidence(
+            resolution.correct,
+            infos,
+            fits,
+            train_res,
+            {o: stats[largest_grid]["grid_nbr_within_window_frac"] for o, stats in locality.items()},
+            settings,
+        ),
+        "position_embedding": evidence.resolution_evidence(
+            resolution.correct, infos, fits, train_res, settings
+        ),
+        "rotation": evidence.rotation_evidence(rotation.correct, infos, fits, settings),
+    }
+    cost = _cost(config, settings)
+    claim_evidence["cost"] = evidence.cost_evidence(cost)
+
+    results: dict[str, Any] = {
+        "schema_version": 2,
+        "seed": config.seed,
+        "seeds": sorted({s for by_seed in checkpoints.values() for s in by_seed}),
+        "evaluate": dict(vars(ev)),
+        "num_classes": num_classes,
+        "test_samples": {
+            "points": int(len(points.array("test_labels"))),
+            "images": int(len(images.array("test_labels"))),
+        },
+        "points_per_cloud": rotation.points_per_cloud,
+        "bootstrap": {
+            "method": settings.describe(),
+            "resamples": settings.resamples,
+            "seed": settings.seed,
+            "level": settings.level,
+        },
+        "models": {name: fit_dict(fit) for name, fit in fits.items()},
+        "rotation": rotation_table,
+        "resolution": resolution_table,
+        "serialisation": {"orders": locality},
+        "cost": cost,
+        "evidence": {name: evidence_dict(e) for name, e in claim_evidence.items() if e is not None},
+        "wall_seconds": round(time.monotonic() - began, 1),
+        "mlflow": study.get("mlflow", {}),
+    }
 
     metrics = headline_metrics(results)
     plots = plot_tables(results)
@@ -248,6 +205,7 @@ def evaluate(
         (folder / "results.json").write_text(
             json.dumps(results, indent=2, sort_keys=True, default=_json) + "\n"
         )
+        save_arrays(folder / "per_sample.npz", rotation, resolution)
         (folder / "figures").mkdir()
         from pipeline.figures import draw_figures
 
@@ -280,44 +238,82 @@ def _json(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """The numbers `dvc metrics show` lists and `dvc metrics diff` compares (no NaN: JSON has none)."""
+def _with_interval(name: str, estimate: dict[str, float]) -> dict[str, float | None]:
+    """`name`, `name_lo`, `name_hi` from an estimate dict (no NaN: JSON has none)."""
 
-    def clean(x: float) -> float | None:
+    def clean(x: float | None) -> float | None:
         return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 6)
 
+    return {
+        name: clean(estimate.get("value")),
+        f"{name}_lo": clean(estimate.get("lo")),
+        f"{name}_hi": clean(estimate.get("hi")),
+    }
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `dvc metrics show` lists and `dvc metrics diff` compares; every one with its interval."""
     rotation = {
         name: {
-            **{f"accuracy_{mode}": clean(r["modes"][mode]["accuracy"]) for mode in r["modes"]},
-            "accuracy_so3_std": clean(r["modes"]["so3"]["accuracy_std"]),
+            **{
+                k: v
+                for mode, estimate in r["accuracy"].items()
+                for k, v in _with_interval(f"accuracy_{mode}", estimate).items()
+            },
             "invariance_error_float64": float(f"{r['invariance_error_float64']:.3e}"),
         }
         for name, r in results["rotation"].items()
     }
     resolution = {
-        name: {f"accuracy_{res}px": clean(acc) for res, acc in r["accuracy"].items()}
+        name: {
+            k: v
+            for res, estimate in r["accuracy"].items()
+            for k, v in _with_interval(f"accuracy_{res}px", estimate).items()
+        }
         for name, r in results["resolution"].items()
     }
     cost = {
-        model: {f"{key}_exponent": clean(fit["exponent"]) for key, fit in fits.items()}
+        model: {
+            k: v
+            for key, estimate in fits.items()
+            if isinstance(estimate, dict) and "value" in estimate
+            for k, v in _with_interval(f"{key}_exponent", estimate).items()
+        }
         for model, fits in results["cost"]["fits"].items()
     }
-    return {"rotation": rotation, "resolution": resolution, "cost": cost}
+    effects = {
+        claim: _with_interval("effect", e["effect"])
+        for claim, e in results["evidence"].items()
+        if isinstance(e.get("effect"), dict)
+    }
+    return {"rotation": rotation, "resolution": resolution, "cost": cost, "effects": effects}
 
 
 def plot_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Long-format rows for `dvc plots` (one CSV per plot; log10 columns for the log-log plots)."""
+    """Long-format rows for `dvc plots` (one CSV per plot), each y with its interval (`_lo`, `_hi`)."""
     by_angle = []
     for name, r in results["rotation"].items():
         for mode in ("z", "so3"):
-            for b in r["modes"][mode]["angle_bins"]:
-                if b["count"]:
+            for b in r["angle_bins"][mode]:
+                if "value" in b:
                     centre = (b["low_deg"] + b["high_deg"]) / 2
                     by_angle.append(
-                        {"model": f"{name} ({mode})", "angle_deg": centre, "accuracy": b["accuracy"]}
+                        {
+                            "model": f"{name} ({mode})",
+                            "angle_deg": centre,
+                            "accuracy": b["value"],
+                            "accuracy_lo": b["lo"],
+                            "accuracy_hi": b["hi"],
+                        }
                     )
     by_res = [
-        {"model": name, "resolution": int(res), "accuracy": acc}
+        {
+            "model": name,
+            "resolution": int(res),
+            "accuracy": acc["value"],
+            "accuracy_lo": acc["lo"],
+            "accuracy_hi": acc["hi"],
+        }
         for name, r in results["resolution"].items()
         for res, acc in r["accuracy"].items()
     ]
@@ -326,6 +322,8 @@ def plot_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             "model": row["model"],
             "tokens": row["tokens"],
             "latency_ms": row["latency_ms"],
+            "latency_ms_lo": row["latency_ms_lo"],
+            "latency_ms_hi": row["latency_ms_hi"],
             "peak_memory_mb": row["peak_memory_mb"],
             "flops_total": row["flops_total"],
         }

@@ -18,15 +18,12 @@ from perception.data.arrays import pack_meshes, write_dataset
 from perception.data.meshio import UnusableMesh, list_mesh_files
 from perception.data.points import Instance, SamplingSpec, file_instance, procedural_instance
 from pipeline.config import StudyConfig, resolve_path
+from pipeline.errors import DataError
 from pipeline.outputs import atomic_output_dir
 from pipeline.parallel import parallel_map
 
 SPLITS = ("train", "test")
 FORMAT_VERSION = 1
-
-
-class DataError(RuntimeError):
-    """The data cannot make a dataset (e.g. a class with no usable mesh); the message says which and why."""
 
 
 def _procedural_item(item: tuple) -> Instance:

@@ -14,192 +14,55 @@ import math
 import os
 import platform
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perception.data.arrays import DatasetError
+from pipeline import verdicts as rules
+from pipeline.evidence import load_evidence
 from pipeline.mlflow_store import check_reachable, retrying
 from pipeline.outputs import atomic_output_dir, read_json
 
-# Thresholds of the rules, in accuracy points (percent) where they are accuracies.
-ROTATION_TOLERANCE = 3.0  # an invariant model's SO(3) accuracy within this of its unrotated accuracy
-ROTATION_DROP = 10.0  # a model without 3D structure "fails" if SO(3) costs at least this much
-RESOLUTION_DROP = 5.0  # a position embedding "does not transfer" if accuracy falls at least this much
-FLOP_SLOPE_QUADRATIC = 1.3  # log-log FLOPs slope over the largest sizes: attention's quadratic term dominates
-FLOP_SLOPE_LINEAR = 1.15  # ... and a linear model stays below this
-
-
-@dataclass
-class Verdict:
-    claim: str
-    verdict: str  # holds | does not hold | inconclusive
-    rule: str
-    measured: list[str] = field(default_factory=list)
+CLAIMS = {
+    "serialisation": (1, "Flattening a 2D image into a 1D sequence breaks spatial proximity"),
+    "position_embedding": (2, "Learned position embeddings do not transfer across resolutions"),
+    "cost": (3, "Attention is quadratic in tokens; SSMs are linear"),
+    "rotation": (4, "Models without 3D structure fail under 3D rotations; equivariant ones do not"),
+}
+RULES = {
+    "serialisation": rules.claim_serialisation,
+    "position_embedding": rules.claim_position_embedding,
+    "cost": rules.claim_cost,
+    "rotation": rules.claim_rotation,
+}
+FIGURES = {
+    "serialisation": "serialisation.png",
+    "position_embedding": "resolution_accuracy.png",
+    "cost": "cost_vs_tokens.png",
+    "rotation": "rotation.png",
+}
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def claim_serialisation(results: dict[str, Any]) -> Verdict:
-    ser = results["serialisation"]
-    orders = ser["orders"]
-    grids = list(orders["rowmajor"])
-    largest = grids[-1]
-    row = orders["rowmajor"][largest]
-    measured = [
-        f"{order}, {grid.replace('locality_', '')} grid: "
-        f"{100 * stats['grid_nbr_within_window_frac']:.0f}% of "
-        f"2D neighbours within 4 tokens in 1D, mean gap {stats['grid_nbr_seq_dist_mean']:.1f}, "
-        f"max gap {stats['grid_nbr_seq_dist_max']:.0f}"
-        for order in orders
-        for grid, stats in orders[order].items()
-    ]
-    accuracy = ser["mamba_accuracy"]
-    if accuracy:
-        measured.append(
-            "Mamba-hybrid accuracy by order: " + ", ".join(f"{o} {_pct(a)}" for o, a in accuracy.items())
-        )
-    broken = row["grid_nbr_within_window_frac"] < 0.9 and row["grid_nbr_seq_dist_max"] > 4
-    verdict = "holds" if broken else "does not hold"
-    rule = (
-        "holds if, in row-major order on the largest grid, fewer than 90% of 2D neighbour pairs stay within "
-        "a 4-token window (Mamba's conv width) and some pair lands more than 4 tokens apart. Accuracy "
-        "differences between orders are reported, not judged: at this data size they are within sampling "
-        "error unless the table says otherwise."
-    )
-    return Verdict(
-        "1. Flattening a 2D image into a 1D sequence breaks spatial proximity", verdict, rule, measured
-    )
+def _pct_interval(estimate: dict[str, float] | None) -> str:
+    if not estimate or "value" not in estimate:
+        return "n/a"
+    return f"{100 * estimate['value']:.1f}% [{100 * estimate['lo']:.1f}, {100 * estimate['hi']:.1f}]"
 
 
-def claim_position_embedding(results: dict[str, Any]) -> Verdict:
-    res = results["resolution"]
-    rule = (
-        f"ViT uses the standard help (bicubic resampling of its learned grid). Holds if ViT loses at least "
-        f"{RESOLUTION_DROP:.0f} points from the training resolution to the largest test resolution and at "
-        f"least {RESOLUTION_DROP:.0f} points more than Mamba-hybrid (no position embedding) loses; does not "
-        "hold if ViT loses under 2 points; inconclusive otherwise or with one resolution."
-    )
-    vit = [r for r in res.values() if r["family"] == "vit"]
-    mamba = [r for r in res.values() if r["family"] == "mamba_hybrid"]
-    if not vit or len(vit[0]["accuracy"]) < 2:
-        return Verdict(
-            "2. Learned position embeddings do not transfer across resolutions",
-            "inconclusive",
-            rule,
-            ["no ViT or a single test resolution"],
-        )
-
-    def drop(row: dict) -> tuple[float, str, str]:
-        train, largest = str(row["train_resolution"]), max(row["accuracy"], key=int)
-        return 100 * (row["accuracy"][train] - row["accuracy"][largest]), train, largest
-
-    vit_drop, train, largest = drop(vit[0])
-    mamba_drops = [drop(r)[0] for r in mamba]
-    mamba_drop = sum(mamba_drops) / len(mamba_drops) if mamba_drops else 0.0
-    measured = [
-        f"{name}: "
-        + ", ".join(f"{r} px {_pct(a)}" for r, a in sorted(row["accuracy"].items(), key=lambda x: int(x[0])))
-        for name, row in res.items()
-    ]
-    measured.append(
-        f"from {train} px to {largest} px: ViT loses {vit_drop:.1f} points, Mamba-hybrid {mamba_drop:.1f} "
-        "(mean over scan orders)"
-    )
-    if vit_drop >= RESOLUTION_DROP and vit_drop - mamba_drop >= RESOLUTION_DROP:
-        verdict = "holds"
-    elif vit_drop < 2.0:
-        verdict = "does not hold"
-    else:
-        verdict = "inconclusive"
-    return Verdict(
-        "2. Learned position embeddings do not transfer across resolutions", verdict, rule, measured
-    )
-
-
-def claim_cost(results: dict[str, Any]) -> Verdict:
-    cost = results["cost"]
-    fits = cost["fits"]
-    rule = (
-        f"Holds if, between the two largest token counts, ViT's FLOPs grow with a log-log slope of at least "
-        f"{FLOP_SLOPE_QUADRATIC} while pure Mamba's stay at or below {FLOP_SLOPE_LINEAR}, and ViT's measured "
-        f"latency slope exceeds Mamba's; does not hold if ViT's FLOPs slope is below {FLOP_SLOPE_LINEAR}; "
-        "inconclusive otherwise. Attention-matrix entries grow as tokens squared by construction."
-    )
-    measured = []
-    for model, fit in fits.items():
-        measured.append(
-            f"{model}: fitted exponent latency {fit['latency_ms']['exponent']:.2f}, FLOPs "
-            f"{fit['flops_total']['exponent']:.2f}, memory {fit['peak_memory_mb']['exponent']:.2f}; "
-            f"neighbour latency slopes {', '.join(f'{s:.2f}' for s in fit['latency_ms']['slopes'])}"
-        )
-    if "vit" not in fits or "mamba" not in fits:
-        return Verdict("3. Attention is quadratic in tokens; SSMs are linear", "inconclusive", rule, measured)
-    vit_flops = fits["vit"]["flops_total"]["slopes"][-1]
-    mamba_flops = fits["mamba"]["flops_total"]["slopes"][-1]
-    vit_latency = fits["vit"]["latency_ms"]["slopes"][-1]
-    mamba_latency = fits["mamba"]["latency_ms"]["slopes"][-1]
-    measured.append(
-        f"largest step: FLOPs slope ViT {vit_flops:.2f} vs Mamba {mamba_flops:.2f}; latency slope ViT "
-        f"{vit_latency:.2f} vs Mamba {mamba_latency:.2f}"
-    )
-    if vit_flops >= FLOP_SLOPE_QUADRATIC and mamba_flops <= FLOP_SLOPE_LINEAR and vit_latency > mamba_latency:
-        verdict = "holds"
-    elif vit_flops < FLOP_SLOPE_LINEAR:
-        verdict = "does not hold"
-    else:
-        verdict = "inconclusive"
-    return Verdict("3. Attention is quadratic in tokens; SSMs are linear", verdict, rule, measured)
-
-
-def claim_rotation(results: dict[str, Any]) -> Verdict:
-    rot = results["rotation"]
-    rule = (
-        f"Holds if every equivariant (e3nn) model keeps its SO(3) accuracy within {ROTATION_TOLERANCE:.0f} "
-        f"points of its unrotated accuracy and every model without 3D structure trained without rotation "
-        f"augmentation loses at least {ROTATION_DROP:.0f} points under SO(3); does not hold if an e3nn model "
-        f"loses more than {ROTATION_TOLERANCE:.0f} points or no baseline loses {ROTATION_TOLERANCE:.0f}; "
-        "inconclusive otherwise."
-    )
-    measured, e3nn_ok, baseline_drops = [], [], []
-    for name, row in rot.items():
-        none, so3 = row["modes"]["none"]["accuracy"], row["modes"]["so3"]["accuracy"]
-        z = row["modes"]["z"]["accuracy"]
-        measured.append(
-            f"{name}: none {_pct(none)}, about z {_pct(z)}, SO(3) {_pct(so3)} "
-            f"(± {100 * row['modes']['so3']['accuracy_std']:.1f}), "
-            f"invariance error {row['invariance_error_float64']:.1e}"
-        )
-        drop = 100 * (none - so3)
-        if row["family"] == "e3nn":
-            e3nn_ok.append(drop <= ROTATION_TOLERANCE)
-        elif row["augment"] == "none":
-            baseline_drops.append(drop)
-    if not e3nn_ok or not baseline_drops:
-        verdict = "inconclusive"
-    elif all(e3nn_ok) and min(baseline_drops) >= ROTATION_DROP:
-        verdict = "holds"
-    elif not all(e3nn_ok) or max(baseline_drops) < ROTATION_TOLERANCE:
-        verdict = "does not hold"
-    else:
-        verdict = "inconclusive"
-    return Verdict(
-        "4. Models without 3D structure fail under 3D rotations; equivariant ones do not",
-        verdict,
-        rule,
-        measured,
-    )
-
-
-def verdicts(results: dict[str, Any]) -> list[Verdict]:
-    return [
-        claim_serialisation(results),
-        claim_position_embedding(results),
-        claim_cost(results),
-        claim_rotation(results),
-    ]
+def verdicts(results: dict[str, Any]) -> list[rules.Verdict]:
+    """Each claim's verdict from its typed evidence in results.json, by the rules of `pipeline.verdicts`."""
+    out = []
+    for name, (number, title) in CLAIMS.items():
+        raw = results["evidence"].get(name)
+        if raw is None:
+            out.append(rules.no_evidence(number, title, "the evaluation holds no measurement for this claim"))
+        else:
+            out.append(RULES[name](load_evidence(name, raw)))
+    return out
 
 
 def hardware() -> list[str]:
@@ -223,40 +86,105 @@ def stage_times(timings_dir: Path) -> list[tuple[str, float]]:
     return rows
 
 
+def _effect_text(v: rules.Verdict) -> str:
+    return rules.render_effect(v) if v.effect is not None else "not measured"
+
+
 def _blocks(results, verdict_list, train_summary, timings, figures) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("list", items), ("table", header, rows), ("img", path)"""
     mlflow = results.get("mlflow") or train_summary.get("mlflow") or {}
+    seeds = results.get("seeds", [])
     blocks: list[tuple] = [
         ("h1", "Vision backbones for robot perception: the four claims, measured"),
         (
             "p",
             f"MLflow run {mlflow.get('parent_run_id', 'n/a')} "
             f"in experiment {mlflow.get('experiment', 'n/a')} "
-            f"({mlflow.get('tracking_uri', 'n/a')}); seed {results['seed']}.",
+            f"({mlflow.get('tracking_uri', 'n/a')}); data seed {results['seed']}, training seeds "
+            f"{', '.join(map(str, seeds))}; {results['test_samples']['points']} test clouds "
+            f"({results['points_per_cloud']} points each, as trained), "
+            f"{results['test_samples']['images']} test images, {results['num_classes']} classes.",
+        ),
+        (
+            "p",
+            "How to read it. A verdict judges one effect against a stated threshold: it holds when the whole "
+            "95% interval lies beyond the threshold, does not hold when the whole interval lies within the "
+            "equivalence margin of no effect, and is inconclusive otherwise. Only models that learned their "
+            "task (in-distribution accuracy at least halfway from chance to 100%) may decide. Intervals: "
+            + results["bootstrap"]["method"],
         ),
         ("h2", "Verdicts"),
-        ("table", ["claim", "verdict"], [[v.claim, v.verdict] for v in verdict_list]),
+        (
+            "table",
+            ["claim", "verdict", "effect [95% interval]", "threshold", "margin"],
+            [
+                [f"{v.claim}. {v.title}", v.verdict, _effect_text(v), f"{v.threshold:g}", f"{v.margin:g}"]
+                for v in verdict_list
+            ],
+        ),
     ]
-    for v in verdict_list:
-        blocks += [("h2", f"{v.claim}: {v.verdict}"), ("p", "Rule: " + v.rule), ("list", v.measured)]
-        figure = {
-            "1": "serialisation.png",
-            "2": "resolution_accuracy.png",
-            "3": "cost_vs_tokens.png",
-            "4": "rotation.png",
-        }[v.claim[0]]
-        if figure in figures:
-            blocks.append(("img", figures[figure]))
+    for v, name in zip(verdict_list, CLAIMS, strict=True):
+        items = [
+            f"Effect: {v.effect_name}: {_effect_text(v)}",
+            f"Rule: {v.rule}",
+            f"Decided on: {', '.join(v.models_used) or 'no trained models'}",
+        ]
+        if v.excluded:
+            items.append(f"Undertrained, so not allowed to decide: {'; '.join(v.excluded)}")
+        items.append(f"What would change it: {v.would_change}")
+        blocks += [("h2", f"{v.claim}. {v.title}: {v.verdict}"), ("list", items)]
+        if v.measured:
+            blocks.append(("list", list(v.measured)))
+        if FIGURES[name] in figures:
+            blocks.append(("img", figures[FIGURES[name]]))
+    rotation = results["rotation"]
+    blocks += [
+        ("h2", "Rotation: accuracy by training augmentation and test rotation"),
+        (
+            "p",
+            "The columns of Vector Neurons' Table 1 (train/test: z/z, z/SO(3), SO(3)/SO(3)) are the rows "
+            "trained with z or so3 augmentation; every cell is the accuracy over seeds and test clouds with "
+            "its 95% interval. The float64 invariance error is measured on a class-stratified subset.",
+        ),
+        (
+            "table",
+            ["variant", "trained with", "test: none", "test: z", "test: SO(3)", "invariance error"],
+            [
+                [
+                    name,
+                    row["augment"],
+                    *(_pct_interval(row["accuracy"][m]) for m in ("none", "z", "so3")),
+                    f"{row['invariance_error_float64']:.1e}",
+                ]
+                for name, row in rotation.items()
+            ],
+        ),
+        ("h2", "Resolution: accuracy at each test resolution"),
+        (
+            "table",
+            [
+                "variant",
+                *(
+                    f"{r} px"
+                    for r in sorted(
+                        {int(r) for row in results["resolution"].values() for r in row["accuracy"]}
+                    )
+                ),
+            ],
+            [
+                [name, *(_pct_interval(row["accuracy"][r]) for r in sorted(row["accuracy"], key=int))]
+                for name, row in results["resolution"].items()
+            ],
+        ),
+    ]
     cost_rows = [
         [
             r["model"],
             r["resolution"],
             r["tokens"],
-            f"{r['latency_ms']:.1f}",
-            f"{r['latency_ms_min']:.1f}-{r['latency_ms_max']:.1f}",
+            f"{r['latency_ms']:.1f} [{r['latency_ms_lo']:.1f}, {r['latency_ms_hi']:.1f}]",
             f"{r['peak_memory_mb']:.1f}",
             f"{r['flops_total']:.3g}",
-            f"{r['scan_flops']:.3g}",
             f"{r['attention_entries']:,}",
         ]
         for r in results["cost"]["rows"]
@@ -275,11 +203,9 @@ def _blocks(results, verdict_list, train_summary, timings, figures) -> list[tupl
                 "model",
                 "px",
                 "tokens",
-                "latency ms (median)",
-                "min-max",
+                "latency ms, median [IQR]",
                 "peak MB",
-                "FLOPs",
-                "scan FLOPs",
+                "FLOPs (counted)",
                 "attention entries",
             ],
             cost_rows,
@@ -310,8 +236,14 @@ def _blocks(results, verdict_list, train_summary, timings, figures) -> list[tupl
         ("h2", "Training"),
         (
             "table",
-            ["variant", "best validation accuracy"],
-            [[k, _pct(v["val_accuracy"])] for k, v in sorted(train_summary.get("variants", {}).items())],
+            ["variant", "best validation accuracy per seed"],
+            [
+                [
+                    name,
+                    ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
+                ]
+                for name, by_seed in sorted(train_summary.get("variants", {}).items())
+            ],
         ),
         ("h2", "Where and how long"),
         ("list", hardware()),
@@ -375,7 +307,7 @@ def render_html(blocks: list[tuple]) -> str:
 
 def report(
     evaluation_dir: Path, train_dir: Path, timings_dir: Path, out: Path, wait_s: float = 120.0
-) -> list[Verdict]:
+) -> list[rules.Verdict]:
     results = read_json(evaluation_dir / "results.json", "evaluate")
     study_path = train_dir / "study.json"
     train_summary = read_json(study_path, "train") if study_path.is_file() else {}
@@ -398,9 +330,11 @@ def report(
             shutil.copyfile(path, folder / "figures" / name)
         (folder / "report.md").write_text(render_markdown(blocks, evaluation_dir))
         (folder / "report.html").write_text(render_html(blocks))
-        (folder / "verdicts.json").write_text(json.dumps([v.__dict__ for v in verdict_list], indent=2) + "\n")
+        (folder / "verdicts.json").write_text(
+            json.dumps({"claims": [v.as_dict() for v in verdict_list]}, indent=2) + "\n"
+        )
     for v in verdict_list:
-        print(f"report: {v.claim}: {v.verdict}")
+        print(f"report: claim {v.claim} ({v.title}): {v.verdict}, effect {_effect_text(v)}")
     if mlflow.get("parent_run_id"):
         from mlflow import MlflowClient
 
@@ -409,8 +343,8 @@ def report(
         def log_report() -> None:
             for name in ("report.md", "report.html", "verdicts.json"):
                 client.log_artifact(mlflow["parent_run_id"], str(out / name), "report")
-            for i, v in enumerate(verdict_list, 1):
-                client.set_tag(mlflow["parent_run_id"], f"claim_{i}", v.verdict)
+            for v in verdict_list:
+                client.set_tag(mlflow["parent_run_id"], f"claim_{v.claim}", v.verdict)
 
         retrying(log_report, "logging the report", mlflow["tracking_uri"], wait_s, print)
     print(f"report: {out / 'report.md'}, {out / 'report.html'}")

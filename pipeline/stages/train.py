@@ -1,11 +1,13 @@
 """Stage `train`: one Ray Tune run over every variant of `train.models`, tracked in MLflow.
 
 Outputs (`<out>/`, a DVC out, written whole or not at all):
-- `models/<variant>.pt`: the best checkpoint (by validation accuracy) of every variant, with its flat config.
+- `models/<variant>/seed-<seed>.pt`: the best checkpoint (by validation accuracy) of every variant and
+  training seed, with its flat config.
 - `trials.csv`, `trials.json`: every trial with its config, metrics, node, duration and retries.
 - `study.json`: the MLflow parent run, where trials were stored, the datasets' hashes, the best trial of
   each variant.
-and `<metrics>` (a JSON file `dvc metrics show` reads): the best validation accuracy of every variant.
+and `<metrics>` (a JSON file `dvc metrics show` reads): the best validation accuracy of every variant, mean
+over seeds and per seed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from perception.data.arrays import open_dataset
 from perception.training import stratified_split
 from pipeline.config import ConfigError, StudyConfig, resolve_path
+from pipeline.errors import TrainingError
 from pipeline.mlflow_store import (
     TrackingUnavailable,
     check_reachable,
@@ -43,10 +46,6 @@ from pipeline.training.trainable import CHECKPOINT_FILE, TrialData, run_trial
 
 METRIC, MODE = "val_accuracy", "max"
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """The Tune run did not produce a trained model for every variant."""
 
 
 def _split_data(config: StudyConfig, inputs: np.ndarray, labels: np.ndarray) -> TrialData:
@@ -126,7 +125,7 @@ def _experiment_name(config: StudyConfig, dataset_hashes: dict[str, str]) -> str
     """`train-<hash>` of what the trials depend on (the seed, `train.*`, the datasets): the same study
     finds its interrupted run again, a changed one starts its own."""
     flat = config.flat()
-    relevant = {k: v for k, v in flat.items() if k == "seed" or k.startswith("train.")}
+    relevant = {k: v for k, v in flat.items() if k in ("seed", "seeds") or k.startswith("train.")}
     payload = json.dumps({"params": relevant, "datasets": dataset_hashes}, sort_keys=True, default=str)
     return "train-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -262,7 +261,7 @@ def train(
         _write_state(experiment, state)
 
         use_asha = _use_asha(config, variants)
-        total_trials = len(variants) * config.train.num_samples
+        total_trials = len(variants) * len(config.seeds) * config.train.num_samples
         resources = {"cpu": config.train.cpus_per_trial, "gpu": config.train.gpus_per_trial}
         # What trials see: the study's knobs (variants come in as `trial.*`) and the data's facts.
         trial_flat = {k: v for k, v in study_flat.items() if not k.startswith("train.models.")}
@@ -298,7 +297,8 @@ def train(
             LiveStatus(total_trials, METRIC, done_before=done_before),
         ]
         print(
-            f"train: {total_trials} trials ({len(variants)} variants x {config.train.num_samples} samples), "
+            f"train: {total_trials} trials ({len(variants)} variants x {len(config.seeds)} seeds x "
+            f"{config.train.num_samples} samples), "
             f"{config.train.epochs} epochs, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
             f"{', ASHA' if use_asha else ''}; MLflow {uri}, run {parent_id}; Tune run {experiment}",
             flush=True,
@@ -339,28 +339,45 @@ def train(
             f"{first['variant']} ({first['trial_id']}): {first['error']}; see MLflow run {parent_id}"
         )
 
-    best = _best_per_variant(rows, variants)
+    best = _best_per_variant(rows, variants, config.seeds)
     summary = {
         "mlflow": {"tracking_uri": uri, "experiment": config.mlflow.experiment, "parent_run_id": parent_id},
         "storage": storage,
         "tune_run": experiment,
         "datasets": dataset_hashes,
         "wall_seconds": round(wall, 1),
+        "seeds": list(config.seeds),
         "variants": {
-            name: {k: row[k] for k in ("trial_id", "family", "val_accuracy", "best_epoch", "checkpoint_file")}
-            for name, row in best.items()
+            variant.name: {
+                str(seed): {
+                    k: best[variant.name, seed][k]
+                    for k in ("trial_id", "family", "val_accuracy", "best_epoch", "checkpoint_file")
+                }
+                for seed in config.seeds
+            }
+            for variant in variants
         },
     }
     # Results only: how often trials were retried or resumed is in the trials table and MLflow.
     metrics = {
-        "val_accuracy": {name: row["val_accuracy"] for name, row in best.items()},
+        "val_accuracy": {
+            variant.name: round(
+                float(np.mean([best[variant.name, s]["val_accuracy"] for s in config.seeds])), 6
+            )
+            for variant in variants
+        },
+        "val_accuracy_by_seed": {
+            variant.name: {str(s): round(best[variant.name, s]["val_accuracy"], 6) for s in config.seeds}
+            for variant in variants
+        },
         "trials": len(rows),
     }
 
     with atomic_output_dir(out) as folder:
-        (folder / "models").mkdir()
-        for name, row in best.items():
-            _export_checkpoint(Path(row["checkpoint_path"]), folder / "models" / f"{name}.pt", row)
+        for row in best.values():
+            target = folder / row["checkpoint_file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _export_checkpoint(Path(row["checkpoint_path"]), target, row)
         _write_table(rows, folder)
         (folder / "study.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_json_atomic(metrics_out, metrics)
@@ -372,7 +389,8 @@ def train(
         client.log_batch(
             parent_id,
             metrics=[
-                Metric(f"best_val_accuracy.{name}", row["val_accuracy"], now, 0) for name, row in best.items()
+                Metric(f"best_val_accuracy.{name}", value, now, 0)
+                for name, value in metrics["val_accuracy"].items()
             ]
             + [Metric("train_wall_seconds", wall, now, 0)],
         )
@@ -388,8 +406,9 @@ def train(
         ) from None
     _write_state(experiment, {**state, "status": "finished"})
     print(f"train: {len(rows)} trials in {wall:.0f} s; best of every variant in {out / 'models'}")
-    for name, row in best.items():
-        print(f"  {name:24s} val_accuracy {row['val_accuracy']:.3f} (epoch {row['best_epoch']})")
+    for name, value in metrics["val_accuracy"].items():
+        by_seed = ", ".join(f"{v:.3f}" for v in metrics["val_accuracy_by_seed"][name].values())
+        print(f"  {name:24s} val_accuracy {value:.3f} (mean over seeds: {by_seed})")
     return summary
 
 
@@ -412,6 +431,8 @@ def _new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, sto
             num_samples=config.train.num_samples,
             max_concurrent_trials=config.train.max_concurrent_trials or None,
             search_alg=BasicVariantGenerator(random_state=config.seed),
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
             scheduler=ASHAScheduler(
                 time_attr="training_iteration",
                 max_t=config.train.epochs,
@@ -430,6 +451,11 @@ def _new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, sto
             verbose=0,
         ),
     )
+
+
+def _trial_name(trial) -> str:
+    """`<variant>-s<seed>_<trial id>`: the variant and training seed in Tune's name and folder."""
+    return f"{space.trial_label(trial.config)}_{trial.trial_id}"
 
 
 def _reopen_parent(client, run_id: str) -> str | None:
@@ -488,22 +514,26 @@ def _trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
                 "mlflow_run_id": mlflow_callback.run_ids.get(trial_id, ""),
                 "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
                 "checkpoint_path": str(Path(best_ckpt.path) / CHECKPOINT_FILE) if best_ckpt else "",
-                "checkpoint_file": f"models/{trial['name']}.pt",
+                "checkpoint_file": f"models/{trial['name']}/seed-{config['trial_seed']}.pt",
             }
         )
-    rows.sort(key=lambda r: (r["variant"], r["trial_id"]))
+    rows.sort(key=lambda r: (r["variant"], r["seed"], r["trial_id"]))
     return rows
 
 
-def _best_per_variant(rows: list[dict], variants: list[space.Variant]) -> dict[str, dict]:
-    best: dict[str, dict] = {}
+def _best_per_variant(rows: list[dict], variants: list[space.Variant], seeds: tuple[int, ...]) -> dict:
+    """(variant, seed) -> the row of its best trial (by validation accuracy, over `num_samples` draws)."""
+    best: dict[tuple[str, int], dict] = {}
     for variant in variants:
-        candidates = [r for r in rows if r["variant"] == variant.name and r["checkpoint_path"]]
-        if not candidates:
-            raise TrainingError(f"variant {variant.name}: no trial left a checkpoint")
-        best[variant.name] = max(
-            candidates, key=lambda r: -math.inf if math.isnan(r["val_accuracy"]) else r["val_accuracy"]
-        )
+        for seed in seeds:
+            candidates = [
+                r for r in rows if r["variant"] == variant.name and r["seed"] == seed and r["checkpoint_path"]
+            ]
+            if not candidates:
+                raise TrainingError(f"variant {variant.name}, seed {seed}: no trial left a checkpoint")
+            best[variant.name, seed] = max(
+                candidates, key=lambda r: -math.inf if math.isnan(r["val_accuracy"]) else r["val_accuracy"]
+            )
     return best
 
 

@@ -2,7 +2,8 @@
 
 A *variant* is one model entry at one point of its `grid` values (`pointnet-so3`, `mamba_hybrid-hilbert`):
 the unit the study compares and keeps a best checkpoint of. Sampled values (`choice` and ranges) and
-`num_samples` make several trials of a variant; those are a search, and ASHA may stop the weak ones.
+`num_samples` make several trials of a variant; those are a search, and ASHA may stop the weak ones. Every
+variant trains once per training seed (`seeds`): the study compares variants over seeds, not single runs.
 """
 
 from __future__ import annotations
@@ -168,9 +169,15 @@ def param_space(config: StudyConfig, variants: list[Variant], study_flat: dict[s
         trial = variant.as_trial()
         trials.append({k: tune_domain(v) if isinstance(v, Domain) else v for k, v in trial.items()})
     space: dict[str, Any] = {**study_flat, "trial": tune.grid_search(trials)}
-    # One seed per trial: the study seed itself for a single sample; drawn (seeded) for repeated samples.
-    space["trial_seed"] = tune.randint(0, 2**31 - 1) if config.train.num_samples > 1 else config.seed
+    # Every variant once per training seed (`seeds`); `num_samples` > 1 repeats each (variant, seed) with
+    # fresh draws of the sampled settings.
+    space["trial_seed"] = tune.grid_search(list(config.seeds))
     return space
+
+
+def trial_label(trial_config: dict[str, Any]) -> str:
+    """`<variant>-s<seed>`: how a trial is named in Tune, MLflow and the trials table."""
+    return f"{trial_config['trial']['name']}-s{trial_config['trial_seed']}"
 
 
 def resolved(trial_config: dict[str, Any]) -> dict[str, Any]:

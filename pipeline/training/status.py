@@ -8,6 +8,8 @@ from typing import TextIO
 
 from ray.tune import Callback
 
+from pipeline.training.space import trial_label
+
 
 class LiveStatus(Callback):
     """Prints `[train 0:42] 2 running, 3/9 done, 0 failed | best val_accuracy 0.912 (vit)` as things change.
@@ -47,7 +49,7 @@ class LiveStatus(Callback):
 
     @staticmethod
     def _name(trial) -> str:
-        return trial.config["trial"]["name"]
+        return trial_label(trial.config)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)

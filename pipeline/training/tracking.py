@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from pipeline.mlflow_store import is_transient, short
-from pipeline.training.space import resolved
+from pipeline.training.space import resolved, trial_label
 
 # MLflow caps a batch at 100 params / 1000 metrics; stay under.
 _BATCH = 100
@@ -103,12 +103,13 @@ class MlflowTrials(Callback):
             flat = resolved(trial_config)
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=f"{flat['trial.name']} ({trial_id})",
+                run_name=f"{trial_label(trial_config)} ({trial_id})",
                 tags={
                     "mlflow.parentRunId": self.parent_run_id,
                     "trial_id": trial_id,
                     "variant": flat["trial.name"],
                     "family": flat["trial.family"],
+                    "seed": str(flat["trial.seed"]),
                 },
             )
             self.run_ids[trial_id] = run.info.run_id

@@ -1,0 +1,233 @@
+"""What the evaluate stage measures on the trained checkpoints, kept per test sample and training seed.
+
+Every measurement keeps the raw correctness of each test sample under each trained model (one per
+training seed), so that `pipeline.evidence` can put intervals on accuracies and on the differences the
+verdicts judge (a hierarchical bootstrap over seeds, then samples). Nothing here aggregates across seeds.
+
+Arrays (numpy, bool or float):
+  rotation[variant][mode]: bool[S, N, D]  S seeds, N test clouds, D rotation draws (1 for `none`)
+  rotation_angles[mode]:   float64[N, D]  the geodesic angle of every (cloud, draw); the same for all models
+  resolution[variant][r]:  bool[S, N]     correct at test resolution r
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perception.data.arrays import DatasetError
+from perception.models import FAMILIES
+from perception.training import predict, subsample_points
+
+
+@dataclass
+class Checkpoint:
+    """One trained model: a variant at one training seed, rebuilt and in eval mode."""
+
+    variant: str
+    seed: int
+    family: str
+    flat: dict[str, Any]  # the trial's flat resolved config
+    state_dict: dict[str, torch.Tensor]
+    model: torch.nn.Module
+
+    @property
+    def input_kind(self) -> str:
+        return FAMILIES[self.family].input_kind
+
+
+def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
+    """variant -> seed -> Checkpoint, from `<train_dir>/models/<variant>/seed-<seed>.pt`."""
+    from pipeline.training.trainable import build_model
+
+    folder = train_dir / "models"
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: missing; run the train stage first (dvc repro train)")
+    found: dict[str, dict[int, Checkpoint]] = {}
+    for path in sorted(folder.glob("*/*.pt")):
+        try:
+            # weights_only: a checkpoint carrying arbitrary pickled objects is refused, never run.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = build_model(state["config"])
+            model.load_state_dict(state["state_dict"])
+            flat = state["config"]
+            variant, seed = flat["trial.name"], int(flat["trial.seed"])
+        except (
+            OSError,
+            EOFError,
+            RuntimeError,
+            KeyError,
+            TypeError,
+            ValueError,  # hparams the family's config refuses (ModelConfigError), e.g. an unknown size
+            pickle.UnpicklingError,
+        ) as err:
+            # load_state_dict puts the first mismatch ("size mismatch for head.weight: ...") on line two.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] if lines else type(err).__name__
+            raise DatasetError(
+                f"{path}: not a usable checkpoint of the train stage ({reason}); rerun `dvc repro -f train`"
+            ) from None
+        found.setdefault(variant, {})[seed] = Checkpoint(
+            variant, seed, flat["trial.family"], flat, state["state_dict"], model.eval()
+        )
+    if not found:
+        raise DatasetError(
+            f"{folder}: holds no checkpoints (<variant>/seed-<seed>.pt); rerun the train stage"
+        )
+    return {variant: dict(sorted(by_seed.items())) for variant, by_seed in sorted(found.items())}
+
+
+def float64_model(flat: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained model rebuilt in float64 throughout.
+
+    `.double()` alone leaves constants that e3nn computes at build time (change-of-basis and Clebsch-Gordan
+    tensors) in float32, which caps a measured invariance error near 1e-10; building under a float64
+    default dtype measures the model's own error.
+    """
+    from pipeline.training.trainable import build_model
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = build_model(flat)
+    finally:
+        torch.set_default_dtype(default)
+    # Constant buffers (e3nn's Clebsch-Gordan and basis tensors) were saved in float32: keep the float64
+    # ones built here where they agree to float32 precision; load every trained value.
+    built = dict(model.named_buffers())
+    trained = {
+        key: value
+        for key, value in state.items()
+        if not (
+            key in built and built[key].is_floating_point() and torch.equal(built[key].to(value.dtype), value)
+        )
+    }
+    model.load_state_dict(trained, strict=False)  # float32 values are copied into float64 tensors
+    return model.eval()
+
+
+def stratified_subset(labels: np.ndarray, count: int) -> np.ndarray:
+    """`count` test indices that cover every class, round-robin over classes in index order."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < min(count, len(labels)):
+        for members in by_class:
+            if members and len(chosen) < count:
+                chosen.append(members.pop(0))
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def test_clouds(points: np.ndarray, trained_points: int, seed: int) -> torch.Tensor:
+    """The test clouds at the point count the models trained on (a seeded random subset of each cloud)."""
+    clouds = torch.from_numpy(points)
+    generator = torch.Generator().manual_seed(seed)
+    return subsample_points(clouds, trained_points, generator).contiguous()
+
+
+@dataclass
+class RotationMeasurements:
+    correct: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # variant -> mode -> [S, N, D]
+    angles: dict[str, np.ndarray] = field(default_factory=dict)  # mode -> float64[N, D]
+    invariance_error: dict[str, float] = field(default_factory=dict)  # variant -> worst over seeds
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    points_per_cloud: int = 0
+
+
+def measure_rotation(
+    checkpoints: dict[str, dict[int, Checkpoint]],
+    points: np.ndarray,
+    labels: np.ndarray,
+    *,
+    draws: int,
+    data_seed: int,
+    batch_size: int,
+    invariance_clouds: int,
+    trained_points: int,
+    progress=print,
+) -> RotationMeasurements:
+    """Every point model at every seed on the test clouds under none / z / SO(3) rotations, and the float64
+    invariance error on a class-stratified subset. Rotations depend on the data seed only, so every model
+    sees the same rotated clouds (paired comparisons)."""
+    from perception.evaluation.rotation import evaluate_rotations, invariance_error
+
+    clouds = test_clouds(points, trained_points, data_seed)
+    targets = torch.from_numpy(labels)
+    subset = torch.from_numpy(stratified_subset(labels, invariance_clouds))
+    out = RotationMeasurements(points_per_cloud=clouds.shape[1])
+    for variant, by_seed in checkpoints.items():
+        if next(iter(by_seed.values())).input_kind != "points":
+            continue
+        per_mode: dict[str, list[np.ndarray]] = {}
+        worst = 0.0
+        for seed, ckpt in by_seed.items():
+            results = evaluate_rotations(
+                ckpt.model, clouds, targets, draws=draws, seed=data_seed, batch_size=batch_size
+            )
+            for mode, result in results.items():
+                per_mode.setdefault(mode, []).append(result.correct.numpy())
+                out.angles.setdefault(mode, result.angles_deg.numpy())
+            error = invariance_error(
+                float64_model(ckpt.flat, ckpt.state_dict), clouds[subset], rotations=2, seed=data_seed
+            )
+            worst = max(worst, error)
+            shown = "  ".join(f"{m} {float(r.correct.double().mean()):.3f}" for m, r in results.items())
+            progress(f"evaluate: {variant:22s} seed {seed}  {shown}  invariance error {error:.1e}")
+        out.correct[variant] = {mode: np.stack(arrays) for mode, arrays in per_mode.items()}
+        out.invariance_error[variant] = worst
+        out.seeds[variant] = list(by_seed)
+    return out
+
+
+@dataclass
+class ResolutionMeasurements:
+    correct: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # variant -> resolution -> [S, N]
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+
+
+def measure_resolution(
+    checkpoints: dict[str, dict[int, Checkpoint]],
+    renders: dict[int, np.ndarray],
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    progress=print,
+) -> ResolutionMeasurements:
+    """Every image model at every seed on the test renders at every resolution (ViT's position grid is
+    resampled, Mamba runs as it is)."""
+    targets = torch.from_numpy(labels)
+    out = ResolutionMeasurements()
+    for variant, by_seed in checkpoints.items():
+        if next(iter(by_seed.values())).input_kind != "image":
+            continue
+        per_res: dict[int, list[np.ndarray]] = {}
+        for seed, ckpt in by_seed.items():
+            shown = []
+            for res, images in renders.items():
+                predicted = predict(ckpt.model, torch.from_numpy(images), batch_size, torch.device("cpu"))
+                correct = (predicted == targets).numpy()
+                per_res.setdefault(res, []).append(correct)
+                shown.append(f"{res}px {correct.mean():.3f}")
+            progress(f"evaluate: {variant:22s} seed {seed}  " + "  ".join(shown))
+        out.correct[variant] = {res: np.stack(arrays) for res, arrays in per_res.items()}
+        out.seeds[variant] = list(by_seed)
+    return out
+
+
+def save_arrays(path: Path, rotation: RotationMeasurements, resolution: ResolutionMeasurements) -> None:
+    """Every per-sample array in one `.npz`, for re-analysis (`np.load(path)`; keys `kind/variant/...`)."""
+    arrays: dict[str, np.ndarray] = {}
+    for variant, modes in rotation.correct.items():
+        for mode, array in modes.items():
+            arrays[f"rotation/{variant}/{mode}"] = array
+    for mode, angles in rotation.angles.items():
+        arrays[f"rotation_angles/{mode}"] = angles
+    for variant, by_res in resolution.correct.items():
+        for res, array in by_res.items():
+            arrays[f"resolution/{variant}/{res}"] = array
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)

@@ -1,0 +1,337 @@
+"""Every verdict rule through every outcome: holds, does not hold, inconclusive by interval, and
+inconclusive by the adequacy gate; `judge` at its boundaries; the module stays pure."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perception.evaluation.intervals import Estimate
+from pipeline import verdicts as v
+from pipeline.verdicts import (
+    DOES_NOT_HOLD,
+    HOLDS,
+    INCONCLUSIVE,
+    CostEvidence,
+    ModelFit,
+    ResolutionEvidence,
+    RotationEvidence,
+    SerialisationEvidence,
+)
+
+CHANCE = 0.1  # ten classes: floor 55%
+
+
+def est(value: float, lo: float, hi: float) -> Estimate:
+    return Estimate(value, lo, hi)
+
+
+def fit(name: str, accuracy: float = 0.8) -> ModelFit:
+    return ModelFit(name, est(accuracy, accuracy - 0.02, accuracy + 0.02), CHANCE)
+
+
+# Effects in fraction units (the rules judge them in points) for the three interval outcomes.
+POSITIVE = est(0.08, 0.06, 0.10)  # +8 [6, 10] points
+NULL = est(0.0, -0.01, 0.015)  # within +/-2 points
+WIDE = est(0.04, -0.01, 0.09)  # straddles both
+
+
+# --------------------------------------------------------------------------------------- claim 1
+
+
+def serialisation(effect: Estimate, rowmajor_accuracy: float = 0.8) -> SerialisationEvidence:
+    models = (fit("mamba-rowmajor", rowmajor_accuracy), fit("mamba-snake"), fit("mamba-hilbert"))
+    return SerialisationEvidence(
+        models=models, effect=effect, best_order="hilbert", locality={"rowmajor": 0.5, "hilbert": 0.8}
+    )
+
+
+@pytest.mark.parametrize("effect, outcome", [(POSITIVE, HOLDS), (NULL, DOES_NOT_HOLD), (WIDE, INCONCLUSIVE)])
+def test_serialisation_outcomes_by_interval(effect, outcome):
+    verdict = v.claim_serialisation(serialisation(effect))
+    assert verdict.verdict == outcome
+    assert verdict.claim == 1 and verdict.excluded == ()
+    assert verdict.models_used == ("mamba-rowmajor", "mamba-snake", "mamba-hilbert")
+    assert verdict.effect == effect.scaled(100)  # judged in points
+    assert "+2 points" in verdict.rule and "+/-2 points" in verdict.rule
+    assert "hilbert" in verdict.effect_name
+    assert any("never decides" in line for line in verdict.measured)  # locality is context
+
+
+def test_serialisation_is_inconclusive_when_a_model_is_undertrained():
+    verdict = v.claim_serialisation(serialisation(POSITIVE, rowmajor_accuracy=0.412))
+    assert verdict.verdict == INCONCLUSIVE
+    assert verdict.excluded == ("mamba-rowmajor (41.2% < floor 55.0%)",)
+    assert verdict.models_used == ("mamba-snake", "mamba-hilbert")
+    assert "mamba-rowmajor" in verdict.would_change and "55.0%" in verdict.would_change
+
+
+@pytest.mark.parametrize("effect", [POSITIVE, NULL, WIDE])
+def test_locality_never_decides(effect):
+    base = serialisation(effect)
+    for locality in ({}, {"rowmajor": 0.0, "hilbert": 1.0}, {"rowmajor": 1.0, "hilbert": 0.0}):
+        evidence = SerialisationEvidence(base.models, effect, "hilbert", locality)
+        assert v.claim_serialisation(evidence).verdict == v.claim_serialisation(base).verdict
+
+
+# --------------------------------------------------------------------------------------- claim 2
+
+
+def resolution(effect: Estimate, vit_accuracy: float = 0.8) -> ResolutionEvidence:
+    models = (fit("vit", vit_accuracy), fit("mamba-rowmajor"), fit("mamba-hilbert"))
+    return ResolutionEvidence(models=models, effect=effect, train_resolution=32, largest_resolution=64)
+
+
+@pytest.mark.parametrize(
+    "effect, outcome",
+    [
+        (est(0.12, 0.07, 0.17), HOLDS),
+        (NULL, DOES_NOT_HOLD),
+        (est(0.06, 0.03, 0.09), INCONCLUSIVE),  # above 2 points but not wholly above 5
+    ],
+)
+def test_position_embedding_outcomes_by_interval(effect, outcome):
+    verdict = v.claim_position_embedding(resolution(effect))
+    assert verdict.verdict == outcome and verdict.excluded == ()
+    assert (verdict.threshold, verdict.margin) == (v.POSITION_THRESHOLD, v.POSITION_MARGIN)
+    assert "32 px to 64 px" in verdict.effect_name
+
+
+def test_position_embedding_is_inconclusive_when_vit_is_undertrained():
+    verdict = v.claim_position_embedding(resolution(est(0.12, 0.07, 0.17), vit_accuracy=0.3))
+    assert verdict.verdict == INCONCLUSIVE
+    assert verdict.excluded == ("vit (30.0% < floor 55.0%)",)
+
+
+# --------------------------------------------------------------------------------------- claim 3
+
+LINEAR = est(1.0, 0.95, 1.1)
+MEMORY = {
+    "vit_fused": est(1.05, 1.0, 1.1),
+    "vit_explicit": est(1.8, 1.7, 1.9),
+    "mamba": est(1.15, 1.1, 1.25),
+}
+
+
+def cost(gap: Estimate, mamba: Estimate = LINEAR, crossover: int | None = 1024) -> CostEvidence:
+    vit = est(mamba.value + gap.value, mamba.lo + gap.lo, mamba.hi + gap.hi)
+    return CostEvidence(
+        latency_exponent_gap=gap,
+        vit_latency_exponent=vit,
+        mamba_latency_exponent=mamba,
+        memory_exponents=MEMORY,
+        crossover_tokens=crossover,
+    )
+
+
+@pytest.mark.parametrize(
+    "gap, mamba, outcome",
+    [
+        (est(0.6, 0.45, 0.75), LINEAR, HOLDS),
+        (est(0.6, 0.45, 0.75), est(1.3, 1.2, 1.4), INCONCLUSIVE),  # Mamba not shown linear
+        (est(0.0, -0.05, 0.08), LINEAR, DOES_NOT_HOLD),
+        (est(0.2, 0.05, 0.35), LINEAR, INCONCLUSIVE),
+    ],
+)
+def test_cost_outcomes(gap, mamba, outcome):
+    verdict = v.claim_cost(cost(gap, mamba))
+    assert verdict.verdict == outcome
+    assert verdict.effect == gap  # exponent units, not scaled
+    assert verdict.models_used == () and verdict.excluded == ()  # no trained models: no gate
+    assert verdict.unit == ""
+
+
+def test_cost_names_the_mamba_exponent_when_it_blocks_holding():
+    verdict = v.claim_cost(cost(est(0.6, 0.45, 0.75), est(1.3, 1.2, 1.4)))
+    assert "below 1.3" in verdict.would_change and "now 1.40" in verdict.would_change
+
+
+def test_cost_context_says_which_memory_path_grows_superlinearly():
+    lines = v.claim_cost(cost(est(0.6, 0.45, 0.75), crossover=None)).measured
+    explicit = next(line for line in lines if "vit_explicit" in line)
+    fused = next(line for line in lines if "vit_fused" in line)
+    mamba = next(line for line in lines if "memory exponent, mamba" in line)
+    assert "superlinearly" in explicit and "about linear" in fused and "neither clearly" in mamba
+    assert any("crossover: none" in line for line in lines)
+
+
+def test_cost_without_a_gap_is_inconclusive():
+    verdict = v.claim_cost(CostEvidence(None, None, None))
+    assert verdict.verdict == INCONCLUSIVE and v.render_effect(verdict) == "not measured"
+
+
+# --------------------------------------------------------------------------------------- claim 4
+
+E3NN_FLAT = est(0.005, -0.01, 0.02)  # within +/-3 points
+E3NN_DROPPING = est(0.02, -0.01, 0.05)  # reaches +5 points
+
+
+def rotation(
+    effect: Estimate | None, e3nn_drop: Estimate = E3NN_FLAT, e3nn_accuracy: float = 0.8
+) -> RotationEvidence:
+    return RotationEvidence(
+        models=(fit("pointnet-none"), fit("dgcnn"), fit("e3nn", e3nn_accuracy), fit("pointnet-so3", 0.2)),
+        baseline_drops={"pointnet-none": est(0.4, 0.35, 0.45), "dgcnn": est(0.3, 0.25, 0.35)},
+        equivariant_drops={"e3nn": e3nn_drop},
+        effect=effect,
+    )
+
+
+@pytest.mark.parametrize(
+    "effect, e3nn_drop, outcome",
+    [
+        (est(0.3, 0.25, 0.35), E3NN_FLAT, HOLDS),
+        (est(0.3, 0.25, 0.35), E3NN_DROPPING, INCONCLUSIVE),  # e3nn itself not shown invariant
+        (est(0.0, -0.02, 0.02), E3NN_FLAT, DOES_NOT_HOLD),
+        (est(0.08, 0.02, 0.15), E3NN_FLAT, INCONCLUSIVE),
+        (None, E3NN_FLAT, INCONCLUSIVE),
+    ],
+)
+def test_rotation_outcomes(effect, e3nn_drop, outcome):
+    verdict = v.claim_rotation(rotation(effect, e3nn_drop))
+    assert verdict.verdict == outcome
+    # The augmented baseline is context: below the floor, yet neither gated nor used.
+    assert verdict.excluded == ()
+    assert verdict.models_used == ("pointnet-none", "dgcnn", "e3nn")
+    assert any("pointnet-so3" in line and "not gated" in line for line in verdict.measured)
+    assert "dgcnn" in verdict.effect_name  # the smallest baseline drop
+
+
+def test_rotation_is_inconclusive_when_e3nn_is_undertrained():
+    verdict = v.claim_rotation(rotation(est(0.3, 0.25, 0.35), e3nn_accuracy=0.5))
+    assert verdict.verdict == INCONCLUSIVE
+    assert verdict.excluded == ("e3nn (50.0% < floor 55.0%)",)
+    assert "e3nn" in verdict.would_change
+
+
+def test_rotation_gates_a_needed_model_the_evaluation_lacks():
+    evidence = rotation(est(0.3, 0.25, 0.35))
+    evidence = RotationEvidence(
+        evidence.models[:2], evidence.baseline_drops, evidence.equivariant_drops, evidence.effect
+    )
+    verdict = v.claim_rotation(evidence)
+    assert verdict.verdict == INCONCLUSIVE
+    assert verdict.excluded == ("e3nn (no in-distribution accuracy measured)",)
+
+
+# --------------------------------------------------------------------------------------- shared parts
+
+
+@pytest.mark.parametrize(
+    "effect, outcome",
+    [
+        (est(3.0, 2.0, 4.0), INCONCLUSIVE),  # lo == threshold is not beyond it
+        (est(3.0, 2.0001, 4.0), HOLDS),
+        (est(0.0, -1.0, 1.0), DOES_NOT_HOLD),  # exactly the margin is within it
+        (est(0.0, -1.0, 1.0001), INCONCLUSIVE),
+        (est(0.0, -1.0001, 1.0), INCONCLUSIVE),
+        (est(-5.0, -6.0, -4.0), INCONCLUSIVE),  # an effect against the claim is not "no effect"
+        (est(math.nan, math.nan, math.nan), INCONCLUSIVE),
+    ],
+)
+def test_judge_boundaries(effect, outcome):
+    assert v.judge(effect, threshold=2.0, margin=1.0) == outcome
+
+
+def test_judge_rejects_a_margin_beyond_the_threshold():
+    with pytest.raises(ValueError, match="margin"):
+        v.judge(est(0, 0, 0), threshold=1.0, margin=2.0)
+
+
+def test_combine_needs_every_effect():
+    assert v.combine([HOLDS, HOLDS]) == HOLDS
+    assert v.combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert v.combine([HOLDS, DOES_NOT_HOLD]) == DOES_NOT_HOLD
+    assert v.combine([]) == INCONCLUSIVE
+
+
+def test_gate_floor_is_halfway_from_chance_and_inclusive():
+    model = ModelFit("m", est(0.75, 0.7, 0.8), chance=0.5)
+    assert model.floor == 0.75
+    assert v.gate([model]) == (["m"], [])
+    below = ModelFit("m", est(0.7499, 0.7, 0.8), chance=0.5)
+    assert v.gate([below]) == ([], ["m (75.0% < floor 75.0%)"])
+    # judged on the point estimate: an interval reaching below the floor does not exclude
+    assert v.gate([ModelFit("m", est(0.8, 0.5, 0.9), chance=0.5)]) == (["m"], [])
+
+
+def test_as_dict_holds_the_report_keys_and_is_json():
+    verdict = v.claim_serialisation(serialisation(POSITIVE))
+    d = verdict.as_dict()
+    assert {
+        "verdict",
+        "rule",
+        "effect",
+        "interval",
+        "threshold",
+        "margin",
+        "models_used",
+        "excluded",
+        "would_change",
+        "effect_name",
+        "claim",
+        "title",
+    } <= set(d)
+    assert d["effect"] == pytest.approx(8.0) and d["interval"] == pytest.approx([6.0, 10.0])
+    json.dumps(d)
+
+
+def test_render_effect():
+    verdict = v.claim_serialisation(serialisation(est(0.073, 0.041, 0.102)))
+    assert v.render_effect(verdict) == "+7.3 points [4.1, 10.2]"
+    assert v.render_effect(v.claim_cost(cost(est(0.45, 0.31, 0.6)))) == "+0.45 [0.31, 0.60]"
+
+
+def test_no_evidence_is_inconclusive_with_the_claims_threshold():
+    verdict = v.no_evidence(2, v.TITLES[2], "no ViT was trained")
+    assert verdict.verdict == INCONCLUSIVE and "no ViT was trained" in verdict.rule
+    assert (verdict.threshold, verdict.margin) == (v.POSITION_THRESHOLD, v.POSITION_MARGIN)
+    json.dumps(verdict.as_dict())
+
+
+@pytest.mark.parametrize("outcome_case", ["holds", "does not hold", "inconclusive"])
+def test_would_change_quotes_the_numbers(outcome_case):
+    effect = {"holds": POSITIVE, "does not hold": NULL, "inconclusive": WIDE}[outcome_case]
+    verdict = v.claim_serialisation(serialisation(effect))
+    assert verdict.verdict == outcome_case
+    assert "+2.0 points" in verdict.would_change  # the threshold
+    assert (
+        f"{100 * effect.lo:+.1f}" in verdict.would_change or f"{100 * effect.lo:.1f}" in verdict.would_change
+    )
+
+
+def test_the_rules_are_pure():
+    source = Path(v.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    allowed = {
+        "__future__",
+        "math",
+        "collections.abc",
+        "dataclasses",
+        "typing",
+        "perception.evaluation.intervals",
+    }
+    assert imported <= allowed
+    probe = (
+        "import sys, pipeline.verdicts; "
+        "print(sorted(m for m in ('torch', 'mlflow', 'ray', 'dvc') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(v.__file__).parents[1],
+    ).stdout.strip()
+    assert loaded == "[]"
