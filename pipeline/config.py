@@ -61,7 +61,7 @@ class ImagesConfig:
     """Stage `prepare-images`: depth + normal renders of the same instances from a canonical camera."""
 
     # The image models' patch size: every resolution must be a multiple of it.
-    patch_size: int = field(default=8, metadata=_range(1, 1024))
+    patch_size: int = field(default=4, metadata=_range(1, 1024))
     train_resolution: int = field(default=32, metadata=_range(8, 4096))
     eval_resolutions: tuple[int, ...] = field(default=(32, 48, 64), metadata=_range(8, 4096))
     camera_distance: float = field(default=2.5, metadata=_range(1.05, 100.0))

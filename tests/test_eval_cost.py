@@ -228,7 +228,7 @@ def test_flops_per_scan_backend_match_the_hand_count(backend):
     tokens = (resolution // 8) ** 2
     x = study_input(model, resolution, batch, CPU)
     c = model.config
-    D = 2 * c.expand * c.dim  # BiMamba's one grouped scan over both directions
+    D = 2 * c.expand * c.dim  # the bidirectional mixer: one grouped scan over both directions
     per_scan = 9 * batch * tokens * D * c.d_state
     seen_per_scan = {"ref": 0, "chunked": 2 * batch * tokens * D * c.d_state, "native": 0}[backend]
     counted, scans, total = model_flops(model, x, tokens)

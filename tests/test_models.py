@@ -113,5 +113,6 @@ def test_the_readme_example_family_plugs_in_with_one_file_and_one_entry(tmp_path
     trials = [
         space.resolved(spec) for _, spec in generate_variants(space.param_space(config, variants, flat))
     ]
-    (trial,) = [t for t in trials if t["trial.family"] == "my_cnn"]
-    assert build_model(trial)(torch.randn(2, 4, 32, 32)).shape == (2, 8)
+    mine = [t for t in trials if t["trial.family"] == "my_cnn"]
+    assert sorted(t["trial.seed"] for t in mine) == sorted(config.seeds)  # one trial per training seed
+    assert build_model(mine[0])(torch.randn(2, 4, 32, 32)).shape == (2, 8)

@@ -1,11 +1,25 @@
-"""Grid-to-sequence orders: permutations, which steps are unit steps, and the locality metrics."""
+"""Grid-to-sequence orders: permutations, which steps are unit steps, scan directions, and the locality
+metrics."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from perception.ops.serialization import SCAN_ORDERS, locality_stats, scan_order
+from perception.ops.serialization import (
+    SCAN_ORDERS,
+    SEQUENCE_ORDERS,
+    deserialize,
+    locality_stats,
+    num_directions,
+    scan_directions,
+    scan_order,
+    serialize,
+)
+from tests.conftest import REPO
 
 SIZES = [(1, 1), (1, 7), (7, 1), (2, 2), (3, 5), (4, 5), (5, 4), (6, 9), (14, 14), (16, 16), (12, 20)]
 
@@ -16,14 +30,107 @@ def steps(order: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (ys[1:] - ys[:-1]).abs(), (xs[1:] - xs[:-1]).abs()
 
 
-@pytest.mark.parametrize("name", SCAN_ORDERS)
+@pytest.mark.parametrize("name", SEQUENCE_ORDERS)
 @pytest.mark.parametrize("size", SIZES)
 def test_each_order_is_a_permutation(name, size):
     h, w = size
     order = scan_order(name, h, w)
     assert order.dtype == torch.long and order.shape == (h * w,)
     assert torch.equal(order.sort().values, torch.arange(h * w))
-    assert order[0] == 0  # every order starts at the top-left token
+    assert order[0] == 0 or name == "random"  # every structured order starts at the top-left token
+
+
+def test_random_order_is_fixed_per_grid_and_differs_between_grids():
+    assert scan_order("random", 3, 3).tolist() == [3, 7, 6, 0, 2, 5, 1, 4, 8]  # pinned: numpy's draw
+    assert torch.equal(scan_order("random", 12, 20), scan_order("random", 12, 20))
+    assert not torch.equal(scan_order("random", 4, 6), scan_order("random", 6, 4))
+    assert not torch.equal(scan_order("random", 8, 8)[:16], scan_order("random", 4, 4))
+
+
+def test_random_order_is_the_same_in_another_process():
+    code = "from perception.ops.serialization import scan_order; print(scan_order('random', 5, 7).tolist())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(scan_order("random", 5, 7).tolist())
+
+
+def test_random_order_destroys_locality():
+    """The negative control: on 16 x 16 almost no neighbour pair shares a conv window (3% vs 50%)."""
+    row = locality_stats(scan_order("rowmajor", 16, 16), 16, 16)
+    rnd = locality_stats(scan_order("random", 16, 16), 16, 16)
+    assert rnd["grid_nbr_within_window_frac"] < 0.1 < row["grid_nbr_within_window_frac"]
+    assert rnd["grid_nbr_seq_dist_geomean"] > 10 * row["grid_nbr_seq_dist_geomean"]
+    assert rnd["seq_nbr_adjacent_frac"] < 0.1
+
+
+@pytest.mark.parametrize("name", SCAN_ORDERS)
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (6, 4)])
+def test_scan_directions_are_permutations_and_one_sequence_orders_run_both_ways(name, size):
+    h, w = size
+    paths = scan_directions(name, h, w)
+    assert paths.shape == (num_directions(name), h * w) and paths.dtype == torch.long
+    assert torch.equal(paths.sort(dim=-1).values, torch.arange(h * w).expand_as(paths))
+    if name in SEQUENCE_ORDERS:
+        assert torch.equal(paths, torch.stack([scan_order(name, h, w), scan_order(name, h, w).flip(0)]))
+
+
+def test_cross_scan_directions_by_hand():
+    """2 x 3 grid, row-major indices [[0, 1, 2], [3, 4, 5]]."""
+    assert scan_directions("cross", 2, 3).tolist() == [
+        [0, 1, 2, 3, 4, 5],  # row-major
+        [0, 3, 1, 4, 2, 5],  # column-major
+        [5, 4, 3, 2, 1, 0],  # row-major reversed
+        [5, 2, 4, 1, 3, 0],  # column-major reversed
+    ]
+
+
+def test_cross_scan_of_a_transposed_grid_swaps_row_and_column_directions():
+    h, w = 3, 5
+    cross, cross_t = scan_directions("cross", h, w), scan_directions("cross", w, h)
+    to_t = torch.arange(h * w).view(h, w).t().flatten()  # transposed grid's row-major -> original's index
+    assert torch.equal(to_t[cross_t], cross[[1, 0, 3, 2]])
+
+
+def test_serialize_then_deserialize_puts_every_direction_back_on_the_grid():
+    x = torch.randn(2, 3, 12)  # (B, C, L), a 3 x 4 grid
+    for name in ("hilbert", "cross"):
+        paths = scan_directions(name, 3, 4)
+        seqs = serialize(x, paths)  # (B, k*C, L)
+        k = paths.shape[0]
+        for j in range(k):
+            assert torch.equal(seqs[:, j * 3 : (j + 1) * 3], x[..., paths[j]])
+        assert torch.equal(deserialize(seqs, paths), x.unsqueeze(1).expand(2, k, 3, 12))
+
+
+def test_cross_scan_with_a_cumulative_sum_for_the_scan():
+    """Stand in a prefix sum for the scan: each direction's output at a cell is the sum of the cells it has
+    read so far. Token values are 10^index, so each output names exactly which cells came before."""
+    x = 10.0 ** torch.arange(6, dtype=torch.float64).view(1, 1, 6)  # (1, 1, 6): a 2 x 3 grid
+    paths = scan_directions("cross", 2, 3)
+    out = deserialize(serialize(x, paths).cumsum(-1), paths)[0, :, 0]  # (4, 6) per direction, per cell
+
+    def seen(*cells: int) -> float:
+        return float(sum(10**c for c in cells))
+
+    # Row-major: cell 4 = (1, 1) has read 0, 1, 2, 3, 4. Column-major: cell 4 has read 0, 3, 1, 4.
+    assert out[0, 4] == seen(0, 1, 2, 3, 4) and out[1, 4] == seen(0, 3, 1, 4)
+    # Reversed: cell 1 = (0, 1) has read 5, 4, 3, 2, 1 (row-major) and 5, 2, 4, 1 (column-major).
+    assert out[2, 1] == seen(5, 4, 3, 2, 1) and out[3, 1] == seen(5, 2, 4, 1)
+    assert out[:, 0].tolist() == [seen(0), seen(0), seen(*range(6)), seen(*range(6))]
+
+
+def test_cross_scan_keeps_every_grid_neighbour_adjacent():
+    """Locality over several directions: each pair counts its closest direction, steps are pooled."""
+    cross = locality_stats(scan_directions("cross", 16, 16), 16, 16)
+    row = locality_stats(scan_order("rowmajor", 16, 16), 16, 16)
+    assert cross["grid_nbr_seq_dist_max"] == cross["grid_nbr_seq_dist_geomean"] == 1.0
+    assert cross["grid_nbr_within_window_frac"] == 1.0
+    for key in ("seq_nbr_grid_dist_mean", "seq_nbr_grid_dist_max", "seq_nbr_adjacent_frac"):
+        assert cross[key] == row[key]  # row- and column-major steps look alike on a square
+
+
+@pytest.mark.parametrize("name", SEQUENCE_ORDERS)
+def test_an_order_and_its_reverse_have_the_locality_of_the_order(name):
+    assert locality_stats(scan_directions(name, 6, 9), 6, 9) == locality_stats(scan_order(name, 6, 9), 6, 9)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -103,5 +210,11 @@ def test_cached_orders_cannot_be_corrupted_by_callers():
 def test_unknown_order_and_empty_grid_fail():
     with pytest.raises(ValueError, match="zigzag"):
         scan_order("zigzag", 4, 4)
+    with pytest.raises(ValueError, match="zigzag"):
+        scan_directions("zigzag", 4, 4)
     with pytest.raises(ValueError, match="0x4"):
         scan_order("snake", 0, 4)
+    with pytest.raises(ValueError, match="0x4"):
+        scan_directions("cross", 0, 4)
+    with pytest.raises(ValueError, match="use scan_directions"):
+        scan_order("cross", 4, 4)

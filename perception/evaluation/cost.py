@@ -57,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from perception.layers.attention import Attention
 from perception.models import build
-from perception.models.mamba_hybrid import BiMamba
+from perception.models.mamba_hybrid import MultiScanMamba
 from perception.ops.scan import resolve_backend, selective_scan
 
 # ------------------------------------------------------------------------------------- the essay's table
@@ -116,14 +116,15 @@ def scan_flops(model: nn.Module, tokens: int, batch: int) -> int:
     """FLOPs of every selective scan `model` runs on `batch` images of `tokens` tokens: 9*B*L*D*N each.
 
     Per step and channel a scan computes exp(dt*A), dt*B*x, h = dA*h + dBx and C.h over N states: about
-    9 FLOPs per (b, l, d, n). Each BiMamba block runs two scans (forward and backward direction), each over
-    d_inner channels; the code stacks them into one grouped scan of D = 2*d_inner channels, the same count.
+    9 FLOPs per (b, l, d, n). Each Mamba mixer runs one scan per direction (two for Vim's bidirectional
+    orders, four for the cross-scan), each over d_inner channels; the code stacks them into one grouped
+    scan of D = directions * d_inner channels, the same count.
     0 for a model without Mamba blocks.
     """
     total = 0
     for m in model.modules():
-        if isinstance(m, BiMamba):
-            total += 9 * batch * tokens * (2 * m.d_inner) * m.d_state
+        if isinstance(m, MultiScanMamba):
+            total += 9 * batch * tokens * (m.num_directions * m.d_inner) * m.d_state
     return total
 
 
@@ -184,10 +185,10 @@ def _counted_scan_flops(model: nn.Module, tokens: int, batch: int) -> int:
     """What the counter already saw of `scan_flops`, so flops_total does not count it twice."""
     total = 0
     for m in model.modules():
-        if isinstance(m, BiMamba):
+        if isinstance(m, MultiScanMamba):
             dtype = str(m.A_log.dtype).removeprefix("torch.")
-            # BiMamba's one grouped scan: 2*d_inner channels, a B/C group per direction.
-            shape = (batch, 2 * m.d_inner, tokens, m.d_state, 2)
+            # One grouped scan: num_directions * d_inner channels, a B/C group per direction.
+            shape = (batch, m.num_directions * m.d_inner, tokens, m.d_state, m.num_directions)
             total += _scan_flops_seen(m.scan_backend, str(m.A_log.device), dtype, *shape)
     return total
 

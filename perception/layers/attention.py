@@ -2,7 +2,8 @@
 
 The fast path is `F.scaled_dot_product_attention` (a fused kernel on CPU and GPU); `explicit_attention` is
 the slow reference that materialises the (T, T) attention matrix. `Attention(fused=False)` uses the
-reference, and a test checks that both agree.
+reference, and a test checks that both agree. `rope`, (cos, sin) from perception.layers.rope.AxialRoPE,
+rotates q and k before either path; None leaves them as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from perception.layers.rope import apply_rope
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, hs/2)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -30,12 +35,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = (
             self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         )  # (3, B, nh, T, hs)
         q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         attend = F.scaled_dot_product_attention if self.fused else explicit_attention
         y = attend(q, k, v)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -62,8 +69,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
 

@@ -1,7 +1,8 @@
-"""A Mamba-hybrid image classifier: bidirectional Mamba blocks (Vim), then a few attention blocks.
+"""A Mamba-hybrid image classifier: multi-direction Mamba blocks (Vim, VMamba), then a few attention blocks.
 
-Read top to bottom: the bidirectional Mamba mixer, the block around it, the config and sizes, the model.
-Shapes: B batch, L tokens, dim model width, d_inner = expand * dim, n = d_state, r = dt_rank.
+Read top to bottom: the multi-direction Mamba mixer, the block around it, the config and sizes, the model.
+Shapes: B batch, L tokens, dim model width, d_inner = expand * dim, n = d_state, r = dt_rank,
+k = scan directions (2: an order and its reverse; 4: cross-scan).
 """
 
 from __future__ import annotations
@@ -17,80 +18,103 @@ from perception.layers.attention import TransformerBlock
 from perception.layers.patch_embed import PatchEmbed
 from perception.models.registry import check
 from perception.ops.scan import BACKEND_NAMES, selective_scan
-from perception.ops.serialization import SCAN_ORDERS, scan_order
+from perception.ops.serialization import SCAN_ORDERS, deserialize, num_directions, scan_directions, serialize
 
 
-class BiMamba(nn.Module):
-    """Vim's bidirectional Mamba mixer (Vim "bimamba v2"): (B, L, dim) -> (B, L, dim).
+class MultiScanMamba(nn.Module):
+    """Mamba mixer over k scan directions of the token grid: (B, L, dim) tokens in row-major order and
+    paths LongTensor[k, L] (perception.ops.serialization.scan_directions) -> (B, L, dim).
 
-    in_proj splits each token into x and a gate z (shared by both directions). Each direction has its own
-    depthwise causal conv1d, x_proj (-> dt, B, C), dt_proj, A and D, as in Vim; the backward direction
-    reads the sequence flipped. The two directions are stacked along the channel axis (forward half,
-    then backward half) and run as ONE grouped selective scan (B and C have a group per direction),
-    which halves the scan's per-step overhead. The outputs, the backward one flipped back, are averaged
-    (Vim's `if_devide_out`) and projected back to dim.
+    k = 2, paths [order, reversed order]: Vim's bidirectional mixer ("bimamba v2"). k = 4, paths
+    [row-major, column-major, and both reversed]: VMamba's cross-scan (SS2D). in_proj splits each token
+    into x and a gate z. Each direction has its own depthwise causal conv1d, x_proj (-> dt, B, C),
+    dt_proj, A and D, as in Vim and VMamba, and reads the tokens in its own order. The k directions are
+    stacked along the channel axis (direction j in channels [j*d_inner, (j+1)*d_inner)) and run as ONE
+    grouped selective scan (B and C have a group per direction), which divides the scan's per-step
+    overhead by k. Each direction's outputs go back to their grid positions and are averaged (Vim's
+    `if_devide_out`), then gated by silu(z) and projected back to dim. The gate is applied once after
+    the average: z is the same token in every direction, so this equals Vim's gating inside each scan.
     """
 
-    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, scan_backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        d_state: int,
+        d_conv: int,
+        expand: int,
+        scan_backend: str = "auto",
+        directions: int = 2,
+    ):
         super().__init__()
         self.d_inner = d_inner = expand * dim
         self.d_state = d_state
         self.dt_rank = dt_rank = math.ceil(dim / 16)  # Mamba's dt_rank="auto"
+        self.num_directions = k = directions
         self.scan_backend = scan_backend
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        # Depthwise over 2*d_inner channels = separate kernels per direction; padding d_conv-1 then
-        # keeping the first L outputs makes it causal.
-        self.conv1d = nn.Conv1d(2 * d_inner, 2 * d_inner, d_conv, groups=2 * d_inner, padding=d_conv - 1)
-        # Per-direction projections, stacked on a leading direction axis k = 2.
-        self.x_proj = nn.Parameter(torch.empty(2, dt_rank + 2 * d_state, d_inner))  # (k, r+2n, d_inner)
-        self.dt_proj = nn.Parameter(torch.empty(2, d_inner, dt_rank))  # (k, d_inner, r)
-        self.dt_bias = nn.Parameter(torch.empty(2 * d_inner))  # softplus^-1 of the initial step size
-        self.A_log = nn.Parameter(torch.empty(2 * d_inner, d_state))  # A = -exp(A_log) < 0: a stable scan
-        self.D = nn.Parameter(torch.empty(2 * d_inner))
+        # Depthwise over k*d_inner channels = separate kernels per direction; padding d_conv-1 then
+        # keeping the first L outputs makes it causal (along each direction's own sequence).
+        self.conv1d = nn.Conv1d(k * d_inner, k * d_inner, d_conv, groups=k * d_inner, padding=d_conv - 1)
+        # Per-direction projections, stacked on a leading direction axis k.
+        self.x_proj = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, d_inner))  # (k, r+2n, d_inner)
+        self.dt_proj = nn.Parameter(torch.empty(k, d_inner, dt_rank))  # (k, d_inner, r)
+        self.dt_bias = nn.Parameter(torch.empty(k * d_inner))  # softplus^-1 of the initial step size
+        self.A_log = nn.Parameter(torch.empty(k * d_inner, d_state))  # A = -exp(A_log) < 0: a stable scan
+        self.D = nn.Parameter(torch.empty(k * d_inner))
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
         """Mamba's init: S4D-real A = -(1..n), D = 1, and dt log-uniform in [dt_min, dt_max]."""
+        channels = self.num_directions * self.d_inner
         nn.init.uniform_(self.x_proj, -(self.d_inner**-0.5), self.d_inner**-0.5)  # as nn.Linear's init
         nn.init.uniform_(self.dt_proj, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
-        log_dt = torch.rand(2 * self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=dt_floor)  # (2*d_inner,)
+        log_dt = torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = log_dt.exp().clamp(min=dt_floor)  # (k*d_inner,)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1, so softplus(dt_bias) = dt
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32)  # (n,): the same for every channel
         self.A_log.copy_(torch.log(A).expand_as(self.A_log))
         self.D.fill_(1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
-        d, n, r = self.d_inner, self.d_state, self.dt_rank
-        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # each (B, d_inner, L)
-        x = torch.cat([x, x.flip(-1)], dim=1)  # (B, 2*d_inner, L): forward half, then time-reversed half
-        z = torch.cat([z, z.flip(-1)], dim=1)  # (B, 2*d_inner, L)
-        x = F.silu(self.conv1d(x)[..., :L])  # (B, 2*d_inner, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", x.view(B, 2, d, L), self.x_proj)  # (B, 2, r+2n, L)
-        dt, Bs, Cs = x_dbl.split([r, n, n], dim=2)  # (B, 2, r, L), (B, 2, n, L), (B, 2, n, L)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj).reshape(B, 2 * d, L)  # (B, 2*d_inner, L)
+        k, d, n, r = self.num_directions, self.d_inner, self.d_state, self.dt_rank
+        if paths.shape != (k, L):
+            raise ValueError(f"paths must be [k={k}, L={L}] scan directions; got {tuple(paths.shape)}")
+        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # each (B, d_inner, L), row-major
+        x = serialize(x, paths)  # (B, k*d_inner, L): direction j's channels, in direction j's order
+        x = F.silu(self.conv1d(x)[..., :L])  # (B, k*d_inner, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", x.view(B, k, d, L), self.x_proj)  # (B, k, r+2n, L)
+        dt, Bs, Cs = x_dbl.split([r, n, n], dim=2)  # (B, k, r, L), (B, k, n, L), (B, k, n, L)
+        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj).reshape(B, k * d, L)  # (B, k*d_inner, L)
         y = selective_scan(
-            x, delta, -torch.exp(self.A_log), Bs, Cs, self.D, z,
+            x, delta, -torch.exp(self.A_log), Bs, Cs, self.D,
             delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
-        )  # fmt: skip
-        y_fwd, y_bwd = y.chunk(2, dim=1)  # each (B, d_inner, L)
-        y = (y_fwd + y_bwd.flip(-1)) / 2  # (B, d_inner, L), the backward pass back in sequence order
+        )  # (B, k*d_inner, L)  # fmt: skip
+        y = deserialize(y, paths).mean(dim=1)  # (B, d_inner, L): each direction back at its tokens, averaged
+        y = y * F.silu(z)  # (B, d_inner, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, dim)
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual around the mixer, x + mixer(norm(x)); (B, L, dim). No MLP, as in Vim."""
+    """Pre-norm residual around the mixer, x + mixer(norm(x), paths); (B, L, dim). No MLP, as in Vim."""
 
-    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, scan_backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        d_state: int,
+        d_conv: int,
+        expand: int,
+        scan_backend: str = "auto",
+        directions: int = 2,
+    ):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.mixer = BiMamba(dim, d_state, d_conv, expand, scan_backend)
+        self.mixer = MultiScanMamba(dim, d_state, d_conv, expand, scan_backend, directions)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
+    def forward(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), paths)
 
 
 def _is_int(v: object) -> bool:
@@ -106,9 +130,11 @@ class MambaHybridConfig:
     patch_size: int = 8
     dim: int = 64  # model width
     depth: int = 4  # blocks in all: depth - attn_layers Mamba blocks, then attn_layers attention blocks
-    attn_layers: int = 1  # 0 = pure (bidirectional) Mamba
+    attn_layers: int = 1  # 0 = pure Mamba
     heads: int = 2  # attention heads; validated even when attn_layers = 0
-    scan_order: str = "rowmajor"  # how the patch grid becomes a sequence: rowmajor, snake, hilbert
+    # How the patch grid becomes sequences (perception.ops.serialization): rowmajor, snake, hilbert or
+    # random, each scanned forward and backward; or cross, scanned row- and column-major, both ways.
+    scan_order: str = "rowmajor"
     d_state: int = 16  # N, SSM state size per channel
     d_conv: int = 4  # causal conv1d kernel width
     expand: int = 2  # d_inner = expand * dim
@@ -138,12 +164,14 @@ SIZES: dict[str, dict] = {
 class MambaHybrid(nn.Module):
     """Vision Mamba (Vim; Zhu et al. 2024, https://arxiv.org/abs/2401.09417) with MambaVision's layout.
 
-    Patches -> tokens, serialised by `config.scan_order` -> (depth - attn_layers) bidirectional Mamba
-    blocks -> attn_layers TransformerBlocks for global context (last, as MambaVision, Hatamizadeh &
+    Patches -> tokens -> (depth - attn_layers) Mamba blocks, each scanning the tokens along the
+    directions of `config.scan_order` (an order and its reverse, or cross-scan's four; recomputed for
+    each grid) -> attn_layers TransformerBlocks for global context (last, as MambaVision, Hatamizadeh &
     Kautz 2024, https://arxiv.org/abs/2407.08083, places them) -> LayerNorm -> mean over tokens -> linear.
     No class token and no learned position embedding (position reaches the model only through the
     scan's order and the conv1d), and mean pooling ignores order, so the model runs at any resolution
-    the patch size divides without resampling anything.
+    the patch size divides without resampling anything. The only 2D operation is the patch embedding
+    (a conv with kernel = stride = patch size: per patch); with attn_layers = 0 it is pure Mamba.
     Input float32[B, in_channels, H, W]; output logits [B, num_classes].
     """
 
@@ -151,8 +179,9 @@ class MambaHybrid(nn.Module):
         super().__init__()
         self.config = c = config
         self.patch_embed = PatchEmbed(c.in_channels, c.dim, c.patch_size)
-        n_mamba = c.depth - c.attn_layers
-        mamba = [MambaBlock(c.dim, c.d_state, c.d_conv, c.expand, c.scan_backend) for _ in range(n_mamba)]
+        self.num_mamba = n_mamba = c.depth - c.attn_layers
+        k = num_directions(c.scan_order)
+        mamba = [MambaBlock(c.dim, c.d_state, c.d_conv, c.expand, c.scan_backend, k) for _ in range(n_mamba)]
         attn = [TransformerBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.attn_layers)]
         self.blocks = nn.ModuleList(mamba + attn)
         self.norm = nn.LayerNorm(c.dim)
@@ -164,15 +193,12 @@ class MambaHybrid(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """float32[B, C, H, W] -> normalised tokens (B, H/p * W/p, dim), back in row-major grid order."""
         x, (h, w) = self.patch_embed(x)  # (B, h*w, dim), row-major
-        if self.config.scan_order != "rowmajor":
-            order = scan_order(self.config.scan_order, h, w).to(x.device)  # (h*w,) position -> token
-            x = x.index_select(1, order)  # (B, h*w, dim) in scan order
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
-        if self.config.scan_order != "rowmajor":
-            x = x.index_select(1, torch.argsort(order))  # (B, h*w, dim) row-major again
-        return x
+        paths = scan_directions(self.config.scan_order, h, w).to(x.device)  # (k, h*w) position -> token
+        for block in self.blocks[: self.num_mamba]:
+            x = block(x, paths)  # (B, h*w, dim), row-major
+        for block in self.blocks[self.num_mamba :]:
+            x = block(x)  # (B, h*w, dim)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, L, dim) -> logits (B, num_classes): mean-pool, then the linear head."""

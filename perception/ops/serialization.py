@@ -2,12 +2,28 @@
 
 A sequence model (a Mamba scan) sees an image's patch grid as one sequence; the order decides which grid
 neighbours end up far apart in the sequence. `scan_order(name, height, width)` returns a permutation
-`order` with `order[i]` = the row-major index (y * width + x) of the token at sequence position i:
+`order` with `order[i]` = the row-major index (y * width + x) of the token at sequence position i, for
+the one-sequence orders (SEQUENCE_ORDERS):
 
 - "rowmajor": left to right, top to bottom. Each row end jumps back across the whole grid.
 - "snake": boustrophedon; odd rows run right to left, so consecutive tokens are always grid neighbours.
 - "hilbert": the generalised Hilbert curve ("gilbert", after Jakub Červený's algorithm), which fills
   any rectangle, not only 2^k squares, and keeps 2D blocks together in 1D.
+- "random": a fixed random permutation, the negative control (no spatial structure at all). It is drawn
+  from `numpy.random.default_rng([height, width, 0x5CA9])`, so every model, run and process gets the same
+  permutation for a given grid, and a different one for each grid size. (The draw depends on numpy's
+  `Generator.permutation`; a test pins its value on a 3 x 3 grid, so a change would be noticed.)
+
+A model scans in several directions at once. `scan_directions(name, height, width)` returns them as
+`paths`, LongTensor[k, height*width], each row an order as above (SCAN_ORDERS, what `mamba_hybrid`'s
+`scan_order` takes):
+
+- each one-sequence order: k = 2, [order, reversed order] (Vim's bidirectional scan);
+- "cross": k = 4, VMamba's cross-scan (SS2D; Liu et al. 2024, https://arxiv.org/abs/2401.10166):
+  [row-major, column-major, reversed row-major, reversed column-major]. Every 4-neighbour pair is
+  adjacent in one of the directions, and transposing the grid swaps the row- and column-major paths.
+`serialize(x, paths)` / `deserialize(y, paths)` gather row-major tokens into the k sequences and scatter
+each sequence's outputs back to grid positions.
 
 What holds for "hilbert" (checked for every size up to 32 x 32 in tests/test_serialization.py):
 consecutive tokens are 4-neighbours on every grid except when the long side is odd and the short side
@@ -23,9 +39,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 
+import numpy as np
 import torch
 
-SCAN_ORDERS = ("rowmajor", "snake", "hilbert")
+SEQUENCE_ORDERS = ("rowmajor", "snake", "hilbert", "random")  # one sequence each: scan_order
+SCAN_ORDERS = (*SEQUENCE_ORDERS, "cross")  # sets of scan directions: scan_directions, mamba_hybrid
+_RANDOM_SEED = 0x5CA9  # mixed with the grid size: the "random" order of an h x w grid is fixed
 
 
 def _sign(v: int) -> int:
@@ -84,24 +103,81 @@ def _order(name: str, height: int, width: int) -> torch.Tensor:
         grid = torch.arange(height * width).view(height, width)  # [h, w] row-major indices
         grid[1::2] = grid[1::2].flip(-1)  # odd rows right to left
         return grid.flatten()  # [h*w]
+    if name == "colmajor":  # top to bottom, left to right: one of cross's directions
+        return torch.arange(height * width).view(height, width).t().flatten()  # [w, h] -> [h*w]
+    if name == "random":
+        rng = np.random.default_rng([height, width, _RANDOM_SEED])
+        return torch.from_numpy(rng.permutation(height * width)).long()
     return torch.tensor(_hilbert(height, width), dtype=torch.long)
+
+
+def _check_grid(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"grid {height}x{width} must be at least 1x1")
 
 
 def scan_order(name: str, height: int, width: int) -> torch.Tensor:
     """LongTensor[height*width]: sequence position -> row-major token index, for a grid of h x w tokens.
 
-    Apply as `tokens[:, order]` to tokens [B, h*w, dim] in row-major order. Cached per (name, h, w);
-    a fresh copy is returned, so callers may modify it.
+    `name` is one of SEQUENCE_ORDERS. Apply as `tokens[:, order]` to tokens [B, h*w, dim] in row-major
+    order. Cached per (name, h, w); a fresh copy is returned, so callers may modify it.
     """
-    if name not in SCAN_ORDERS:
-        raise ValueError(f"scan order {name!r} is not one of {', '.join(SCAN_ORDERS)}")
-    if height < 1 or width < 1:
-        raise ValueError(f"grid {height}x{width} must be at least 1x1")
+    if name == "cross":
+        raise ValueError("scan order 'cross' is four sequences, not one: use scan_directions")
+    if name not in SEQUENCE_ORDERS:
+        raise ValueError(f"scan order {name!r} is not one of {', '.join(SEQUENCE_ORDERS)}")
+    _check_grid(height, width)
     return _order(name, int(height), int(width)).clone()
 
 
+def num_directions(name: str) -> int:
+    """k, the number of sequences `scan_directions(name, ...)` returns: 4 for "cross", else 2."""
+    if name not in SCAN_ORDERS:
+        raise ValueError(f"scan order {name!r} is not one of {', '.join(SCAN_ORDERS)}")
+    return 4 if name == "cross" else 2
+
+
+@lru_cache(maxsize=256)
+def _directions(name: str, height: int, width: int) -> torch.Tensor:
+    if name == "cross":
+        row, col = _order("rowmajor", height, width), _order("colmajor", height, width)  # each [h*w]
+        return torch.stack([row, col, row.flip(0), col.flip(0)])  # [4, h*w]
+    order = _order(name, height, width)  # [h*w]
+    return torch.stack([order, order.flip(0)])  # [2, h*w]
+
+
+def scan_directions(name: str, height: int, width: int) -> torch.Tensor:
+    """paths, LongTensor[k, height*width]: paths[j, i] = row-major index of the token at position i of
+    direction j's sequence (k = num_directions(name); see the module doc). Cached; a fresh copy."""
+    num_directions(name)  # validates the name
+    _check_grid(height, width)
+    return _directions(name, int(height), int(width)).clone()
+
+
+def serialize(x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """Row-major tokens x (B, C, L) -> k sequences stacked on channels (B, k*C, L), direction j in
+    channels [j*C, (j+1)*C), its tokens in the order paths[j]. paths: LongTensor[k, L] on x's device."""
+    B, C, L = x.shape
+    k = paths.shape[0]
+    seqs = x[..., paths]  # (B, C, k, L): seqs[b, c, j, i] = x[b, c, paths[j, i]]
+    return seqs.transpose(1, 2).reshape(B, k * C, L)  # (B, k*C, L)
+
+
+def deserialize(y: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """The inverse of `serialize`: sequences (B, k*C, L) -> (B, k, C, L), each direction's outputs back
+    at their row-major token positions."""
+    B, kC, L = y.shape
+    k = paths.shape[0]
+    position = torch.argsort(paths, dim=-1)  # (k, L): row-major token -> its position in direction j
+    index = position.view(1, k, 1, L).expand(B, k, kC // k, L)  # (B, k, C, L)
+    return y.view(B, k, kC // k, L).gather(-1, index)  # (B, k, C, L)
+
+
 def locality_stats(order: torch.Tensor, height: int, width: int, window: int = 4) -> dict[str, float]:
-    """How well a serialisation keeps grid neighbours together. order: LongTensor[h*w] as from scan_order.
+    """How well a serialisation keeps grid neighbours together. order: LongTensor[h*w] as from scan_order,
+    or paths [k, h*w] as from scan_directions: then a pair's gap is its smallest gap over the k
+    directions (a pair is as close as the direction that keeps it closest), and the steps of all k
+    sequences are pooled. [order, reversed order] therefore gives the same numbers as `order` alone.
 
     Returns, over the 4-neighbour pairs of grid cells and their |sequence distance| ("gap", 1 is ideal):
       grid_nbr_seq_dist_mean / _max: the mean and max gap
@@ -115,15 +191,18 @@ def locality_stats(order: torch.Tensor, height: int, width: int, window: int = 4
       seq_nbr_adjacent_frac: the fraction of steps of length 1
     """
     n = height * width
-    order = order.long().cpu()
-    if order.shape != (n,) or not torch.equal(order.sort().values, torch.arange(n)):
-        raise ValueError(f"order must be a permutation of range({n})")
-    pos = torch.empty(n, dtype=torch.long)
-    pos[order] = torch.arange(n)  # token -> sequence position
-    grid = pos.view(height, width)  # [h, w] sequence position of each cell
-    gaps = torch.cat([(grid[:, 1:] - grid[:, :-1]).flatten(), (grid[1:] - grid[:-1]).flatten()]).abs()
-    ys, xs = order // width, order % width  # [n] grid coordinates in sequence order
-    steps = (ys[1:] - ys[:-1]).abs() + (xs[1:] - xs[:-1]).abs()  # [n-1] Manhattan length of each step
+    paths = order.long().cpu()
+    paths = paths.view(1, -1) if paths.dim() == 1 else paths  # [k, n]
+    perms = paths.dim() == 2 and paths.shape[1] == n and paths.shape[0] >= 1
+    if not perms or not torch.equal(paths.sort(dim=-1).values, torch.arange(n).expand_as(paths)):
+        raise ValueError(f"order must be a permutation of range({n}), or a [k, {n}] stack of them")
+    pos = torch.argsort(paths, dim=-1)  # [k, n] token -> sequence position in each direction
+    grid = pos.view(-1, height, width)  # [k, h, w] sequence position of each cell
+    horizontal = (grid[:, :, 1:] - grid[:, :, :-1]).flatten(1)  # [k, h*(w-1)]
+    vertical = (grid[:, 1:] - grid[:, :-1]).flatten(1)  # [k, (h-1)*w]
+    gaps = torch.cat([horizontal, vertical], dim=1).abs().amin(dim=0)  # [pairs], the closest direction
+    ys, xs = paths // width, paths % width  # [k, n] grid coordinates in sequence order
+    steps = ((ys[:, 1:] - ys[:, :-1]).abs() + (xs[:, 1:] - xs[:, :-1]).abs()).flatten()  # [k*(n-1)]
     one = torch.ones(1, dtype=torch.long)  # a 1x1 grid has neither neighbours nor steps: count it ideal
     gaps, steps = (gaps if gaps.numel() else one), (steps if steps.numel() else one)
     return {

@@ -27,7 +27,7 @@ import torch
 
 from perception.data.arrays import open_dataset
 from perception.evaluation.intervals import BootstrapSettings
-from perception.ops.serialization import locality_stats, scan_order
+from perception.ops.serialization import SCAN_ORDERS, locality_stats, scan_directions
 from pipeline import evidence
 from pipeline.config import StudyConfig
 from pipeline.evidence import VariantInfo, evidence_dict, fit_dict
@@ -72,8 +72,8 @@ def _locality(config: StudyConfig) -> dict[str, Any]:
     (1024 px at patch 16). A property of the order by construction: context, never a verdict."""
     grids = (config.images.train_resolution // config.images.patch_size, 1024 // 16)
     return {
-        order: {f"locality_{g}x{g}": locality_stats(scan_order(order, g, g), g, g) for g in grids}
-        for order in ("rowmajor", "snake", "hilbert")
+        order: {f"locality_{g}x{g}": locality_stats(scan_directions(order, g, g), g, g) for g in grids}
+        for order in SCAN_ORDERS
     }
 
 

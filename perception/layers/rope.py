@@ -1,0 +1,65 @@
+"""2D axial rotary position embedding (RoPE) applied to attention's queries and keys.
+
+Heo et al., "Rotary Position Embedding for Vision Transformer", ECCV 2024, https://arxiv.org/abs/2403.13298
+(the "RoPE-Axial" variant), after RoFormer (Su et al. 2021, https://arxiv.org/abs/2104.09864).
+
+A head's hs channels are taken in adjacent pairs (2i, 2i+1), and each pair is rotated as a point in the
+plane: the first hs/4 pairs (the first half of the head) by row * w_i, the last hs/4 pairs (the second
+half) by col * w_i, with w_i = theta^(-i / (hs/4)), i < hs/4. A token's position (row, col) is its integer
+position in the patch grid, so a larger grid continues the same positions. Rotating q at position p and k
+at position p' gives <R(p) q, R(p') k> = <q, R(p' - p) k>: attention scores see only the offset p' - p.
+Prefix tokens (the class token) get angle 0, i.e. are not rotated, as in RoPE-ViT.
+theta = 100 is RoPE-ViT's value for 2D axial frequencies (an image axis has tens of positions, not
+thousands as text does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def axial_rope_angles(
+    rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float = 100.0
+) -> torch.Tensor:
+    """Angles (N, head_dim/2) by which the channel pairs of the tokens at (rows[t], cols[t]) rotate.
+
+    rows, cols: (N,) integer grid positions (any integers: offsets and positions beyond a grid work).
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D axial RoPE needs a head dim divisible by 4; got {head_dim}")
+    m = head_dim // 4
+    freqs = theta ** -(torch.arange(m, dtype=torch.float32, device=rows.device) / m)  # (m,)
+    return torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=1)  # (N, 2m)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of x (..., S, hs) by the angles whose cos and sin are (S, hs/2)."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., S, hs/2, 2)
+    x0, x1 = pairs.unbind(-1)  # each (..., S, hs/2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (..., S, hs/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (..., S, hs)
+
+
+class AxialRoPE(nn.Module):
+    """The rotations for a token grid: forward(grid) -> (cos, sin), each (num_prefix + gh*gw, head_dim/2),
+    prefix rows first (angle 0), then the grid row-major. No parameters: defined at any grid size."""
+
+    def __init__(self, head_dim: int, num_prefix: int = 1, theta: float = 100.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2D axial RoPE needs a head dim divisible by 4; got {head_dim}")
+        self.head_dim, self.num_prefix, self.theta = head_dim, num_prefix, theta
+
+    def forward(
+        self, grid: tuple[int, int], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = torch.meshgrid(
+            torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
+        )  # each (gh, gw)
+        angles = axial_rope_angles(rows.flatten(), cols.flatten(), self.head_dim, self.theta)  # (gh*gw, hs/2)
+        angles = torch.cat([angles.new_zeros(self.num_prefix, angles.shape[1]), angles])  # (S, hs/2)
+        return angles.cos(), angles.sin()
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, num_prefix={self.num_prefix}, theta={self.theta}"
