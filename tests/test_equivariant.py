@@ -81,14 +81,21 @@ def _train_a_little(model: E3nnNet, dtype: torch.dtype, steps: int = 5) -> None:
         optimizer.step()
 
 
-@pytest.mark.parametrize("bipartite", [False, True])
+@pytest.mark.parametrize("bipartite", [False, True, "own target irreps"])
 @pytest.mark.parametrize("layer_cls", [PointConvolution, GatedConvolution])
-def test_convolution_layers_are_equivariant(layer_cls: type, bipartite: bool) -> None:
+def test_convolution_layers_are_equivariant(layer_cls: type, bipartite: bool | str) -> None:
     torch.manual_seed(0)
     irreps_in, irreps_sh = o3.Irreps("4x0e + 2x1o + 2x2e"), o3.Irreps.spherical_harmonics(2)
+    irreps_dst = o3.Irreps("3x0e + 1x1o + 1x2e") if bipartite == "own target irreps" else irreps_in
     with _default_dtype(torch.float64):
         layer = layer_cls(
-            irreps_in, irreps_sh, "6x0e + 3x1o + 2x2e", num_basis=5, radial_hidden=8, num_neighbors=3
+            irreps_in,
+            irreps_sh,
+            "6x0e + 3x1o + 2x2e",
+            num_basis=5,
+            radial_hidden=8,
+            num_neighbors=3,
+            irreps_dst=irreps_dst,
         )
     num_sources, num_targets, num_edges = 10, (6 if bipartite else 10), 30
     args = [
@@ -100,9 +107,9 @@ def test_convolution_layers_are_equivariant(layer_cls: type, bipartite: bool) ->
     ]
     irreps = [irreps_in, None, None, irreps_sh, "5x0e"]
     if bipartite:  # targets have their own features, for the self-connection
-        args.append(irreps_in.randn(num_targets, -1, dtype=torch.float64))
-        irreps.append(irreps_in)
-    assert layer.irreps_in == irreps_in
+        args.append(irreps_dst.randn(num_targets, -1, dtype=torch.float64))
+        irreps.append(irreps_dst)
+    assert layer.irreps_in == irreps_in and layer.irreps_dst == irreps_dst
     assert layer(*args).shape == (num_targets, layer.irreps_out.dim)
     with _default_dtype(torch.float64):  # e3nn builds the Wigner D matrices in the default dtype
         errors = assert_equivariant(
@@ -127,6 +134,51 @@ def test_logits_are_rotation_invariant_untrained_and_trained(dtype: torch.dtype)
     assert _rotation_error(model, pos) < TOLERANCE[dtype]
     _train_a_little(model, dtype)
     assert _rotation_error(model, pos) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("local_shape", [False, True])
+@pytest.mark.parametrize("global_invariants", [False, True])
+@pytest.mark.parametrize("global_frame", [False, True])
+def test_float64_invariance_with_and_without_the_invariant_inputs(
+    local_shape: bool, global_invariants: bool, global_frame: bool
+) -> None:
+    model = _model(
+        torch.float64, local_shape=local_shape, global_invariants=global_invariants, global_frame=global_frame
+    )
+    assert _rotation_error(model, _clouds(3, 256, torch.float64, seed=7)) < TOLERANCE[torch.float64]
+    head_in = model.head[0].in_features
+    assert head_in == 2 * model.config.dim + (3 + 2 * model.config.num_basis) * global_invariants
+
+
+def test_local_shape_tells_flat_from_round_neighbourhoods() -> None:
+    model = _model(torch.float64)
+    flat = _clouds(1, 256, torch.float64, seed=8) * torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    round_ = _clouds(1, 256, torch.float64, seed=8)
+    for cloud, flat_expected in ((flat, True), (round_, False)):
+        graph = model.preprocess(cloud)
+        invariants, quadric, shape = model._local_shape(graph.points.reshape(-1, 3), graph.down, batch=1)
+        eigen = invariants[:, :3]
+        torch.testing.assert_close(eigen.sum(dim=1), torch.ones(len(eigen), dtype=torch.float64))
+        assert (eigen[:, 0] < 1e-12).all() == flat_expected  # no spread out of the plane
+        torch.testing.assert_close(invariants[:, 3].mean(), torch.tensor(1.0, dtype=torch.float64))
+        torch.testing.assert_close(torch.linalg.eigvalsh(shape), eigen)
+        assert quadric.shape == (len(eigen), 5)
+        # The quadric is the traceless part of the same matrix: zero exactly where the neighbourhood is round.
+        traceless = shape - torch.eye(3, dtype=torch.float64) / 3
+        torch.testing.assert_close(
+            quadric.norm(dim=1) / traceless.flatten(1).norm(dim=1),
+            torch.full((len(eigen),), float(quadric[0].norm() / traceless[0].norm()), dtype=torch.float64),
+        )
+
+
+def test_frame_invariants_follow_the_principal_axes() -> None:
+    # A cloud stretched along x: a centre on the x axis scores higher than one at the same radius on y.
+    points = _clouds(1, 256, torch.float64, seed=9) * torch.tensor([1.0, 0.3, 0.3], dtype=torch.float64)
+    points = points - points.mean(dim=1, keepdim=True)
+    centres = torch.tensor([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]], dtype=torch.float64)
+    along_x, along_y = E3nnNet._frame_invariants(points, centres, None)
+    assert along_x[0] > 2 * along_y[0] and along_x[1] > 2 * along_y[1]
+    assert along_x[2] == 0 and along_y[2] == 0  # no local shape given
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -223,6 +275,9 @@ def test_deepcopy_and_state_dict_round_trip() -> None:
         ("radial_hidden", 0),
         ("max_radius", 0.0),
         ("dim", 2.5),
+        ("local_shape", "yes"),
+        ("global_invariants", 1),
+        ("global_frame", None),
     ],
 )
 def test_bad_config_values_raise_one_line_errors(key: str, value: object) -> None:

@@ -8,7 +8,7 @@ import pytest
 from perception.data.points import SamplingSpec, instance_rng, procedural_instance
 from perception.data.render import Camera, partial_scan, render_depth_normals
 from perception.data.sampling import normalise_mesh, sample_surface, triangle_areas
-from perception.data.shapes import SHAPE_NAMES, make_shape
+from perception.data.shapes import SHAPE_NAMES, deform, make_shape, subdivide
 
 SPEC = SamplingSpec(num_points=512)
 
@@ -58,6 +58,28 @@ def test_canonical_pose_up_axis_is_plus_z():
     assert np.quantile(radial, 0.9) - np.quantile(radial, 0.1) < 0.05  # a circle around z on the sides
 
 
+def test_pyramid_points_up_and_prism_has_flat_sides():
+    pyramid = _points("pyramid")
+    tip = pyramid[pyramid[:, 2] > np.quantile(pyramid[:, 2], 0.99)]
+    assert (
+        np.linalg.norm(tip[:, :2] - pyramid[:, :2].mean(0), axis=1).max() < 0.15
+    )  # apex on the axis, on top
+    prism = _points("prism")
+    side = prism[np.abs(prism[:, 2]) < 0.5 * np.abs(prism[:, 2]).max()]
+    radial = np.linalg.norm(side[:, :2] - side[:, :2].mean(0), axis=1)
+    assert np.quantile(radial, 0.95) - np.quantile(radial, 0.05) > 0.05  # a polygon, not a circle, around z
+
+
+def test_rounded_box_lies_between_box_and_sphere():
+    # How far the cloud reaches into the corners of its bounding box: box 1, ellipsoid about 0.58.
+    def corner_reach(points):
+        scaled = points / np.abs(points).max(axis=0)
+        return np.abs(scaled).min(axis=1).max()
+
+    reach = [corner_reach(_points(name)) for name in ("sphere", "rounded_box", "box")]
+    assert reach[0] < reach[1] < reach[2]
+
+
 def test_box_faces_are_axis_aligned():
     box = _points("box")
     lo, hi = box.min(0), box.max(0)
@@ -80,6 +102,63 @@ def test_same_seed_same_bytes_other_seed_other_points():
     c = procedural_instance("torus", 0.3, SPEC, seed=6, key=(0, 1, 2, 3))
     assert a.points.tobytes() == b.points.tobytes() and a.vertices.tobytes() == b.vertices.tobytes()
     assert not np.array_equal(a.points, c.points)
+
+
+@pytest.mark.parametrize("name", SHAPE_NAMES)
+def test_deformation_zero_is_the_undeformed_generator_and_deformed_instances_are_reproducible(name):
+    key = (0, 1, 2, 3)
+    plain = procedural_instance(name, 0.3, SPEC, seed=5, key=key)
+    zero = procedural_instance(name, 0.3, SPEC, seed=5, key=key, deformation=0.0)
+    assert plain.points.tobytes() == zero.points.tobytes() and plain.faces.tobytes() == zero.faces.tobytes()
+    a = procedural_instance(name, 0.3, SPEC, seed=5, key=key, deformation=0.7)
+    b = procedural_instance(name, 0.3, SPEC, seed=5, key=key, deformation=0.7)
+    assert a.points.tobytes() == b.points.tobytes() and a.vertices.tobytes() == b.vertices.tobytes()
+    assert not np.array_equal(a.points, plain.points)
+    assert np.abs(a.points.mean(axis=0)).max() < 1e-5
+    assert np.isclose(np.linalg.norm(a.points, axis=1).max(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("deformation", [-0.1, 1.5, float("nan")])
+def test_deformation_outside_zero_one_is_refused(deformation):
+    with pytest.raises(ValueError, match="deformation"):
+        make_shape("box", np.random.default_rng(0), 0.3, deformation)
+
+
+def test_deformations_keep_z_as_the_axis_and_change_the_shape():
+    rng = np.random.default_rng(0)
+    vertices = np.array([[1.0, 0.0, -1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
+    for _ in range(20):
+        moved = deform(vertices, rng, 1.0)
+        assert np.array_equal(moved[:, 2], vertices[:, 2])  # heights are kept: +z stays up
+        # The axis point at mid-height stays put (taper and twist scale and turn about it, bend is 0 there).
+        assert np.allclose(moved[2], vertices[2])
+    assert np.array_equal(deform(vertices, rng, 0.0), vertices)
+    # Deformed instances of one class vary more than undeformed ones (the extents of a twisted box change).
+    spreads = []
+    for strength in (0.0, 1.0):
+        extents = []
+        for i in range(8):
+            v, f = make_shape("box", np.random.default_rng(i), 0.0, strength)
+            v = normalise_mesh(v, f)
+            extents.append(np.sort(v.max(0) - v.min(0)))
+        spreads.append(np.array(extents).std(axis=0).sum())
+    assert spreads[1] > spreads[0]
+
+
+def test_subdivision_splits_every_face_into_four_and_keeps_the_surface():
+    vertices, faces = make_shape("tetrahedron", np.random.default_rng(0), 0.0)
+    fine_vertices, fine_faces = subdivide(vertices, faces)
+    assert len(fine_faces) == 4 * len(faces)
+    assert len(fine_vertices) == len(vertices) + 6  # a tetrahedron has 6 edges: each midpoint made once
+    assert triangle_areas(fine_vertices, fine_faces).sum() == pytest.approx(
+        triangle_areas(vertices, faces).sum()
+    )
+    # Still closed: every edge is shared by exactly two faces.
+    edges = np.sort(
+        np.concatenate([fine_faces[:, [0, 1]], fine_faces[:, [1, 2]], fine_faces[:, [2, 0]]]), axis=1
+    )
+    _, counts = np.unique(edges, axis=0, return_counts=True)
+    assert (counts == 2).all()
 
 
 def test_noise_and_partial_scans():

@@ -12,6 +12,7 @@ from perception.ops.graphs import (
     knn,
     knn_graph,
     knn_graph_ref,
+    knn_indices,
     knn_ref,
     radius_graph,
     radius_graph_ref,
@@ -44,6 +45,21 @@ def test_knn_graph_matches_brute_force(loop: bool) -> None:
     # Each centre appears exactly k times, never as its own neighbour unless loop.
     assert torch.equal(torch.bincount(edge_index[1], minlength=120), torch.full((120,), 7))
     assert loop == bool((edge_index[0] == edge_index[1]).any())
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_dense_knn_indices_are_the_knn_graph(loop: bool) -> None:
+    pos = _cloud(3, 40, seed=4)
+    idx = knn_indices(pos, k=6, loop=loop)
+    assert idx.shape == (3, 40, 6) and idx.dtype == torch.long
+    as_edges = {
+        (b * 40 + int(j), b * 40 + i) for b in range(3) for i in range(40) for j in idx[b, i].tolist()
+    }
+    assert as_edges == knn_graph_ref(pos, k=6, loop=loop)
+    distances = pos[:, :, None] - pos.gather(1, idx.reshape(3, -1, 1).expand(-1, -1, 3)).reshape(3, 40, 6, 3)
+    assert (distances.norm(dim=-1).diff(dim=2) >= 0).all()  # nearest first
+    with pytest.raises(ValueError, match="k = 40"):
+        knn_indices(pos, k=40, loop=False)
 
 
 def test_bipartite_knn_matches_brute_force() -> None:

@@ -95,6 +95,23 @@ def test_dgcnn_rebuilds_the_graph_from_features() -> None:
     assert seen[0].shape == (2, 64, model.config.width)  # the second block's graph is over learned features
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_dense_edge_conv_matches_torch_geometric_edge_conv(train: bool) -> None:
+    # The dense block (linear per point, gather, max) against the same weights through PyG's EdgeConv.
+    torch.manual_seed(0)
+    block = dgcnn.DynamicEdgeBlock(5, 8, k=4).double().train(train)
+    if not train:  # non-trivial running statistics, so eval mode tests them too
+        block.conv.nn[1].running_mean.uniform_(-1, 1)
+        block.conv.nn[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 20, 5, dtype=torch.float64, requires_grad=True)
+    fast = block(x)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), x)
+    ref = block.forward_ref(x)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert fast.shape == (3, 20, 8)
+    assert torch.allclose(fast, ref, atol=1e-12) and torch.allclose(grad_fast, grad_ref, atol=1e-10)
+
+
 CONFIG_ERRORS = [
     ("pointnet", "num_classes", 1),
     ("pointnet", "dim", 2),

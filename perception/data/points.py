@@ -51,10 +51,17 @@ def _sample(
 
 
 def procedural_instance(
-    class_name: str, anisotropy: float, spec: SamplingSpec, seed: int, key: tuple[int, ...]
+    class_name: str,
+    anisotropy: float,
+    spec: SamplingSpec,
+    seed: int,
+    key: tuple[int, ...],
+    deformation: float = 0.0,
 ) -> Instance:
+    """One procedural instance; `deformation` (in [0, 1], see `perception.data.shapes.deform`) 0 gives the
+    instances of the generator without deformations, byte for byte."""
     rng = instance_rng(seed, key)
-    vertices, faces = make_shape(class_name, rng, anisotropy)
+    vertices, faces = make_shape(class_name, rng, anisotropy, deformation)
     return _sample(vertices, faces, spec, rng)
 
 

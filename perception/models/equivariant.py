@@ -28,10 +28,12 @@ class PointConvolution(nn.Module):
 
     The message from neighbour j couples its features with the spherical harmonics Y of the edge vector; the
     tensor product's weights come from a radial network on the edge length, so they are rotation invariant.
-    `sc` is a linear self-connection. As in e3nn's `gate_points_2102` (without its node attributes), except
-    that messages are averaged over the `num_neighbors` edges of each target (a kNN graph: exactly k) rather
-    than summed and divided by sqrt(num_neighbors): nearby neighbours send similar messages, and the sum grew
-    activations 2-3x per layer. The 1/sqrt(2) keeps the residual sum at the scale of its terms.
+    `sc` is a linear self-connection from the targets' own features, whose irreps (`irreps_dst`) may differ
+    from the sources' in a bipartite graph (default: the same). As in e3nn's `gate_points_2102` (without
+    its node attributes), except that messages are averaged over the `num_neighbors` edges of each target
+    (a kNN graph: exactly k) rather than summed and divided by sqrt(num_neighbors): nearby neighbours send
+    similar messages, and the sum grew activations 2-3x per layer. The 1/sqrt(2) keeps the residual sum at
+    the scale of its terms.
     """
 
     def __init__(
@@ -42,14 +44,16 @@ class PointConvolution(nn.Module):
         num_basis: int,
         radial_hidden: int,
         num_neighbors: float,
+        irreps_dst: str | o3.Irreps | None = None,
     ) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_dst = self.irreps_in if irreps_dst is None else o3.Irreps(irreps_dst)
         self.irreps_sh = o3.Irreps(irreps_sh)
         self.irreps_out = o3.Irreps(irreps_out)
         self.num_neighbors = num_neighbors
 
-        self.sc = o3.Linear(self.irreps_in, self.irreps_out)
+        self.sc = o3.Linear(self.irreps_dst, self.irreps_out)
         self.lin1 = o3.Linear(self.irreps_in, self.irreps_in)
         # One "uvu" path (channel-wise, weights per edge) for each output irrep that irreps_out can hold.
         irreps_mid, instructions = [], []
@@ -106,6 +110,7 @@ class GatedConvolution(nn.Module):
         num_basis: int,
         radial_hidden: int,
         num_neighbors: float,
+        irreps_dst: str | o3.Irreps | None = None,
     ) -> None:
         super().__init__()
         irreps_out = o3.Irreps(irreps_out)
@@ -114,9 +119,10 @@ class GatedConvolution(nn.Module):
         gates = o3.Irreps(f"{gated.num_irreps}x0e")
         self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
         self.conv = PointConvolution(
-            irreps_in, irreps_sh, self.gate.irreps_in, num_basis, radial_hidden, num_neighbors
+            irreps_in, irreps_sh, self.gate.irreps_in, num_basis, radial_hidden, num_neighbors, irreps_dst
         )
         self.irreps_in = self.conv.irreps_in
+        self.irreps_dst = self.conv.irreps_dst
         self.irreps_out = self.gate.irreps_out
 
     def forward(
@@ -165,6 +171,9 @@ class E3nnConfig:
     radial_hidden: int = 32  # hidden width of each radial network
     max_radius: float = 1.0  # edges longer than this contribute nothing (smoothly): clouds lie in a unit ball
     weight_gain: float = 10.0  # e3nn weights are stored divided by this, so Adam moves them faster: see Gain
+    local_shape: bool = True  # centres get their neighbourhood's covariance: 4 invariants (0e) and 1x2e
+    global_invariants: bool = True  # the head gets the cloud's covariance spectrum, radial and D2 histograms
+    global_frame: bool = True  # centres get 3 invariants of their place and shape in the cloud's own axes
 
     def __post_init__(self) -> None:
         check(isinstance(self.num_classes, int) and self.num_classes >= 2, self, "num_classes", "an int >= 2")
@@ -199,6 +208,19 @@ class E3nnConfig:
             "weight_gain",
             "a number > 0 (1 keeps e3nn's own parametrisation)",
         )
+        check(isinstance(self.local_shape, bool), self, "local_shape", "a bool")
+        check(isinstance(self.global_invariants, bool), self, "global_invariants", "a bool")
+        check(isinstance(self.global_frame, bool), self, "global_frame", "a bool")
+
+    @property
+    def num_centre_invariants(self) -> int:
+        """Invariant (0e) inputs of the centres besides the radial code: local shape 4, global frame 3."""
+        return 4 * self.local_shape + 3 * self.global_frame
+
+    @property
+    def num_global_invariants(self) -> int:
+        """Invariants of the whole cloud given to the head: 3 covariance eigenvalues, 2 histograms."""
+        return 3 + 2 * self.num_basis if self.global_invariants else 0
 
     @property
     def irreps_hidden(self) -> o3.Irreps:
@@ -209,10 +231,13 @@ class E3nnConfig:
 
 
 SIZES: dict[str, dict] = {
-    "tiny": {"dim": 16, "mul": 8, "depth": 2, "lmax": 2, "k": 10, "k_input": 16, "num_points": 128},
+    "tiny": {"dim": 16, "mul": 8, "depth": 2, "lmax": 2, "k": 8, "k_input": 16, "num_points": 64},
     "small": {"dim": 32, "mul": 16, "depth": 3, "lmax": 2, "k": 16, "k_input": 24, "num_points": 256},
     "base": {"dim": 64, "mul": 32, "depth": 4, "lmax": 3, "k": 24, "k_input": 32, "num_points": 512},
 }
+
+
+D2_CENTRES = 32  # centres whose pairwise distances make the D2 histogram
 
 
 class PointGraph(NamedTuple):
@@ -230,16 +255,23 @@ class E3nnNet(nn.Module):
     <https://arxiv.org/abs/1802.08219>`_ (Thomas et al. 2018) as implemented by `"e3nn: Euclidean Neural
     Networks" <https://arxiv.org/abs/2207.09453>`_ (Geiger and Smidt 2022; its `gate_points` models).
 
-    Input float32[B, N, 3] (N > k), output logits [B, num_classes]. `preprocess` centres the
-    cloud, keeps `num_points` centres by farthest point sampling (from the point farthest from the centroid),
-    and links each centre to its `k_input` nearest input points and its `k` nearest other centres. Node inputs
-    are a radial embedding of the distance to the centroid (0e) and the centred position (1o). The first
-    gated convolution gathers the fine local shape of every input point onto the centres; the next ones run
-    on the centres' graph; a last convolution keeps `dim` scalars, pooled (mean and max over centres) into an
-    MLP head. Each convolution is a tensor product of neighbour features with the spherical harmonics (up to
-    `lmax`) of the edge vector, weighted by a radial network on the edge length, then `e3nn.nn.Gate`.
-    Every step is equivariant and the graphs depend only on distances, so the logits are invariant to
-    rotations, reflections, translations and point order, up to rounding (and exact distance ties).
+    Input float32[B, N, 3] (N > k), output logits [B, num_classes]. `preprocess` centres the cloud, keeps
+    `num_points` centres by farthest point sampling (from the point farthest from the centroid), and links
+    each centre to its `k_input` nearest input points and its `k` nearest other centres. Node inputs are a
+    radial embedding of the distance to the centroid (0e) and the centred position (1o); with `local_shape`,
+    each centre also gets the covariance of its `k_input` input neighbours: its eigenvalues over their sum,
+    its size against the cloud's mean (4x0e: edge, face or corner, fine or coarse) and its traceless part
+    (1x2e: the orientation of that local shape); with `global_frame`, 3 invariants of where the centre and its
+    neighbourhood lie along the cloud's own principal axes (see `_frame_invariants`): what a model fed raw
+    coordinates reads off the canonical pose, without needing one. The first gated convolution gathers the
+    fine local shape of every input point onto the centres; the next ones run on the centres' graph; a last
+    convolution keeps `dim` scalars, pooled (mean and max over centres) into an MLP head. With
+    `global_invariants`, the head also gets invariants of the whole cloud: the eigenvalues of its covariance,
+    and soft histograms of the distances to the centroid and between centres (Osada et al.'s D2 shape
+    distribution). Each convolution is a tensor product of neighbour features with the spherical harmonics (up
+    to `lmax`) of the edge vector, weighted by a radial network on the edge length, then `e3nn.nn.Gate`. Every
+    step is equivariant and the graphs depend only on distances, so the logits are invariant to rotations,
+    reflections, translations and point order, up to rounding (and exact distance ties).
     """
 
     def __init__(self, config: E3nnConfig) -> None:
@@ -247,12 +279,17 @@ class E3nnNet(nn.Module):
         self.config = config
         self.irreps_sh = o3.Irreps.spherical_harmonics(config.lmax)
         self.irreps_in = o3.Irreps(f"{config.num_basis}x0e + 1x1o")
+        # Centres' inputs: the radial code and the local-shape and frame invariants (0e), the position (1o),
+        # the local 2e tensor.
+        self.irreps_centre = o3.Irreps(f"{config.num_basis + config.num_centre_invariants}x0e + 1x1o") + (
+            o3.Irreps("1x2e") if config.local_shape else o3.Irreps("")
+        )
         self.irreps_hidden = config.irreps_hidden
         self.irreps_out = o3.Irreps(f"{config.dim}x0e")
 
         radial = (config.num_basis, config.radial_hidden)
         self.down = GatedConvolution(
-            self.irreps_in, self.irreps_sh, self.irreps_hidden, *radial, config.k_input
+            self.irreps_in, self.irreps_sh, self.irreps_hidden, *radial, config.k_input, self.irreps_centre
         )
         layers: list[nn.Module] = []
         for _ in range(config.depth - 1):
@@ -263,8 +300,9 @@ class E3nnNet(nn.Module):
             PointConvolution(self.irreps_hidden, self.irreps_sh, self.irreps_out, *radial, config.k)
         )
         self.layers = nn.ModuleList(layers)
+        head_in = 2 * config.dim + config.num_global_invariants
         self.head = nn.Sequential(
-            nn.Linear(2 * config.dim, config.dim), nn.SiLU(), nn.Linear(config.dim, config.num_classes)
+            nn.Linear(head_in, config.dim), nn.SiLU(), nn.Linear(config.dim, config.num_classes)
         )
         if config.weight_gain != 1:  # every e3nn weight (radial networks, linear maps); not the torch head
             e3nn_weights = [
@@ -304,6 +342,68 @@ class E3nnNet(nn.Module):
         ).mul(cfg.num_basis**0.5)
         return torch.cat([radius_emb, pos], dim=1)
 
+    def _local_shape(self, points: Tensor, down: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The covariance of each centre's input neighbours (its `down` sources) over its trace, as
+        invariants [B*M, 4] (its eigenvalues, ascending, summing to 1; the root of its trace over the cloud's
+        mean), as 2e [B*M, 5] (its traceless part: degree-2 spherical harmonics are quadratic forms, so their
+        mean over the offsets is that part in e3nn's basis) and as the matrix [B*M, 3, 3]."""
+        k = min(self.config.k_input, points.shape[0] // batch)  # as `preprocess` linked them
+        neighbours = points[down[0]].reshape(-1, k, 3)  # [B*M, k, 3], grouped by centre
+        offsets = (neighbours - neighbours.mean(dim=1, keepdim=True)).detach()  # [B*M, k, 3]
+        cov = offsets.transpose(1, 2) @ offsets / k  # [B*M, 3, 3]
+        trace = cov.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12)  # [B*M]
+        eigen = torch.linalg.eigvalsh(cov) / trace[:, None]  # [B*M, 3], ascending, summing to 1
+        size = trace.sqrt().reshape(batch, -1)  # [B, M]
+        size = (size / size.mean(dim=1, keepdim=True).clamp_min(1e-12)).reshape(-1, 1)  # [B*M, 1]
+        quadric = o3.spherical_harmonics("2e", offsets, normalize=False, normalization="component")
+        quadric = quadric.mean(dim=1) / trace[:, None]  # [B*M, 5]
+        return torch.cat([eigen, size], dim=1), quadric, cov / trace[:, None, None]
+
+    @staticmethod
+    def _frame_invariants(points: Tensor, centres: Tensor, local: Tensor | None) -> Tensor:
+        """[B*M, 3]: where each centre lies, and how its neighbourhood lies, along the cloud's principal axes.
+
+        With C the covariance of the (centred) cloud over its trace and p a centre: 3 p^T C p and 9 p^T C^2 p
+        (both |p|^2 for a round cloud), and 3 tr(S C) with S the centre's local covariance over its trace (1
+        for a round cloud; 0 without `local`). Polynomials in the coordinates, so exactly invariant without an
+        eigendecomposition, whose axes would jump where two eigenvalues (nearly) tie.
+        """
+        points = points.detach()
+        batch, num_centres, _ = centres.shape
+        cov = points.transpose(1, 2) @ points  # [B, 3, 3]: the points are centred
+        cov = cov / cov.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12)[:, None, None]
+        p = centres.detach()  # [B, M, 3]
+        cp = p @ cov  # [B, M, 3]: C is symmetric
+        first = 3 * (cp * p).sum(-1)  # [B, M]
+        second = 9 * (cp * cp).sum(-1)  # [B, M]
+        if local is None:
+            third = torch.zeros_like(first)
+        else:
+            local = local.reshape(batch, num_centres, 3, 3)
+            third = 3 * (local * cov[:, None]).sum(dim=(-1, -2))  # [B, M]
+        return torch.stack([first, second, third], dim=-1).reshape(-1, 3)
+
+    def _global_invariants(self, points: Tensor, centres: Tensor) -> Tensor:
+        """[B, 3 + 2 * num_basis]: covariance eigenvalues of the cloud, soft histograms of the points'
+        distances to the centroid (over [0, max_radius]) and of the distances between the first
+        D2_CENTRES centres (over [0, 2 max_radius]; farthest point sampling puts them all over the
+        shape, and all M^2 pairs cost more than the convolutions)."""
+        cfg = self.config
+        points, centres = points.detach(), centres.detach()
+        cov = points.transpose(1, 2) @ points / points.shape[1]  # [B, 3, 3]: the points are centred
+        eigen = 3 * torch.linalg.eigvalsh(cov)  # [B, 3]; a unit sphere's are 1 each
+        radial = soft_one_hot_linspace(
+            points.norm(dim=-1), 0.0, cfg.max_radius, cfg.num_basis, basis="gaussian", cutoff=False
+        ).mean(dim=1)  # [B, num_basis]
+        spread = centres[
+            :, :D2_CENTRES
+        ]  # [B, m, 3]: the first centres of farthest point sampling, spread out
+        pairwise = (spread[:, :, None] - spread[:, None]).norm(dim=-1)  # [B, m, m]
+        d2 = soft_one_hot_linspace(
+            pairwise, 0.0, 2 * cfg.max_radius, cfg.num_basis, basis="gaussian", cutoff=False
+        ).mean(dim=(1, 2))  # [B, num_basis]
+        return torch.cat([eigen, radial, d2], dim=1)
+
     def forward(self, pos: Tensor) -> Tensor:
         graph = self.preprocess(pos)
         batch, num_centres, _ = graph.centres.shape
@@ -312,14 +412,24 @@ class E3nnNet(nn.Module):
 
         down_sh, down_emb = self._edge_attributes(points, centres, graph.down)
         down_src, down_dst = graph.down
-        x = self.down(
-            self._node_inputs(points), down_src, down_dst, down_sh, down_emb, self._node_inputs(centres)
-        )
+        radial, position = self._node_inputs(centres).split([self.config.num_basis, 3], dim=1)
+        scalars, tensors = [radial], []  # the centres' irreps_centre: 0e ..., 1o, then 2e with local_shape
+        local = None
+        if self.config.local_shape:
+            invariants, quadric, local = self._local_shape(points, graph.down, batch)
+            scalars.append(invariants)
+            tensors.append(quadric)
+        if self.config.global_frame:
+            scalars.append(self._frame_invariants(graph.points, graph.centres, local))
+        centre_inputs = torch.cat([*scalars, position, *tensors], dim=1)  # [B*M, irreps_centre.dim]
+        x = self.down(self._node_inputs(points), down_src, down_dst, down_sh, down_emb, centre_inputs)
         edge_sh, edge_emb = self._edge_attributes(centres, centres, graph.edges)
         edge_src, edge_dst = graph.edges
         for layer in self.layers:
             x = layer(x, edge_src, edge_dst, edge_sh, edge_emb)  # [B*M, irreps.dim]
 
         x = x.reshape(batch, num_centres, self.config.dim)  # scalars only: rotation invariant
-        pooled = torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1)  # [B, 2 * dim]
-        return self.head(pooled)
+        pooled = [x.mean(dim=1), x.amax(dim=1)]  # each [B, dim]
+        if self.config.global_invariants:
+            pooled.append(self._global_invariants(graph.points, graph.centres))
+        return self.head(torch.cat(pooled, dim=1))

@@ -40,17 +40,21 @@ def _distance_chunks(target: Tensor, source: Tensor, exact: bool) -> Iterator[tu
         )
 
 
-def _knn(source: Tensor, target: Tensor, k: int, same: bool, loop: bool, exact: bool) -> Tensor:
-    batch, num_targets, _ = target.shape
-    num_sources = source.shape[1]
+def _knn_indices(source: Tensor, target: Tensor, k: int, same: bool, loop: bool, exact: bool) -> Tensor:
+    """long[B, M, k]: for each target point, its k nearest source points (indices within the sample)."""
     neighbours = []
-    for start, dist in _distance_chunks(target.detach(), source.detach(), exact):
+    for _, dist in _distance_chunks(target.detach(), source.detach(), exact):
         if same and not loop:
             dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-        idx = dist.topk(k, dim=2, largest=False).indices  # [b, M, k]
-        offsets = (torch.arange(idx.shape[0], device=idx.device) + start) * num_sources
-        neighbours.append(idx + offsets[:, None, None])
-    src = torch.cat(neighbours).reshape(-1)  # [B * M * k]
+        neighbours.append(dist.topk(k, dim=2, largest=False).indices)  # [b, M, k]
+    return torch.cat(neighbours)
+
+
+def _knn(source: Tensor, target: Tensor, k: int, same: bool, loop: bool, exact: bool) -> Tensor:
+    batch, num_targets, _ = target.shape
+    idx = _knn_indices(source, target, k, same, loop, exact)  # [B, M, k]
+    offsets = torch.arange(batch, device=idx.device) * source.shape[1]
+    src = (idx + offsets[:, None, None]).reshape(-1)  # [B * M * k], over the flattened B*N sources
     dst = torch.arange(batch * num_targets, device=target.device).repeat_interleave(k)
     return torch.stack([src, dst])
 
@@ -67,6 +71,16 @@ def knn_graph(pos: Tensor, k: int, loop: bool = False, exact: bool = True) -> Te
     if not 1 <= k <= available:
         raise ValueError(f"k = {k} needs 1 <= k <= {available} for {pos.shape[1]} points (loop={loop})")
     return _knn(pos, pos, k, same=True, loop=loop, exact=exact)
+
+
+def knn_indices(pos: Tensor, k: int, loop: bool = False, exact: bool = True) -> Tensor:
+    """The kNN graph of `knn_graph` as dense indices: long[B, N, k], each point's k nearest neighbours
+    (indices within its sample, nearest first). For models that gather neighbours as [B, N, k, C] tensors."""
+    _check_pos(pos)
+    available = pos.shape[1] if loop else pos.shape[1] - 1
+    if not 1 <= k <= available:
+        raise ValueError(f"k = {k} needs 1 <= k <= {available} for {pos.shape[1]} points (loop={loop})")
+    return _knn_indices(pos, pos, k, same=True, loop=loop, exact=exact)
 
 
 def knn(source: Tensor, target: Tensor, k: int, exact: bool = True) -> Tensor:

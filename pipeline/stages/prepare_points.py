@@ -27,8 +27,8 @@ FORMAT_VERSION = 1
 
 
 def _procedural_item(item: tuple) -> Instance:
-    class_name, anisotropy, spec, seed, key = item
-    return procedural_instance(class_name, anisotropy, spec, seed, key)
+    class_name, anisotropy, deformation, spec, seed, key = item
+    return procedural_instance(class_name, anisotropy, spec, seed, key, deformation=deformation)
 
 
 def _file_item(item: tuple) -> Instance | str:
@@ -62,7 +62,8 @@ def _work_items(config: StudyConfig, base_dir: Path) -> tuple[list[str], list[tu
             for class_id, name in enumerate(classes):
                 for i in range(counts[split]):
                     described.append((split, class_id, f"{name}#{i}"))
-                    items.append((name, points.anisotropy, spec, seed, (0, split_id, class_id, i)))
+                    key = (0, split_id, class_id, i)
+                    items.append((name, points.anisotropy, points.deformation, spec, seed, key))
         return classes, described, items
     root = resolve_path(points.root, base_dir)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
