@@ -124,7 +124,12 @@ NO_CUDA_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="this machin
 
 BAD_PARAMS = [
     # unknown keys: top level, nested, and a family hparam in a model entry
-    row("unknown top-level key", {"trian": {"epochs": 1}}, "train", ["trian: unknown key", "seed, seeds, points"]),
+    row(
+        "unknown top-level key",
+        {"trian": {"epochs": 1}},
+        "train",
+        ["trian: unknown key", "seed, seeds, points"],
+    ),
     row(
         "unknown nested key",
         {"images": {"patch": 4}},
