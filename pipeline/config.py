@@ -96,7 +96,7 @@ class RuntimeConfig:
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Keys of a `train.models` entry that are not the family's own hparams.
-TRIAL_KEYS = ("family", "size", "augment", "lr", "weight_decay", "batch_size", "points_per_cloud")
+TRIAL_KEYS = ("family", "size", "augment", "epochs", "lr", "weight_decay", "batch_size", "points_per_cloud")
 
 
 @dataclass(frozen=True)
@@ -187,11 +187,11 @@ def parse_models(key: str, data: Any) -> tuple[ModelEntry, ...]:
 DEFAULT_MODELS = parse_models(
     "train.models",
     {
-        "vit": {},
+        "vit": {"epochs": 20},
         "mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "snake", "hilbert"]}},
         "e3nn": {"lr": 1e-2},
         "pointnet": {"augment": {"grid": ["none", "z", "so3"]}},
-        "dgcnn": {"augment": {"grid": ["none", "z", "so3"]}},
+        "dgcnn": {},
     },
 )
 
@@ -241,7 +241,7 @@ class TrainConfig:
 class EvaluateConfig:
     """Stage `evaluate`: the claims measured on the trained models."""
 
-    rotation_draws: int = field(default=4, metadata=_range(1, 1000, "rotations per test sample and mode"))
+    rotation_draws: int = field(default=2, metadata=_range(1, 1000, "rotations per test sample and mode"))
     invariance_clouds: int = field(default=16, metadata=_range(1, 100_000))
     batch_size: int = field(default=64, metadata=_range(1, 65_536))
     # The cost sweep: ViT, Mamba-hybrid and pure Mamba at one width and depth, over these resolutions.
@@ -254,7 +254,7 @@ class EvaluateConfig:
     cost_heads: int = field(default=3, metadata=_range(1, 256))
     # Timing: torch.utils.benchmark blocks until this many seconds are spent on a point (at least
     # cost_min_blocks blocks); exponents are fitted over token counts >= cost_fit_min_tokens.
-    cost_min_run_time: float = field(default=1.0, metadata=_range(0.001, 3600.0, "seconds per point"))
+    cost_min_run_time: float = field(default=0.5, metadata=_range(0.001, 3600.0, "seconds per point"))
     cost_min_blocks: int = field(default=7, metadata=_range(2, 10_000, "timed blocks per point"))
     cost_fit_min_tokens: int = field(default=576, metadata=_range(1, 10_000_000))
     # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many

@@ -213,6 +213,18 @@ BAD_PARAMS = [
         ["points.classes: unknown name 'blob'", "allowed: box, sphere"],
     ),
     row(
+        "a model's epochs searched",
+        {"train": {"models": {"vit": {"epochs": {"choice": [4, 8]}}}}},
+        "train",
+        ["train.models.vit.epochs: only a fixed value", "a whole number >= 1"],
+    ),
+    row(
+        "a model's epochs zero",
+        {"train": {"models": {"vit": {"epochs": 0}}}},
+        "train",
+        ["train.models.vit.epochs = 0 is not allowed", "a whole number >= 1"],
+    ),
+    row(
         "unknown augment",
         {"train": {"models": {"pointnet": {"augment": "x"}}}},
         "train",

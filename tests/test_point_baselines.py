@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -97,19 +99,27 @@ def test_dgcnn_rebuilds_the_graph_from_features() -> None:
 
 @pytest.mark.parametrize("train", [True, False])
 def test_dense_edge_conv_matches_torch_geometric_edge_conv(train: bool) -> None:
-    # The dense block (linear per point, gather, max) against the same weights through PyG's EdgeConv.
+    # The dense block (linear per point, gather, max before the normalisation) against the same weights
+    # through PyG's EdgeConv: outputs, input gradients and, in training, BatchNorm's running statistics.
     torch.manual_seed(0)
-    block = dgcnn.DynamicEdgeBlock(5, 8, k=4).double().train(train)
-    if not train:  # non-trivial running statistics, so eval mode tests them too
-        block.conv.nn[1].running_mean.uniform_(-1, 1)
-        block.conv.nn[1].running_var.uniform_(0.5, 2)
+    fast_block = dgcnn.DynamicEdgeBlock(5, 8, k=4).double().train(train)
+    norm = fast_block.conv.nn[1]
+    with torch.no_grad():  # negative scales too, so both the max and the min branch are exercised
+        norm.weight.uniform_(-1, 1)
+        norm.bias.uniform_(-1, 1)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    ref_block = copy.deepcopy(fast_block)
     x = torch.randn(3, 20, 5, dtype=torch.float64, requires_grad=True)
-    fast = block(x)
+    fast = fast_block(x)
     (grad_fast,) = torch.autograd.grad(fast.square().sum(), x)
-    ref = block.forward_ref(x)
+    ref = ref_block.forward_ref(x)
     (grad_ref,) = torch.autograd.grad(ref.square().sum(), x)
     assert fast.shape == (3, 20, 8)
     assert torch.allclose(fast, ref, atol=1e-12) and torch.allclose(grad_fast, grad_ref, atol=1e-10)
+    for name, value in ref_block.conv.nn[1].named_buffers():
+        assert torch.allclose(getattr(norm, name), value, atol=1e-12), name
+    assert (norm.weight < 0).any() and (norm.weight > 0).any()
 
 
 CONFIG_ERRORS = [

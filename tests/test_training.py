@@ -46,9 +46,7 @@ def test_default_models_expand_into_the_studys_variants():
         "pointnet-none",
         "pointnet-z",
         "pointnet-so3",
-        "dgcnn-none",
-        "dgcnn-z",
-        "dgcnn-so3",
+        "dgcnn",
     ]
 
 
@@ -93,6 +91,29 @@ def test_tune_space_resolves_to_one_flat_config_per_trial():
         space.trial_label(spec) for _, spec in generate_variants(space.param_space(config, variants, flat))
     }
     assert labels == {"pointnet-none-s0", "pointnet-none-s1", "pointnet-so3-s0", "pointnet-so3-s1"}
+
+
+def test_a_model_entry_sets_its_own_epochs_and_the_others_keep_the_studys():
+    from pipeline.training.trainable import trial_settings
+
+    config = _config({"models": {"vit": {"epochs": 20}, "pointnet": {}}, "epochs": 3})
+    variants = space.expand(config)
+    space.check(config, variants, num_classes=4, in_channels=4)
+    assert space.max_epochs(config, variants) == 20
+    by_name = {v.name: v for v in variants}
+    for name, expected in [("vit", 20), ("pointnet", 3)]:
+        trial = {"trial": by_name[name].as_trial(), "trial_seed": 0}
+        flat = space.resolved(
+            {
+                **trial,
+                "train.epochs": 3,
+                "train.lr": 1e-3,
+                "train.weight_decay": 0.0,
+                "train.batch_size": 8,
+                "train.points_per_cloud": 0,
+            }
+        )
+        assert trial_settings(flat)["epochs"] == expected == space.trial_epochs(config, trial)
 
 
 BAD_TRAIN = [

@@ -277,7 +277,7 @@ def train(
             finished = {
                 r.metrics["trial_id"]
                 for r in tuner.get_results()
-                if (r.metrics or {}).get("epoch") == config.train.epochs
+                if (r.metrics or {}).get("epoch") == space.trial_epochs(config, r.config)
             }
             done_before = len(finished)
             interrupted = retrying(
@@ -299,7 +299,7 @@ def train(
         print(
             f"train: {total_trials} trials ({len(variants)} variants x {len(config.seeds)} seeds x "
             f"{config.train.num_samples} samples), "
-            f"{config.train.epochs} epochs, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
+            f"{_epochs_text(config, variants)}, {resources['cpu']:g} CPU + {resources['gpu']:g} GPU per trial"
             f"{', ASHA' if use_asha else ''}; MLflow {uri}, run {parent_id}; Tune run {experiment}",
             flush=True,
         )
@@ -417,11 +417,22 @@ def _use_asha(config: StudyConfig, variants: list[space.Variant]) -> bool:
     return scheduler == "asha" or (scheduler == "auto" and space.is_search(config, variants))
 
 
+def _epochs_text(config: StudyConfig, variants: list[space.Variant]) -> str:
+    """`8 epochs` or `8 epochs (vit 20)`: the study's epochs and the variants that set their own."""
+    own = [
+        f"{v.name} {v.fixed['epochs']}"
+        for v in variants
+        if v.fixed.get("epochs", config.train.epochs) != config.train.epochs
+    ]
+    return f"{config.train.epochs} epochs" + (f" ({', '.join(own)})" if own else "")
+
+
 def _new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, storage: str, use_asha: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    max_epochs = space.max_epochs(config, space.expand(config))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -438,8 +449,8 @@ def _new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, sto
             reuse_actors=True,
             scheduler=ASHAScheduler(
                 time_attr="training_iteration",
-                max_t=config.train.epochs,
-                grace_period=min(config.train.grace_period, config.train.epochs),
+                max_t=max_epochs,
+                grace_period=min(config.train.grace_period, max_epochs),
             )
             if use_asha
             else None,

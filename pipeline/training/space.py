@@ -17,7 +17,7 @@ from perception.training import AUGMENTS
 from pipeline.config import TRIAL_KEYS, ConfigError, Domain, ModelEntry, StudyConfig
 
 # Settings a trial reads from `train` unless its model entry overrides them.
-TRAINING_KEYS = ("lr", "weight_decay", "batch_size", "points_per_cloud")
+TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "points_per_cloud")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,13 @@ def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_cha
             raise ConfigError(
                 f"{where}.augment: only point models take it; {variant.family} is an image model"
             )
+        if "epochs" in variant.searched:
+            raise ConfigError(
+                f"{where}.epochs: only a fixed value is allowed (a whole number >= 1), not a search"
+            )
+        epochs = variant.fixed.get("epochs", config.train.epochs)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"{where}.epochs = {epochs!r} is not allowed: expected a whole number >= 1")
         augment = variant.fixed.get("augment", "none")
         if augment not in AUGMENTS:
             raise ConfigError(
@@ -140,6 +147,16 @@ def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_cha
             f"train.fault.model = {fault.model!r} is not allowed: expected one of "
             + ", ".join(sorted({v.model for v in variants}))
         )
+
+
+def max_epochs(config: StudyConfig, variants: list[Variant]) -> int:
+    """The most epochs any variant trains (an entry's own `epochs`, else `train.epochs`)."""
+    return max(int(v.fixed.get("epochs", config.train.epochs)) for v in variants)
+
+
+def trial_epochs(config: StudyConfig, trial_config: dict[str, Any] | None) -> int:
+    """The epochs of one trial, from its Tune config."""
+    return int((trial_config or {}).get("trial", {}).get("epochs", config.train.epochs))
 
 
 def is_search(config: StudyConfig, variants: list[Variant]) -> bool:

@@ -39,7 +39,7 @@ class TrialData:
 
 
 def trial_settings(flat: dict[str, Any]) -> dict[str, Any]:
-    """lr, weight_decay, batch_size, points_per_cloud: the trial's own value, else the study's."""
+    """epochs, lr, weight_decay, batch_size, points_per_cloud: the trial's own value, else the study's."""
     return {key: flat.get(f"trial.{key}", flat[f"train.{key}"]) for key in TRAINING_KEYS}
 
 
@@ -90,7 +90,7 @@ def run_trial(trial_config: dict[str, Any], images: TrialData | None, points: Tr
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"])
     )
-    epochs = int(flat["train.epochs"])
+    epochs = int(settings["epochs"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     generator = torch.Generator().manual_seed(seed)
 
