@@ -444,9 +444,6 @@ def _new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, sto
             search_alg=BasicVariantGenerator(random_state=config.seed),
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
-            # A new trial reuses a finished one's worker process: its imports (torch, e3nn, open3d) stay
-            # warm, which saves seconds per trial when a study runs dozens of short trials.
-            reuse_actors=True,
             scheduler=ASHAScheduler(
                 time_attr="training_iteration",
                 max_t=max_epochs,
