@@ -128,15 +128,24 @@ def rotation_evidence(
     equivariant = [v for v in correct if infos[v].family == "e3nn"]
     baseline_drops = {v: drop(v) for v in baselines}
     equivariant_drops = {v: drop(v) for v in equivariant}
-    effect = None
+    effect, gap, best = None, None, ""
     if baselines and equivariant:
         weakest = min(baselines, key=lambda v: baseline_drops[v].value)
         e3nn = equivariant[0]
         arrays = [per_sample(correct[v][m]) for v in (weakest, e3nn) for m in ("none", "so3")]
         effect = linear_effect(arrays, [1.0, -1.0, -1.0, 1.0], settings)
+        best = max(baselines, key=lambda v: per_sample(correct[v]["none"]).mean())
+        gap = linear_effect(
+            [per_sample(correct[e3nn]["none"]), per_sample(correct[best]["none"])], [1.0, -1.0], settings
+        )
     used = tuple(fits[v] for v in [*baselines, *equivariant])
     return RotationEvidence(
-        models=used, baseline_drops=baseline_drops, equivariant_drops=equivariant_drops, effect=effect
+        models=used,
+        baseline_drops=baseline_drops,
+        equivariant_drops=equivariant_drops,
+        effect=effect,
+        equivariant_gap=gap,
+        best_baseline=best,
     )
 
 

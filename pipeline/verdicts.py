@@ -137,6 +137,10 @@ class RotationEvidence:
     baseline_drops: dict[str, Estimate]  # un-augmented non-equivariant models: acc(none) - acc(so3)
     equivariant_drops: dict[str, Estimate]  # the same for e3nn
     effect: Estimate | None  # smallest baseline drop (by value) - e3nn drop, paired, fraction
+    # Context, never decides: e3nn's unrotated accuracy - the best un-augmented baseline's, paired, fraction
+    # (an equivariant model far below the baselines would make the comparison a strawman's).
+    equivariant_gap: Estimate | None = None
+    best_baseline: str = ""
 
 
 # ------------------------------------------------------------------------------------------ the verdict
@@ -402,6 +406,7 @@ def claim_rotation(ev: RotationEvidence) -> Verdict:
                 f" Holding also needs every e3nn drop within +/-{e3nn_margin:g} points ({unstable})."
             )
 
+    e3nn_names = " / ".join(e3nn_drops) or "e3nn"
     fits = {f.name: f for f in ev.models}
     needed = [*drops, *e3nn_drops]
     gated = tuple(fits.get(name, ModelFit(name, _UNMEASURED, math.nan)) for name in needed)
@@ -409,6 +414,11 @@ def claim_rotation(ev: RotationEvidence) -> Verdict:
     measured += [
         f"SO(3) drop, {n} (equivariant): {_estimate_text(d, 'points')}" for n, d in e3nn_drops.items()
     ]
+    if ev.equivariant_gap is not None:
+        measured.append(
+            f"unrotated accuracy, {e3nn_names} - {ev.best_baseline} (the best un-augmented baseline; "
+            f"context, never decides): {_estimate_text(_points(ev.equivariant_gap), 'points')}"
+        )
     measured += _accuracies(gated)
     context = [f for f in ev.models if f.name not in needed]
     if context:
@@ -416,7 +426,6 @@ def claim_rotation(ev: RotationEvidence) -> Verdict:
             "context only, not gated (trained with rotation augmentation): "
             + ", ".join(f"{f.name} {_pct(f.accuracy.value)}" for f in context)
         )
-    e3nn_names = " / ".join(e3nn_drops) or "e3nn"
     return _verdict(
         claim=4,
         rule=rule,

@@ -286,6 +286,9 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
         for claim, e in results["evidence"].items()
         if isinstance(e.get("effect"), dict)
     }
+    gap = results["evidence"].get("rotation", {}).get("equivariant_gap")
+    if isinstance(gap, dict):  # context: e3nn unrotated - the best un-augmented baseline
+        effects.setdefault("rotation", {}).update(_with_interval("equivariant_gap", gap))
     return {"rotation": rotation, "resolution": resolution, "cost": cost, "effects": effects}
 
 
