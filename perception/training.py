@@ -120,7 +120,22 @@ class StepSettings:
     batch_size: int = 32
     augment: str = "none"  # point models: rotation augmentation, one of AUGMENTS
     points_per_cloud: int = 0  # point models: random subset of points per cloud and step; 0 keeps all
+    grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 does not clip
     bf16: bool = False  # autocast to bfloat16 (CUDA or CPU)
+
+
+def warmup_cosine(epochs: int, warmup_epochs: int = 0):
+    """The learning-rate factor of epoch e (`torch.optim.lr_scheduler.LambdaLR`): a linear ramp over the
+    first `warmup_epochs` ((e + 1) / (warmup + 1)), then a cosine from 1 to 0 over the rest. With no warmup
+    it is CosineAnnealingLR's schedule (eta_min 0): 0.5 * (1 + cos(pi * e / epochs))."""
+    span = max(1, epochs - warmup_epochs)
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+    return factor
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -154,6 +169,8 @@ def train_one_epoch(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()}: lower the learning rate")
         loss.backward()
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         total += loss.item() * len(y)
         seen += len(y)

@@ -20,11 +20,16 @@ STAGES: dict[str, tuple[str, dict[str, str]]] = {
         "render the point dataset's meshes as depth + normals",
         {"points": "data/prepared/points", "out": "data/prepared/images"},
     ),
+    "prepare-proximity": (
+        "draw claim 1's proximity task (the label depends on 2D adjacency alone)",
+        {"out": "data/prepared/proximity"},
+    ),
     "train": (
         "train every model variant in one Ray Tune run, tracked in MLflow",
         {
             "points": "data/prepared/points",
             "images": "data/prepared/images",
+            "proximity": "data/prepared/proximity",
             "out": "data/train",
             "metrics": "metrics/train.json",
         },
@@ -34,6 +39,7 @@ STAGES: dict[str, tuple[str, dict[str, str]]] = {
         {
             "points": "data/prepared/points",
             "images": "data/prepared/images",
+            "proximity": "data/prepared/proximity",
             "train": "data/train",
             "out": "data/evaluation",
             "metrics": "metrics/evaluate.json",
@@ -82,14 +88,27 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages.prepare_images import prepare_images
 
             prepare_images(config, args.points, args.out)
+        elif args.stage == "prepare-proximity":
+            from pipeline.stages.prepare_proximity import prepare_proximity
+
+            prepare_proximity(config, args.out)
         elif args.stage == "train":
             from pipeline.stages.train import train
 
-            train(config, args.points, args.images, args.out, args.metrics, base_dir)
+            train(config, args.points, args.images, args.proximity, args.out, args.metrics, base_dir)
         elif args.stage == "evaluate":
             from pipeline.stages.evaluate import evaluate
 
-            evaluate(config, args.points, args.images, args.train, args.out, args.metrics, args.plots)
+            evaluate(
+                config,
+                args.points,
+                args.images,
+                args.proximity,
+                args.train,
+                args.out,
+                args.metrics,
+                args.plots,
+            )
         elif args.stage == "report":
             from pipeline.stages.report import report
 

@@ -70,8 +70,12 @@ class ImagesConfig:
 
     # The image models' patch size: every resolution must be a multiple of it.
     patch_size: int = field(default=4, metadata=_range(1, 1024))
+    # The training canvas. Each object is rendered at `object_size` px and placed at a random position on
+    # it; the test sets of claim 2 (perception.data.canvas) are made from the same test instances.
     train_resolution: int = field(default=32, metadata=_range(8, 4096))
-    eval_resolutions: tuple[int, ...] = field(default=(32, 48, 64), metadata=_range(8, 4096))
+    object_size: int = field(default=16, metadata=_range(2, 4096))
+    # Test canvases: each gives a scale k = R / train_resolution and the paired sets (a) (b) (c) at it.
+    eval_resolutions: tuple[int, ...] = field(default=(48, 64), metadata=_range(8, 4096))
     camera_distance: float = field(default=2.5, metadata=_range(1.05, 100.0))
     camera_azimuth_deg: float = field(default=-60.0, metadata=_range(-360.0, 360.0))
     camera_elevation_deg: float = field(default=25.0, metadata=_range(-89.0, 89.0))
@@ -81,6 +85,25 @@ class ImagesConfig:
     def resolutions(self) -> tuple[int, ...]:
         """Every resolution the test split is rendered at, the training one included, ascending."""
         return tuple(sorted({self.train_resolution, *self.eval_resolutions}))
+
+
+@dataclass(frozen=True)
+class ProximityConfig:
+    """Stage `prepare-proximity`: claim 1's image task, whose label depends on 2D adjacency alone
+    (perception.data.proximity: every segment solid, or every one broken by a one-pixel gap)."""
+
+    task: Literal["gap", "orientation"] = "gap"
+    size: int = field(default=16, metadata=_range(8, 64, "canvas side in pixels"))
+    # One token per pixel: with 2-px patches the patch embedding alone sees a gap and order cannot matter.
+    patch_size: int = field(default=1, metadata=_range(1, 64))
+    segments: int = field(default=8, metadata=_range(1, 1000))
+    segment_length: int = field(default=4, metadata=_range(2, 63))
+    distractors: int = field(default=4, metadata=_range(0, 10_000))
+    noise_std: float = field(default=0.0, metadata=_range(0.0, 0.99))
+    train_count: int = field(
+        default=500, metadata=_range(2, 10_000_000, "images, train.val_fraction held out")
+    )
+    test_count: int = field(default=500, metadata=_range(2, 10_000_000))
 
 
 @dataclass(frozen=True)
@@ -96,7 +119,13 @@ class RuntimeConfig:
 
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Keys of a `train.models` entry that are not the family's own hparams.
-TRIAL_KEYS = ("family", "size", "augment", "epochs", "lr", "weight_decay", "batch_size", "points_per_cloud")
+TRIAL_KEYS = (
+    "family", "task", "size", "augment", "epochs", "lr", "weight_decay", "batch_size", "points_per_cloud",
+    "warmup_epochs", "grad_clip",
+)  # fmt: skip
+# What a model entry trains on (`task`): image families the shape renders (default) or the proximity task;
+# point families the shape clouds.
+TASKS = ("shapes", "proximity")
 
 
 @dataclass(frozen=True)
@@ -184,14 +213,23 @@ def parse_models(key: str, data: Any) -> tuple[ModelEntry, ...]:
     return tuple(entries)
 
 
+# The study's variants as params.yaml lists them (the file sets their schedules; this is the shape).
 DEFAULT_MODELS = parse_models(
     "train.models",
     {
-        "vit": {"epochs": 20},
-        "mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "snake", "hilbert"]}},
-        "e3nn": {"lr": 1e-2},
-        "pointnet": {"augment": {"grid": ["none", "z", "so3"]}},
+        "e3nn": {"epochs": 12, "lr": 5e-3},
         "dgcnn": {},
+        "vit": {"pos_embed": {"grid": ["learned", "sincos", "rope", "none"]}},
+        "mamba_hybrid": {},
+        "mamba": {"family": "mamba_hybrid", "attn_layers": 0},
+        "proximity_mamba": {
+            "family": "mamba_hybrid",
+            "task": "proximity",
+            "attn_layers": 0,
+            "scan_order": {"grid": ["rowmajor", "snake", "hilbert", "cross", "random"]},
+        },
+        "proximity_vit": {"family": "vit", "task": "proximity"},
+        "pointnet": {"augment": {"grid": ["none", "z", "so3"]}},
     },
 )
 
@@ -222,6 +260,10 @@ class TrainConfig:
     val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
     # Point models see a random subset of this many points of each cloud per step; 0 keeps all.
     points_per_cloud: int = field(default=0, metadata=_range(0, 1_000_000))
+    # Epochs of linear warmup before the cosine schedule (0 = none), and the gradient-norm clip (0 = none):
+    # a ViT trained from scratch can collapse to a constant prediction in its first epochs without them.
+    warmup_epochs: int = field(default=0, metadata=_range(0, 100_000))
+    grad_clip: float = field(default=0.0, metadata=_range(0.0, 1e6, "0 means no clipping"))
     num_samples: int = field(default=1, metadata=_range(1, 100_000, "trials per grid point"))
     # auto: ASHA early stopping when a search is configured (a sampled value or num_samples > 1).
     scheduler: Literal["auto", "none", "asha"] = "auto"
@@ -292,6 +334,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_range(0, 2**31 - 1))
     points: PointsConfig = PointsConfig()
     images: ImagesConfig = ImagesConfig()
+    proximity: ProximityConfig = ProximityConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
@@ -420,6 +463,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
+    from perception.data.canvas import check_geometry
+    from perception.data.proximity import ProximityParamsError
+
     images = config.images
     for key, res in [("images.train_resolution", images.train_resolution)] + [
         (f"images.eval_resolutions[{i}]", r) for i, r in enumerate(images.eval_resolutions)
@@ -429,6 +475,21 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
                 f"{key} = {res} is not allowed: "
                 f"expected a multiple of images.patch_size = {images.patch_size}"
             )
+    problem = check_geometry(
+        images.train_resolution, images.object_size, images.eval_resolutions, images.patch_size
+    )
+    if problem:
+        raise ConfigError(f"images.{problem}")
+    proximity = config.proximity
+    try:
+        proximity_params(proximity)
+    except ProximityParamsError as err:
+        raise ConfigError(str(err)) from None
+    if proximity.size % proximity.patch_size:
+        raise ConfigError(
+            f"proximity.patch_size = {proximity.patch_size} is not allowed: expected a divisor of "
+            f"proximity.size = {proximity.size}"
+        )
     gpus = config.train.gpus_per_trial
     if gpus > 1 and not gpus.is_integer():
         raise ConfigError(
@@ -469,6 +530,20 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
                         f"points.root = {points.root!r} is not allowed: {class_dir.name}/{split}/ is missing "
                         "(every class folder needs train/ and test/)"
                     )
+
+
+def proximity_params(proximity: ProximityConfig):
+    """The generator's parameters (perception.data.proximity.ProximityParams, which validates them)."""
+    from perception.data.proximity import ProximityParams
+
+    return ProximityParams(
+        proximity.task,
+        proximity.size,
+        proximity.segments,
+        proximity.segment_length,
+        proximity.distractors,
+        proximity.noise_std,
+    )
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:

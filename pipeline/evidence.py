@@ -19,6 +19,7 @@ import numpy as np
 
 from perception.evaluation.intervals import BootstrapSettings, Estimate, linear_effect
 from pipeline.verdicts import (
+    LOCALITY_PRESERVING,
     CostEvidence,
     ModelFit,
     ResolutionEvidence,
@@ -38,6 +39,18 @@ class VariantInfo:
     augment: str = "none"  # point models: the rotation augmentation it trained with
     scan_order: str | None = None  # mamba_hybrid
     attn_layers: int | None = None  # mamba_hybrid
+    pos_embed: str | None = None  # vit
+    dataset: str = "images"  # "points", "images" (the shape renders) or "proximity"
+
+    @property
+    def encoding(self) -> str:
+        """Claim 2's role of a shape-image variant: "unhelped" (ViT's learned table at its own positions),
+        "resampled" (the table bicubic-resampled), or "structural" (sin-cos, RoPE, none, the Mamba models)."""
+        if self.family == "vit":
+            return {"learned_fixed": "unhelped", "learned": "resampled"}.get(
+                self.pos_embed or "", "structural"
+            )
+        return "structural"
 
 
 def per_sample(correct: np.ndarray) -> np.ndarray:
@@ -98,13 +111,16 @@ def angle_bins(
 def model_fits(
     table: dict[str, Any], infos: dict[str, VariantInfo], num_classes: int, key: str
 ) -> dict[str, ModelFit]:
-    """variant -> ModelFit on its in-distribution test (`key`: "rotation" or "resolution" table kind)."""
+    """variant -> ModelFit on its in-distribution test (`key`: the "rotation", "resolution" or "proximity"
+    table's kind)."""
     fits = {}
     for variant, row in table.items():
         if key == "rotation":
             estimate = row["accuracy"][in_distribution_mode(infos[variant].augment)]
+        elif key == "proximity":
+            estimate = row["accuracy"]
         else:
-            estimate = row["accuracy"][str(row["train_resolution"])]
+            estimate = row["accuracy"]["in"]
         fits[variant] = ModelFit(variant, Estimate(**estimate), 1.0 / num_classes)
     return fits
 
@@ -149,84 +165,177 @@ def rotation_evidence(
     )
 
 
-def resolution_tables(
-    correct: dict[str, dict[int, np.ndarray]],
+def canvas_set_names(canvases: list[int] | tuple[int, ...]) -> list[str]:
+    """The test sets of claim 2, as measured: `in`, then `<kind>_<R>` for every test canvas R."""
+    from perception.data.canvas import PLACEMENTS
+
+    return ["in"] + [f"{kind}_{canvas}" for canvas in canvases for kind in PLACEMENTS]
+
+
+def _drop(correct: dict[str, np.ndarray], kind: str, canvas: int) -> tuple[list[np.ndarray], list[float]]:
+    """(arrays, weights) of accuracy(in) - accuracy(test set `kind` at `canvas`), per sample; kind "b" is the
+    mean of the centre and corner placements (one test instance, two placements: averaged, not resampled)."""
+    base = per_sample(correct["in"])
+    if kind == "b":
+        centre, corner = (per_sample(correct[f"{p}_{canvas}"]) for p in ("centre", "corner"))
+        return [base, centre, corner], [1.0, -0.5, -0.5]
+    name = {"a": "fov", "c": "scaled"}[kind]
+    return [base, per_sample(correct[f"{name}_{canvas}"])], [1.0, -1.0]
+
+
+def _combine(*terms: tuple[list[np.ndarray], list[float], float]) -> tuple[list[np.ndarray], list[float]]:
+    """The sum of linear effects, each (arrays, weights) times a sign: one (arrays, weights) to bootstrap."""
+    arrays, weights = [], []
+    for a, w, sign in terms:
+        arrays += a
+        weights += [sign * x for x in w]
+    return arrays, weights
+
+
+def canvas_tables(
+    correct: dict[str, dict[str, np.ndarray]],
     infos: dict[str, VariantInfo],
-    train_resolution: int,
+    canvases: tuple[int, ...],
+    train_canvas: int,
     patch_size: int,
     settings: BootstrapSettings,
 ) -> dict[str, Any]:
+    """variant -> accuracy on every test set, and at every canvas the drops of (a) same field of view,
+    (b) larger canvas at the training pixel scale, (c) object scaled up, (b)+(c), and (a) - ((b)+(c)): how
+    far the usual test's drop is the sum of its two parts. Every number an Estimate dict."""
     table = {}
-    for variant, by_res in correct.items():
+    for variant, by_set in correct.items():
         info = infos[variant]
+        decomposition = {}
+        for canvas in canvases:
+            a, b, c = (_drop(by_set, k, canvas) for k in ("a", "b", "c"))
+            parts = {"a": a, "b": b, "c": c}
+            parts["b_plus_c"] = _combine((*b, 1.0), (*c, 1.0))
+            parts["a_minus_b_c"] = _combine((*a, 1.0), (*b, -1.0), (*c, -1.0))
+            decomposition[str(canvas)] = {k: linear_effect(*v, settings).as_dict() for k, v in parts.items()}
         table[variant] = {
             "family": info.family,
-            "scan_order": info.scan_order,
-            "train_resolution": train_resolution,
-            "tokens": {str(r): (r // patch_size) ** 2 for r in by_res},
-            "accuracy": {str(r): accuracy(a, settings).as_dict() for r, a in by_res.items()},
-            "by_seed": {str(r): [round(float(x), 6) for x in a.mean(axis=1)] for r, a in by_res.items()},
+            "pos_embed": info.pos_embed,
+            "attn_layers": info.attn_layers,
+            "encoding": info.encoding,
+            "train_resolution": train_canvas,
+            "tokens": {"in": (train_canvas // patch_size) ** 2}
+            | {str(canvas): (canvas // patch_size) ** 2 for canvas in canvases},
+            "accuracy": {name: accuracy(a, settings).as_dict() for name, a in by_set.items()},
+            "by_seed": {name: [round(float(x), 6) for x in a.mean(axis=1)] for name, a in by_set.items()},
+            "drops": decomposition,
         }
     return table
 
 
-def _drop_arrays(correct: dict[int, np.ndarray], train_res: int, largest: int) -> list[np.ndarray]:
-    return [per_sample(correct[train_res]), per_sample(correct[largest])]
-
-
 def resolution_evidence(
-    correct: dict[str, dict[int, np.ndarray]],
+    correct: dict[str, dict[str, np.ndarray]],
     infos: dict[str, VariantInfo],
     fits: dict[str, ModelFit],
-    train_resolution: int,
+    canvases: tuple[int, ...],
+    train_canvas: int,
     settings: BootstrapSettings,
 ) -> ResolutionEvidence | None:
-    """Claim 2 (interim design): ViT's accuracy drop from the training to the largest test resolution,
-    minus the mean drop of the Mamba variants (no position embedding), paired over seeds and samples."""
-    vit = [v for v in correct if infos[v].family == "vit"]
-    mamba = [v for v in correct if infos[v].family == "mamba_hybrid"]
-    if not vit or not mamba:
+    """Claim 2 on test set (b) at the largest canvas: drop(unhelped learned table) - drop(the structural
+    variant that drops most), paired over seeds and instances; the resampled table against the same one."""
+    if not canvases:
         return None
-    largest = max(correct[vit[0]])
-    if largest == train_resolution:
+    canvas = max(canvases)
+    roles = {v: infos[v].encoding for v in correct}
+    unhelped = [v for v, r in roles.items() if r == "unhelped"]
+    structural = [v for v, r in roles.items() if r == "structural"]
+    if not unhelped or not structural:
         return None
-    arrays = _drop_arrays(correct[vit[0]], train_resolution, largest)
-    weights = [1.0, -1.0]
-    for v in mamba:
-        arrays += _drop_arrays(correct[v], train_resolution, largest)
-        weights += [-1.0 / len(mamba), 1.0 / len(mamba)]
-    effect = linear_effect(arrays, weights, settings)
+    drop_terms = {v: _drop(correct[v], "b", canvas) for v in correct}
+    drops = {v: linear_effect(*terms, settings) for v, terms in drop_terms.items()}
+    weakest = max(structural, key=lambda v: drops[v].value)
+
+    def against_weakest(variant: str) -> Estimate:
+        return linear_effect(*_combine((*drop_terms[variant], 1.0), (*drop_terms[weakest], -1.0)), settings)
+
+    resampled = next((v for v, r in roles.items() if r == "resampled"), "")
     return ResolutionEvidence(
-        models=tuple(fits[v] for v in [vit[0], *mamba]),
-        effect=effect,
-        train_resolution=train_resolution,
-        largest_resolution=largest,
+        models=tuple(fits[v] for v in [unhelped[0], *structural]),
+        effect=against_weakest(unhelped[0]),
+        unhelped=unhelped[0],
+        weakest_structural=weakest,
+        train_canvas=train_canvas,
+        canvas=canvas,
+        drops=drops,
+        resampled=resampled,
+        resampled_effect=against_weakest(resampled) if resampled else None,
     )
 
 
+ORIENTATIONS = ("horizontal", "vertical")  # the proximity task's segment axes (test_orientation 0, 1)
+
+
+def proximity_table(
+    correct: dict[str, dict[str, np.ndarray]],
+    infos: dict[str, VariantInfo],
+    settings: BootstrapSettings,
+    orientation: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """variant -> {family, scan_order, accuracy, by_seed, by_orientation} on the proximity task's test set;
+    `orientation` int[N] (0 horizontal, 1 vertical) splits the accuracy by the segments' axis."""
+    table = {}
+    for variant, by_set in correct.items():
+        row = {
+            "family": infos[variant].family,
+            "scan_order": infos[variant].scan_order if infos[variant].family == "mamba_hybrid" else None,
+            "accuracy": accuracy(by_set["in"], settings).as_dict(),
+            "by_seed": [round(float(x), 6) for x in by_set["in"].mean(axis=1)],
+        }
+        if orientation is not None:
+            row["by_orientation"] = {
+                name: accuracy(by_set["in"][:, orientation == k], settings).as_dict()
+                for k, name in enumerate(ORIENTATIONS)
+                if (orientation == k).any()
+            }
+        table[variant] = row
+    return table
+
+
 def serialisation_evidence(
-    correct: dict[str, dict[int, np.ndarray]],
+    correct: dict[str, dict[str, np.ndarray]],
     infos: dict[str, VariantInfo],
     fits: dict[str, ModelFit],
-    train_resolution: int,
     locality: dict[str, float],
     settings: BootstrapSettings,
+    orientation: np.ndarray | None = None,
 ) -> SerialisationEvidence | None:
-    """Claim 1 (interim design): the best non-row-major scan order's accuracy minus row-major's, paired.
-
-    Which order is "best" is chosen on the point estimate; the interval is that of the chosen pair."""
+    """Claim 1 on the proximity task: accuracy(best locality-preserving order) - accuracy(order) for every
+    other order of pure Mamba, paired over seeds and test images. The best is chosen on the point estimate;
+    each interval is that of its pair."""
     orders: dict[str, str] = {}
+    reference = ""
     for v in correct:
         if infos[v].family == "mamba_hybrid" and infos[v].scan_order:
             orders.setdefault(infos[v].scan_order, v)
-    if "rowmajor" not in orders or len(orders) < 2:
+        elif infos[v].family == "vit":
+            reference = reference or v
+    preserving = [o for o in LOCALITY_PRESERVING if o in orders]
+    if not preserving or len(orders) < 2:
         return None
-    at_train = {o: per_sample(correct[v][train_resolution]) for o, v in orders.items()}
-    others = [o for o in orders if o != "rowmajor"]
-    best = max(others, key=lambda o: at_train[o].mean())
-    effect = linear_effect([at_train[best], at_train["rowmajor"]], [1.0, -1.0], settings)
+    at = {o: per_sample(correct[v]["in"]) for o, v in orders.items()}
+    best = max(preserving, key=lambda o: at[o].mean())
+    effects = {o: linear_effect([at[best], at[o]], [1.0, -1.0], settings) for o in orders if o != best}
     return SerialisationEvidence(
-        models=tuple(fits[v] for v in orders.values()), effect=effect, best_order=best, locality=locality
+        models=tuple(fits[v] for v in orders.values()),
+        best_order=best,
+        effects=effects,
+        accuracies={o: accuracy(correct[v]["in"], settings) for o, v in orders.items()},
+        locality={o: locality[o] for o in orders if o in locality},
+        reference=reference,
+        reference_accuracy=accuracy(correct[reference]["in"], settings) if reference else None,
+        by_orientation={}
+        if orientation is None
+        else {
+            f"{o}, {name}": accuracy(correct[v]["in"][:, orientation == k], settings)
+            for o, v in orders.items()
+            for k, name in enumerate(ORIENTATIONS)
+            if (orientation == k).any()
+        },
     )
 
 
@@ -267,8 +376,7 @@ def evidence_dict(evidence: Any) -> dict[str, Any]:
 
 
 def fit_dict(fit: ModelFit) -> dict[str, Any]:
-    floor = fit.chance + 0.5 * (1 - fit.chance)
-    return {**dataclasses.asdict(fit), "floor": floor}
+    return {**dataclasses.asdict(fit), "floor": fit.floor}
 
 
 def _estimate(d: dict[str, float] | None) -> Estimate | None:
@@ -276,7 +384,7 @@ def _estimate(d: dict[str, float] | None) -> Estimate | None:
 
 
 def _fit(d: dict[str, Any]) -> ModelFit:
-    return ModelFit(d["name"], _estimate(d["accuracy"]), float(d["chance"]))
+    return ModelFit(d["name"], _estimate(d["accuracy"]), float(d["chance"]), d.get("required"))
 
 
 def load_evidence(name: str, d: dict[str, Any]) -> Any:

@@ -65,22 +65,60 @@ def rotation_figure(rotation: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def resolution_figure(resolution: dict[str, Any], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, row in resolution.items():
-        res = sorted(int(r) for r in row["accuracy"])
-        estimates = [row["accuracy"][str(r)] for r in res]
-        ax.errorbar(
-            res, [e["value"] for e in estimates], yerr=_errors(estimates), marker="o", capsize=3, label=name
+PARTS = (("a", "(a) same field of view"), ("b", "(b) larger canvas"), ("c", "(c) object scaled"))
+
+
+def resolution_figure(results: dict[str, Any], path: Path) -> Path:
+    """Left: each variant's drop on (a), (b), (c) and (b)+(c) at the largest canvas. Right: accuracy on
+    every test set against the scale."""
+    resolution, canvas = results["resolution"], results["canvas"]
+    largest = str(max(canvas["canvases"]))
+    fig, (drops_ax, acc_ax) = plt.subplots(1, 2, figsize=(14, 4.8))
+    names = list(resolution)
+    keys = [*PARTS, ("b_plus_c", "(b) + (c)")]
+    width = 0.8 / len(keys)
+    for i, (key, label) in enumerate(keys):
+        estimates = [resolution[n]["drops"][largest][key] for n in names]
+        xs = [j + (i - 1.5) * width for j in range(len(names))]
+        drops_ax.bar(
+            xs,
+            [e["value"] for e in estimates],
+            width,
+            yerr=_errors(estimates),
+            capsize=2,
+            label=label,
+            hatch="//" if key == "b_plus_c" else None,
         )
-    train_res = next(iter(resolution.values()))["train_resolution"] if resolution else None
-    if train_res:
-        ax.axvline(train_res, color="grey", linestyle=":", label="training resolution")
-    ax.set_xlabel("test resolution (px)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Image models at resolutions they were not trained on (95% intervals)", fontsize=10)
-    ax.legend(fontsize=8)
+    drops_ax.axhline(0, color="black", linewidth=0.6)
+    drops_ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    drops_ax.set_ylabel("accuracy drop from the training distribution")
+    drops_ax.set_title(
+        f"Drops at {canvas['train_resolution']} -> {largest} px: does (a) = (b) + (c)? (95% intervals)",
+        fontsize=10,
+    )
+    drops_ax.legend(fontsize=7)
+    # Right: accuracy on every test set at the largest canvas, the training distribution first.
+    sets = [("in", "in (training distribution)")] + [
+        (f"{kind}_{largest}", label)
+        for kind, label in (
+            ("fov", "(a) fov"),
+            ("centre", "(b) centre"),
+            ("corner", "(b) corner"),
+            ("scaled", "(c) scaled"),
+        )
+    ]
+    width = 0.8 / len(sets)
+    for i, (key, label) in enumerate(sets):
+        estimates = [resolution[n]["accuracy"][key] for n in names]
+        xs = [j + (i - (len(sets) - 1) / 2) * width for j in range(len(names))]
+        acc_ax.bar(
+            xs, [e["value"] for e in estimates], width, yerr=_errors(estimates), capsize=2, label=label
+        )
+    acc_ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.set_ylim(0, 1.05)
+    acc_ax.set_title(f"Accuracy on each test set at {largest} px (95% intervals)", fontsize=10)
+    acc_ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -131,33 +169,50 @@ def cost_figure(cost: dict[str, Any], path: Path) -> Path:
 
 
 def serialisation_figure(results: dict[str, Any], path: Path) -> Path:
-    fig, (acc_ax, loc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    locality = results["serialisation"]["orders"]
-    orders = list(locality)
-    grids = list(locality[orders[0]])
-    mamba = {
-        row["scan_order"]: row
-        for row in results["resolution"].values()
-        if row["family"] == "mamba_hybrid" and row.get("scan_order")
-    }
-    shown = [o for o in orders if o in mamba]
-    if shown:
-        estimates = [mamba[o]["accuracy"][str(mamba[o]["train_resolution"])] for o in shown]
-        acc_ax.bar(shown, [e["value"] for e in estimates], yerr=_errors(estimates), capsize=4)
-    acc_ax.set_ylim(0, 1.05)
-    acc_ax.set_ylabel("Mamba-hybrid test accuracy")
-    acc_ax.set_title("Accuracy per scan order (95% intervals)", fontsize=10)
-    width = 0.8 / len(grids)
-    for i, grid in enumerate(grids):
-        fractions = [locality[o][grid]["grid_nbr_within_window_frac"] for o in orders]
-        loc_ax.bar(
-            [j + i * width for j in range(len(orders))], fractions, width, label=grid.replace("locality_", "")
+    """Left: accuracy on the proximity task per scan order (and the attention reference). Right: accuracy
+    against each order's locality statistic on the task's grid."""
+    fig, (acc_ax, loc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = results["serialisation"]["models"]
+    names = list(models)
+    groups = [
+        ("all test images", None),
+        ("horizontal segments", "horizontal"),
+        ("vertical segments", "vertical"),
+    ]
+    width = 0.8 / len(groups)
+    for i, (label, key) in enumerate(groups):
+        if key is not None and not all(key in models[n].get("by_orientation", {}) for n in names):
+            continue
+        estimates = [
+            models[n]["accuracy"] if key is None else models[n]["by_orientation"][key] for n in names
+        ]
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        acc_ax.bar(
+            xs, [e["value"] for e in estimates], width, yerr=_errors(estimates), capsize=2, label=label
         )
-    loc_ax.set_xticks([j + width * (len(grids) - 1) / 2 for j in range(len(orders))], orders)
+    acc_ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8, label="chance")
+    labels = [n if models[n]["scan_order"] else f"{n} (attention)" for n in names]
+    acc_ax.set_xticks(range(len(names)), labels, rotation=25, ha="right", fontsize=8)
+    acc_ax.set_ylim(0, 1.05)
+    acc_ax.set_ylabel("proximity-task test accuracy")
+    acc_ax.set_title("Pure Mamba per scan order, and attention (95% intervals)", fontsize=10)
+    acc_ax.legend(fontsize=7)
+    for name in names:
+        row = models[name]
+        if row["locality"] is None:
+            continue
+        x = row["locality"]["grid_nbr_within_window_frac"]
+        e = row["accuracy"]
+        loc_ax.errorbar([x], [e["value"]], yerr=_errors([e]), marker="o", capsize=3)
+        loc_ax.annotate(
+            row["scan_order"], (x, e["value"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
+    grid = results["serialisation"]["task_grid"].replace("locality_", "")
+    loc_ax.set_xlabel(f"2D neighbours within 4 tokens in the sequence (fraction, {grid} grid)")
+    loc_ax.set_ylabel("test accuracy")
     loc_ax.set_ylim(0, 1.05)
-    loc_ax.set_ylabel("2D neighbours within 4 tokens in 1D")
-    loc_ax.set_title("How each order keeps grid neighbours together (context)", fontsize=10)
-    loc_ax.legend(fontsize=8)
+    loc_ax.set_xlim(0, 1.05)
+    loc_ax.set_title("Accuracy against how much 2D proximity each order keeps", fontsize=10)
     return _save(fig, path)
 
 
@@ -167,9 +222,9 @@ def draw_figures(results: dict[str, Any], folder: Path) -> list[Path]:
     if results.get("rotation"):
         figures.append(rotation_figure(results["rotation"], folder / "rotation.png"))
     if results.get("resolution"):
-        figures.append(resolution_figure(results["resolution"], folder / "resolution_accuracy.png"))
+        figures.append(resolution_figure(results, folder / "resolution_accuracy.png"))
     if results.get("cost", {}).get("rows"):
         figures.append(cost_figure(results["cost"], folder / "cost_vs_tokens.png"))
-    if results.get("serialisation"):
+    if results.get("serialisation", {}).get("models"):
         figures.append(serialisation_figure(results, folder / "serialisation.png"))
     return figures

@@ -7,7 +7,9 @@ verdicts judge (a hierarchical bootstrap over seeds, then samples). Nothing here
 Arrays (numpy, bool or float):
   rotation[variant][mode]: bool[S, N, D]  S seeds, N test clouds, D rotation draws (1 for `none`)
   rotation_angles[mode]:   float64[N, D]  the geodesic angle of every (cloud, draw); the same for all models
-  resolution[variant][r]:  bool[S, N]     correct at test resolution r
+  images[variant][set]:    bool[S, N]     correct on test set `set` of the model's image dataset: the shape
+                                          canvases' `in`, `fov_<R>`, `centre_<R>`, `corner_<R>`,
+                                          `scaled_<R>` (claim 2), or the proximity task's `in` (claim 1)
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ class Checkpoint:
     @property
     def input_kind(self) -> str:
         return FAMILIES[self.family].input_kind
+
+    @property
+    def dataset(self) -> str:
+        """What the variant trained and is tested on: points, images (the shape renders) or proximity."""
+        from pipeline.training.space import dataset_of
+
+        return dataset_of(self.input_kind, self.flat.get("trial.task", "shapes"))
 
 
 def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
@@ -80,6 +89,39 @@ def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
             f"{folder}: holds no checkpoints (<variant>/seed-<seed>.pt); rerun the train stage"
         )
     return {variant: dict(sorted(by_seed.items())) for variant, by_seed in sorted(found.items())}
+
+
+def with_unhelped_tables(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[str, dict[int, Checkpoint]]:
+    """The checkpoints, plus every ViT trained with a learned table (`pos_embed: learned`) read a second way:
+    as `learned_fixed`, the same trained weights with the table kept at its own grid positions instead of
+    bicubic-resampled (claim 2's "learned, without help"). The two readings differ only where the grid
+    differs from the training grid, so one training serves both and their comparison is paired down to the
+    weights. The derived variant is `<variant>` with `learned` replaced by `learned_fixed`, and its flat
+    config records `trial.read_from`; a variant trained as `learned_fixed` itself is kept as it is."""
+    from pipeline.training.trainable import build_model
+
+    out = dict(checkpoints)
+    for variant, by_seed in checkpoints.items():
+        first = next(iter(by_seed.values()))
+        learned = first.flat.get("trial.pos_embed", "learned") == "learned"
+        if first.family != "vit" or not learned or first.dataset != "images":  # claim 2's renders only
+            continue
+        name = variant.replace("learned", "learned_fixed") if "learned" in variant else f"{variant}-fixed"
+        if name in out:
+            continue
+        derived = {}
+        for seed, ckpt in by_seed.items():
+            flat = {
+                **ckpt.flat,
+                "trial.pos_embed": "learned_fixed",
+                "trial.name": name,
+                "trial.read_from": variant,
+            }
+            model = build_model(flat)
+            model.load_state_dict(ckpt.state_dict)
+            derived[seed] = Checkpoint(name, seed, ckpt.family, flat, ckpt.state_dict, model.eval())
+        out[name] = derived
+    return dict(sorted(out.items()))
 
 
 def float64_model(flat: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -184,41 +226,45 @@ def measure_rotation(
 
 
 @dataclass
-class ResolutionMeasurements:
-    correct: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # variant -> resolution -> [S, N]
+class ImageMeasurements:
+    correct: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # variant -> test set -> [S, N]
     seeds: dict[str, list[int]] = field(default_factory=dict)
 
 
-def measure_resolution(
+def measure_images(
     checkpoints: dict[str, dict[int, Checkpoint]],
-    renders: dict[int, np.ndarray],
+    test_sets: dict[str, np.ndarray],
     labels: np.ndarray,
     *,
+    dataset: str,
     batch_size: int,
     progress=print,
-) -> ResolutionMeasurements:
-    """Every image model at every seed on the test renders at every resolution (ViT's position grid is
-    resampled, Mamba runs as it is)."""
+) -> ImageMeasurements:
+    """Every image model trained on `dataset` ("images" or "proximity"), at every seed, on every test set
+    (name -> float32[N, C, H, W], all of the same N instances). Models run on any canvas as they are: ViT's
+    position encoding decides what happens at a grid it did not train on (its `pos_embed`)."""
     targets = torch.from_numpy(labels)
-    out = ResolutionMeasurements()
+    out = ImageMeasurements()
     for variant, by_seed in checkpoints.items():
-        if next(iter(by_seed.values())).input_kind != "image":
+        if next(iter(by_seed.values())).dataset != dataset:
             continue
-        per_res: dict[int, list[np.ndarray]] = {}
+        per_set: dict[str, list[np.ndarray]] = {}
         for seed, ckpt in by_seed.items():
             shown = []
-            for res, images in renders.items():
+            for name, images in test_sets.items():
                 predicted = predict(ckpt.model, torch.from_numpy(images), batch_size, torch.device("cpu"))
                 correct = (predicted == targets).numpy()
-                per_res.setdefault(res, []).append(correct)
-                shown.append(f"{res}px {correct.mean():.3f}")
-            progress(f"evaluate: {variant:22s} seed {seed}  " + "  ".join(shown))
-        out.correct[variant] = {res: np.stack(arrays) for res, arrays in per_res.items()}
+                per_set.setdefault(name, []).append(correct)
+                shown.append(f"{name} {correct.mean():.3f}")
+            progress(f"evaluate: {variant:26s} seed {seed}  " + "  ".join(shown))
+        out.correct[variant] = {name: np.stack(arrays) for name, arrays in per_set.items()}
         out.seeds[variant] = list(by_seed)
     return out
 
 
-def save_arrays(path: Path, rotation: RotationMeasurements, resolution: ResolutionMeasurements) -> None:
+def save_arrays(
+    path: Path, rotation: RotationMeasurements, canvas: ImageMeasurements, proximity: ImageMeasurements
+) -> None:
     """Every per-sample array in one `.npz`, for re-analysis (`np.load(path)`; keys `kind/variant/...`)."""
     arrays: dict[str, np.ndarray] = {}
     for variant, modes in rotation.correct.items():
@@ -226,8 +272,9 @@ def save_arrays(path: Path, rotation: RotationMeasurements, resolution: Resoluti
             arrays[f"rotation/{variant}/{mode}"] = array
     for mode, angles in rotation.angles.items():
         arrays[f"rotation_angles/{mode}"] = angles
-    for variant, by_res in resolution.correct.items():
-        for res, array in by_res.items():
-            arrays[f"resolution/{variant}/{res}"] = array
+    for kind, measured in (("resolution", canvas), ("serialisation", proximity)):
+        for variant, by_set in measured.correct.items():
+            for name, array in by_set.items():
+                arrays[f"{kind}/{variant}/{name}"] = array
     with open(path, "wb") as handle:
         np.savez_compressed(handle, **arrays)

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+SPLITS = ("train", "test")  # every prepared dataset's splits
+FORMAT_VERSION = 1  # of the prepared-dataset layout (perception.data.arrays), in every manifest
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a prepared dataset was made with, for its manifest."""
+    names = ("perception-study", "numpy", "open3d", "trimesh")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
 
 
 def _temporary_siblings(final: Path) -> list[Path]:

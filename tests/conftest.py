@@ -31,7 +31,8 @@ TINY_PARAMS = {
         "test_per_class": 2,
         "num_points": 64,
     },
-    "images": {"patch_size": 4, "train_resolution": 16, "eval_resolutions": [16, 24]},
+    "images": {"patch_size": 4, "train_resolution": 16, "object_size": 8, "eval_resolutions": [24, 32]},
+    "proximity": {"size": 12, "segments": 3, "distractors": 2, "train_count": 16, "test_count": 12},
     "runtime": {"workers": 1, "progress": False},
 }
 
@@ -71,8 +72,14 @@ STUDY_FILES = [
 # Training on the tiny data: every family once, a grid of two where the study compares variants.
 TINY_TRAIN = {
     "models": {
-        "vit": {},
-        "mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "hilbert"]}},
+        "vit": {"pos_embed": {"grid": ["learned", "none"]}},
+        "mamba_hybrid": {},
+        "proximity_mamba": {
+            "family": "mamba_hybrid",
+            "task": "proximity",
+            "attn_layers": 0,
+            "scan_order": {"grid": ["rowmajor", "hilbert"]},
+        },
         "e3nn": {},
         "pointnet": {"augment": {"grid": ["none", "so3"]}},
         "dgcnn": {},

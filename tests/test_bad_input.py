@@ -35,9 +35,9 @@ REPO_TOKEN = "<repo>"  # stands for the study repo's absolute path in a row's pa
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A study repo with both datasets prepared, so the train and evaluate stages reach their own checks."""
+    """A study repo with every dataset prepared, so the train and evaluate stages reach their own checks."""
     repo = make_study_repo(tmp_path_factory.mktemp("bad_input"))
-    run_command(["dvc", "repro", "prepare_points", "prepare_images"], repo)
+    run_command(["dvc", "repro", "prepare_points", "prepare_images", "prepare_proximity"], repo)
     (repo / "data" / "empty-dataset").mkdir()  # a points.root without class folders
     return repo
 
@@ -254,6 +254,32 @@ BAD_PARAMS = [
         {"images": {"eval_resolutions": [16, 30]}},
         "evaluate",
         ["images.eval_resolutions[1] = 30", "a multiple of images.patch_size = 4"],
+    ),
+    row(
+        "a scaled object larger than the training canvas",
+        {"images": {"eval_resolutions": [48]}},
+        "prepare-images",
+        ["images.eval_resolutions: 48 scales the object to 24 px", "expected at most 32"],
+    ),
+    row(
+        "proximity objects that do not fit the canvas",
+        {"proximity": {"segments": 40}},
+        "prepare-proximity",
+        ["proximity.distractors", "fit in the 12x12 canvas"],
+    ),
+    row(
+        "an unknown task for a model",
+        {"train": {"models": {"vit": {"task": "segmentation"}}}},
+        "train",
+        ["train.models.vit.task = 'segmentation'", "shapes, proximity"],
+        via=DVC,
+    ),
+    row(
+        "the proximity task for a point model",
+        {"train": {"models": {"pointnet": {"task": "proximity"}}}},
+        "train",
+        ["train.models.pointnet.task = 'proximity'", "point model"],
+        via=DVC,
     ),
     row(
         "cost patch vs cost resolution",

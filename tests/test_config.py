@@ -22,7 +22,7 @@ def test_repo_params_file_is_valid_and_complete():
     import yaml
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section in ("points", "images", "train", "ray", "mlflow", "runtime"):
+    for section in ("points", "images", "proximity", "train", "ray", "mlflow", "runtime"):
         fields = {f.name for f in dataclasses.fields(getattr(config, section))}
         assert fields == set(written[section]), section
 
@@ -34,7 +34,7 @@ def test_the_gpu_profile_is_a_complete_valid_params_file():
 
     config = load_config(REPO / "profiles/gpu.yaml")
     written = yaml.safe_load((REPO / "profiles/gpu.yaml").read_text())
-    for section in ("points", "images", "train", "ray", "mlflow", "runtime"):
+    for section in ("points", "images", "proximity", "train", "ray", "mlflow", "runtime"):
         assert {f.name for f in dataclasses.fields(getattr(config, section))} == set(written[section]), (
             section
         )
@@ -52,7 +52,7 @@ def test_config_is_frozen():
 def test_flat_config_is_one_level_of_plain_values():
     flat = parse_config(TINY_PARAMS).flat()
     assert flat["points.classes"] == ["box", "sphere", "cone", "torus"]
-    assert flat["images.eval_resolutions"] == [16, 24]
+    assert flat["images.eval_resolutions"] == [24, 32]
     assert all(not isinstance(v, dict | tuple) for v in flat.values())
 
 

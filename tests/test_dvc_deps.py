@@ -20,12 +20,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "perception")
 UNTRACKED_SECTIONS = {"ray", "mlflow", "runtime"}
-SECTIONS = ("seed", "seeds", "points", "images", "train", "evaluate")
+SECTIONS = ("seed", "seeds", "points", "images", "proximity", "train", "evaluate")
 
 # stage in dvc.yaml -> its module under pipeline/stages
 STAGE_MODULES = {
     "prepare_points": "pipeline.stages.prepare_points",
     "prepare_images": "pipeline.stages.prepare_images",
+    "prepare_proximity": "pipeline.stages.prepare_proximity",
     "train": "pipeline.stages.train",
     "evaluate": "pipeline.stages.evaluate",
     "report": "pipeline.stages.report",
@@ -128,6 +129,6 @@ def test_the_closure_finds_lazy_imports_inside_functions(tmp_path: Path) -> None
 
 
 def test_an_undeclared_module_is_caught() -> None:
-    deps = [d for d in stages()["prepare_images"]["deps"] if d != "pipeline/stages/prepare_points.py"]
+    deps = [d for d in stages()["prepare_images"]["deps"] if d != "pipeline/outputs.py"]
     closure = import_closure(["pipeline.__main__", STAGE_MODULES["prepare_images"]])
     assert not all(covered(p, deps) for p in closure)

@@ -28,7 +28,7 @@ def test_dvc_repro_runs_the_data_stages_reproducibly(repo_copy):
 
     run_command(["dvc", "repro", "prepare_images"], repo_copy)
     assert (repo_copy / "data/prepared/points/train_points.npy").is_file()
-    assert (repo_copy / "data/prepared/images/test_r24.npy").is_file()
+    assert (repo_copy / "data/prepared/images/test_fov_r24.npy").is_file()
     first = _out_hashes(repo_copy)
     assert set(first) == {"data/prepared/points", "data/prepared/images"}
 
@@ -39,7 +39,7 @@ def test_dvc_repro_runs_the_data_stages_reproducibly(repo_copy):
     assert "Running stage" not in again.stdout  # nothing changed, nothing runs
 
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    write_params(repo_copy / "params.yaml", merge(params, {"images": {"eval_resolutions": [16, 32]}}))
+    write_params(repo_copy / "params.yaml", merge(params, {"images": {"eval_resolutions": [32]}}))
     partial = run_command(["dvc", "repro", "prepare_images"], repo_copy)
     assert "Running stage 'prepare_images'" in partial.stdout
     assert "Running stage 'prepare_points'" not in partial.stdout

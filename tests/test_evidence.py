@@ -7,7 +7,17 @@ import pytest
 
 from perception.evaluation.intervals import BootstrapSettings
 from pipeline import verdicts as v
-from pipeline.evidence import VariantInfo, model_fits, rotation_evidence, rotation_tables
+from pipeline.evidence import (
+    VariantInfo,
+    canvas_set_names,
+    canvas_tables,
+    model_fits,
+    proximity_table,
+    resolution_evidence,
+    rotation_evidence,
+    rotation_tables,
+    serialisation_evidence,
+)
 
 SETTINGS = BootstrapSettings(resamples=400, seed=0)
 SEEDS, CLOUDS, DRAWS = 3, 200, 2
@@ -55,3 +65,134 @@ def test_the_equivariant_gap_is_e3nn_against_the_best_unaugmented_baseline_paire
     line = next(line for line in verdict.measured if line.startswith("unrotated accuracy, e3nn - dgcnn"))
     assert f"{100 * gap.value:+.1f} points" in line
     assert v.render_effect(verdict).startswith(f"{100 * evidence.effect.value:+.1f}")
+
+
+# ------------------------------------------------------------------------------ claims 1 and 2
+
+IMAGES = 300
+
+
+def _images(accuracy: float, seed: int) -> np.ndarray:
+    """bool[S, N]: each (seed, test image) right with probability `accuracy`."""
+    return np.random.default_rng(seed).random((SEEDS, IMAGES)) < accuracy
+
+
+@pytest.mark.parametrize("rowmajor, random, outcome", [(0.7, 0.5, v.HOLDS), (0.95, 0.95, v.DOES_NOT_HOLD)])
+def test_serialisation_evidence_picks_the_best_locality_preserving_order_and_the_rule_can_go_either_way(
+    rowmajor, random, outcome
+):
+    accuracies = {"rowmajor": rowmajor, "snake": 0.95, "hilbert": 0.95, "cross": 0.96, "random": random}
+    # One shared draw: orders of equal accuracy are then equally right on every image (a null effect).
+    draw = np.random.default_rng(0).random((SEEDS, IMAGES))
+    correct = {f"m-{o}": {"in": draw < a} for o, a in accuracies.items()}
+    correct["vit"] = {"in": _images(0.5, 9)}
+    infos = {f"m-{o}": VariantInfo(f"m-{o}", "mamba_hybrid", scan_order=o) for o in accuracies}
+    infos["vit"] = VariantInfo("vit", "vit", pos_embed="learned")
+    fits = model_fits(proximity_table(correct, infos, SETTINGS), infos, 2, "proximity")
+    evidence = serialisation_evidence(correct, infos, fits, {o: 0.5 for o in accuracies}, SETTINGS)
+
+    assert evidence.best_order == "cross" and evidence.reference == "vit"
+    assert set(evidence.effects) == {"rowmajor", "snake", "hilbert", "random"}
+    for order, effect in evidence.effects.items():
+        expected = correct["m-cross"]["in"].mean() - correct[f"m-{order}"]["in"].mean()
+        assert effect.value == pytest.approx(expected)
+    assert v.claim_serialisation(evidence).verdict == outcome
+
+
+def _canvas_study(unhelped_b: float) -> tuple[dict, dict]:
+    """Accuracy per test set: `in` 0.8 for all; (b) as given for the unhelped table, 0.7 for the others."""
+    sets = canvas_set_names((64,))
+    accuracies = {
+        "vit-learned_fixed": {
+            "fov_64": 0.4,
+            "centre_64": unhelped_b,
+            "corner_64": unhelped_b,
+            "scaled_64": 0.5,
+        },
+        "vit-learned": {"fov_64": 0.6, "centre_64": 0.3, "corner_64": 0.3, "scaled_64": 0.5},
+        "vit-rope": {"fov_64": 0.5, "centre_64": 0.7, "corner_64": 0.7, "scaled_64": 0.5},
+        "mamba": {"fov_64": 0.5, "centre_64": 0.75, "corner_64": 0.75, "scaled_64": 0.5},
+    }
+    draw = np.random.default_rng(1).random((SEEDS, IMAGES))
+    correct = {
+        name: {s: draw < (0.8 if s == "in" else acc[s]) for s in sets} for name, acc in accuracies.items()
+    }
+    infos = {
+        "vit-learned_fixed": VariantInfo("vit-learned_fixed", "vit", pos_embed="learned_fixed"),
+        "vit-learned": VariantInfo("vit-learned", "vit", pos_embed="learned"),
+        "vit-rope": VariantInfo("vit-rope", "vit", pos_embed="rope"),
+        "mamba": VariantInfo("mamba", "mamba_hybrid", scan_order="rowmajor", attn_layers=0),
+    }
+    return correct, infos
+
+
+@pytest.mark.parametrize("unhelped_b, outcome", [(0.4, v.HOLDS), (0.7, v.DOES_NOT_HOLD)])
+def test_resolution_evidence_compares_the_unhelped_table_with_the_structural_variant_that_drops_most(
+    unhelped_b, outcome
+):
+    correct, infos = _canvas_study(unhelped_b)
+    table = canvas_tables(correct, infos, (64,), 32, 4, SETTINGS)
+    fits = model_fits(table, infos, 13, "resolution")
+    evidence = resolution_evidence(correct, infos, fits, (64,), 32, SETTINGS)
+
+    assert evidence.unhelped == "vit-learned_fixed" and evidence.resampled == "vit-learned"
+    assert evidence.weakest_structural == "vit-rope"  # drops 10 points on (b); Mamba 5
+    drop = {n: correct[n]["in"].mean() - (correct[n]["centre_64"].mean() + correct[n]["corner_64"].mean()) / 2
+            for n in correct}  # fmt: skip
+    assert evidence.effect.value == pytest.approx(drop["vit-learned_fixed"] - drop["vit-rope"])
+    assert evidence.resampled_effect.value == pytest.approx(drop["vit-learned"] - drop["vit-rope"])
+    assert [f.name for f in evidence.models] == ["vit-learned_fixed", "vit-rope", "mamba"]  # not resampled
+    assert v.claim_position_embedding(evidence).verdict == outcome
+
+
+def test_the_decomposition_is_the_arithmetic_of_the_test_sets():
+    correct, infos = _canvas_study(0.4)
+    parts = canvas_tables(correct, infos, (64,), 32, 4, SETTINGS)["vit-learned_fixed"]["drops"]["64"]
+    acc = {s: correct["vit-learned_fixed"][s].mean() for s in correct["vit-learned_fixed"]}
+    a, c = acc["in"] - acc["fov_64"], acc["in"] - acc["scaled_64"]
+    b = acc["in"] - (acc["centre_64"] + acc["corner_64"]) / 2
+    assert parts["a"]["value"] == pytest.approx(a) and parts["c"]["value"] == pytest.approx(c)
+    assert parts["b"]["value"] == pytest.approx(b)
+    assert parts["b_plus_c"]["value"] == pytest.approx(b + c)
+    assert parts["a_minus_b_c"]["value"] == pytest.approx(a - b - c)
+    assert parts["a_minus_b_c"]["lo"] <= parts["a_minus_b_c"]["value"] <= parts["a_minus_b_c"]["hi"]
+
+
+def test_the_unhelped_reading_is_the_same_checkpoint_with_the_table_at_its_own_positions():
+    import torch
+
+    from perception.models import build
+    from pipeline.measurements import Checkpoint, with_unhelped_tables
+
+    torch.manual_seed(0)
+    model = build("vit", "tiny", num_classes=3, in_channels=4, patch_size=4, image_size=16)
+    flat = {
+        "trial.name": "vit-learned", "trial.model": "vit", "trial.family": "vit", "trial.size": "tiny",
+        "trial.pos_embed": "learned", "trial.seed": 0, "data.num_classes": 3, "data.in_channels": 4,
+        "images.patch_size": 4, "images.train_resolution": 16,
+    }  # fmt: skip
+    state = model.state_dict()
+    checkpoints = {"vit-learned": {0: Checkpoint("vit-learned", 0, "vit", flat, state, model.eval())}}
+    out = with_unhelped_tables(checkpoints)
+    assert set(out) == {"vit-learned", "vit-learned_fixed"}
+    fixed = out["vit-learned_fixed"][0]
+    assert fixed.flat["trial.pos_embed"] == "learned_fixed" and fixed.flat["trial.read_from"] == "vit-learned"
+    small, large = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fixed.model(small), model(small))  # the training grid: one and the same model
+        assert not torch.allclose(fixed.model(large), model(large))  # a larger grid: resampled or not
+        reference = build("vit", "tiny", num_classes=3, in_channels=4, patch_size=4, image_size=16,
+                          pos_embed="learned_fixed")  # fmt: skip
+        reference.load_state_dict(state)
+        assert torch.equal(fixed.model.eval()(large), reference.eval()(large))
+    # the proximity task's ViT (claim 1's reference) is not read a second way: it is tested on one grid
+    proximity = {**flat, "trial.name": "proximity_vit", "trial.task": "proximity"}
+    reference_only = {"proximity_vit": {0: Checkpoint("proximity_vit", 0, "vit", proximity, state, model)}}
+    assert set(with_unhelped_tables(reference_only)) == {"proximity_vit"}
+    # a variant trained as learned_fixed itself is kept, not overwritten
+    trained = {
+        0: Checkpoint(
+            "vit-learned_fixed", 0, "vit", {**flat, "trial.pos_embed": "learned_fixed"}, state, model
+        )
+    }
+    assert with_unhelped_tables({**checkpoints, "vit-learned_fixed": trained})["vit-learned_fixed"] is trained

@@ -11,6 +11,7 @@ from perception.data.proximity import (
     ProximityParamsError,
     make_split,
     proximity_instance,
+    segment_orientation,
 )
 
 COUNT = 200
@@ -100,6 +101,22 @@ def test_segment_is_inside_and_distractors_are_isolated(task):
         assert all(len(np.unique(p[:, 0])) == 1 for p in pieces) or all(
             len(np.unique(p[:, 1])) == 1 for p in pieces
         )
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_the_segment_axis_is_read_from_the_pixels_and_transposing_flips_it(label):
+    """segment_orientation (what the evaluation splits accuracy by) agrees with the segments themselves."""
+    params = ProximityParams(task="gap", size=16, segments=8, segment_length=4, distractors=4)
+    axes = []
+    for i in range(60):
+        image, _ = proximity_instance(params, seed=2, key=(1, i), label=label)
+        lit = image[0] > 0.5
+        pieces = [np.array(c) for c in _components(lit) if len(c) > 1]
+        vertical = all(len(np.unique(p[:, 1])) == 1 for p in pieces)  # one column each: vertical
+        assert segment_orientation(image) == int(vertical)
+        assert segment_orientation(image[0].T) == 1 - int(vertical)
+        axes.append(vertical)
+    assert 0 < sum(axes) < len(axes)  # both axes occur: the orientation is a per-image nuisance
 
 
 def test_a_closed_gap_flips_the_label():

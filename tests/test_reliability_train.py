@@ -80,7 +80,7 @@ def _run_state(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
-TRIALS = 14  # make_study_repo's default study: 7 variants x 2 training seeds
+TRIALS = 18  # make_study_repo's default study: 9 variants x 2 training seeds
 
 
 # --- 1. the driver dies ---------------------------------------------------------------------------------

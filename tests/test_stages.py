@@ -44,19 +44,24 @@ def test_same_params_give_identical_bytes_whatever_the_worker_count(tmp_path, ti
     assert _files(tmp_path / "a")["train_points.npy"] != _files(tmp_path / "c")["train_points.npy"]
 
 
-def test_images_render_every_instance_at_every_resolution(tmp_path, tiny_config):
+def test_images_render_every_instance_on_every_canvas(tmp_path, tiny_config):
     config = tiny_config()
     prepare_points(config, tmp_path / "points")
     manifest = prepare_images(config, tmp_path / "points", tmp_path / "images")
     ds = open_dataset(tmp_path / "images", "images")
     assert ds.array("train_r16").shape == (12, 4, 16, 16)
-    assert ds.array("test_r16").shape == (8, 4, 16, 16) and ds.array("test_r24").shape == (8, 4, 24, 24)
+    assert ds.array("test_r16").shape == (8, 4, 16, 16)
+    for canvas in (24, 32):
+        for kind in ("fov", "centre", "corner"):
+            assert ds.array(f"test_{kind}_r{canvas}").shape == (8, 4, canvas, canvas)
+        assert ds.array(f"test_scaled{canvas}_r16").shape == (8, 4, 16, 16)
     points = open_dataset(tmp_path / "points", "points")
     assert np.array_equal(ds.array("test_labels"), points.array("test_labels"))
     assert manifest["channels"] == ["depth", "normal_x", "normal_y", "normal_z"]
-    assert manifest["resolutions"] == [16, 24]
-    images = ds.array("test_r24")
-    assert ((images[:, 0] > 0).mean(axis=(1, 2)) > 0.02).all()  # every object is in view
+    assert manifest["resolutions"] == [16, 24, 32] and manifest["object_size"] == 8
+    for name in ("test_r16", "test_fov_r32", "test_centre_r32", "test_scaled32_r16"):
+        images = ds.array(name)
+        assert ((images[:, 0] > 0).sum(axis=(1, 2)) >= 4).all(), name  # every object is in view
 
 
 def _write_folder_dataset(root):

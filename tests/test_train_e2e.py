@@ -22,9 +22,11 @@ from tests.conftest import MlflowServer, make_study_repo, run_command
 pytestmark = pytest.mark.slow
 
 VARIANTS = {
-    "vit",
-    "mamba_hybrid-rowmajor",
-    "mamba_hybrid-hilbert",
+    "vit-learned",
+    "vit-none",
+    "mamba_hybrid",
+    "proximity_mamba-rowmajor",
+    "proximity_mamba-hilbert",
     "e3nn",
     "pointnet-none",
     "pointnet-so3",
@@ -63,7 +65,7 @@ def test_dvc_repro_trains_every_variant_and_locks_the_outputs(trained):
     assert set(metrics["val_accuracy"]) == VARIANTS
     assert all(set(by_seed) == {"0", "1"} for by_seed in metrics["val_accuracy_by_seed"].values())
     shown = run_command(["dvc", "metrics", "show"], root).stdout
-    assert "val_accuracy.vit" in shown
+    assert "val_accuracy.vit-none" in shown
 
 
 def test_the_live_status_replaces_rays_tables(trained):
@@ -88,15 +90,20 @@ def test_best_checkpoints_load_safely_and_rebuild_their_model(trained):
     root, _ = trained
     points = torch.from_numpy(__import__("numpy").load(root / "data/prepared/points/test_points.npy"))
     images = torch.from_numpy(__import__("numpy").load(root / "data/prepared/images/test_r16.npy"))
+    proximity = torch.from_numpy(__import__("numpy").load(root / "data/prepared/proximity/test_r12.npy"))
     for name in VARIANTS:
         for seed in SEEDS:
             state = torch.load(root / f"data/train/models/{name}/seed-{seed}.pt", weights_only=True)
             model = build_model(state["config"])
             model.load_state_dict(state["state_dict"])
             model.eval()
-            inputs = images[:3] if state["config"]["trial.family"] in ("vit", "mamba_hybrid") else points[:3]
+            family, task = state["config"]["trial.family"], state["config"].get("trial.task", "shapes")
+            inputs = images[:3] if family in ("vit", "mamba_hybrid") else points[:3]
+            classes = 4  # the tiny shape classes; the proximity task is binary, on its own 12 px images
+            if task == "proximity":
+                inputs, classes = proximity[:3], 2
             with torch.no_grad():
-                assert model(inputs).shape == (3, 4)
+                assert model(inputs).shape == (3, classes)
             assert state["config"]["trial.name"] == name and state["config"]["seed"] == 7
             assert state["config"]["trial.seed"] == seed
 
@@ -178,7 +185,14 @@ def test_every_trial_run_has_its_model(trained, mlflow_server):
 def test_the_whole_dag_ran_and_the_report_states_a_verdict_per_claim(trained):
     root, result = trained
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare_points", "prepare_images", "train", "evaluate", "report"}
+    assert set(lock["stages"]) == {
+        "prepare_points",
+        "prepare_images",
+        "prepare_proximity",
+        "train",
+        "evaluate",
+        "report",
+    }
     report = (root / "reports/report.md").read_text()
     verdicts = json.loads((root / "reports/verdicts.json").read_text())["claims"]
     assert [v["claim"] for v in verdicts] == [1, 2, 3, 4]
@@ -209,9 +223,18 @@ def test_evaluation_metrics_hold_sane_values(trained):
     # The equivariant model is invariant by construction; the baselines are not.
     assert metrics["rotation"]["e3nn"]["invariance_error_float64"] < 1e-9
     assert metrics["rotation"]["pointnet-none"]["invariance_error_float64"] > 1e-4
-    assert set(metrics["resolution"]["vit"]) == {
-        f"accuracy_{res}px{end}" for res in (16, 24) for end in ("", "_lo", "_hi")
+    sets = ["in"] + [f"{kind}_{c}" for c in (24, 32) for kind in ("fov", "centre", "corner", "scaled")]
+    parts = [f"drop_{part}_{c}" for c in (24, 32) for part in ("a", "b", "c", "b_plus_c", "a_minus_b_c")]
+    # vit-learned_fixed: the vit-learned checkpoints read with the table at its own positions
+    assert set(metrics["resolution"]) == {"vit-learned", "vit-learned_fixed", "vit-none", "mamba_hybrid"}
+    assert set(metrics["resolution"]["vit-none"]) == {
+        f"{name}{end}" for name in [f"accuracy_{s}" for s in sets] + parts for end in ("", "_lo", "_hi")
     }
+    assert set(metrics["serialisation"]) == {"proximity_mamba-rowmajor", "proximity_mamba-hilbert"}
+    for row in [*metrics["serialisation"].values(), *metrics["resolution"].values()]:
+        for name in [k for k in row if not k.endswith(("_lo", "_hi"))]:
+            assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"], name
+    assert "effects.rowmajor" in metrics["effects"]["serialisation"]  # best - row-major, with its interval
     assert set(metrics["cost"]) == {"vit", "vit_explicit", "mamba_hybrid", "mamba"}
     shown = run_command(["dvc", "metrics", "show"], root).stdout
     assert "rotation.e3nn.accuracy_so3" in shown
@@ -219,12 +242,13 @@ def test_evaluation_metrics_hold_sane_values(trained):
 
 def test_dvc_plots_render_the_evaluation(trained):
     root, _ = trained
-    for name in ("accuracy_by_angle", "accuracy_by_resolution", "cost_by_tokens"):
+    for name in ("accuracy_by_angle", "accuracy_by_scale", "accuracy_by_scan_order", "cost_by_tokens"):
         with open(root / f"plots/{name}.csv") as handle:
             assert len(list(csv.DictReader(handle))) > 0
     run_command(["dvc", "plots", "show", "--out", "dvc_plots"], root)
     page = (root / "dvc_plots/index.html").read_text()
     assert "Accuracy against rotation angle" in page and "Forward latency against tokens" in page
+    assert "Accuracy against scale" in page and "scan order" in page
 
 
 def test_the_evaluation_is_in_the_mlflow_parent_run(trained):

@@ -19,10 +19,11 @@ from perception.training import (
     rotations_about_z,
     stratified_split,
     train_one_epoch,
+    warmup_cosine,
 )
-from pipeline.config import ConfigError, Domain, parse_config
+from pipeline.config import ConfigError, Domain, load_config, parse_config
 from pipeline.training import space
-from tests.conftest import TINY_PARAMS, merge
+from tests.conftest import REPO, TINY_PARAMS, merge
 
 
 def _config(train: dict | None = None):
@@ -38,16 +39,19 @@ def _config(train: dict | None = None):
 def test_default_models_expand_into_the_studys_variants():
     names = [v.name for v in space.expand(_config())]
     assert names == [
-        "vit",
-        "mamba_hybrid-rowmajor",
-        "mamba_hybrid-snake",
-        "mamba_hybrid-hilbert",
         "e3nn",
+        "dgcnn",
+        *(f"vit-{p}" for p in ("learned", "sincos", "rope", "none")),
+        "mamba_hybrid",
+        "mamba",
+        *(f"proximity_mamba-{o}" for o in ("rowmajor", "snake", "hilbert", "cross", "random")),
+        "proximity_vit",
         "pointnet-none",
         "pointnet-z",
         "pointnet-so3",
-        "dgcnn",
     ]
+    # and the repo's params.yaml lists the same variants, in the same order
+    assert [v.name for v in space.expand(load_config(REPO / "params.yaml"))] == names
 
 
 def test_grid_values_are_fixed_per_variant_and_sampled_values_stay_domains():
@@ -111,6 +115,8 @@ def test_a_model_entry_sets_its_own_epochs_and_the_others_keep_the_studys():
                 "train.weight_decay": 0.0,
                 "train.batch_size": 8,
                 "train.points_per_cloud": 0,
+                "train.warmup_epochs": 0,
+                "train.grad_clip": 0.0,
             }
         )
         assert trial_settings(flat)["epochs"] == expected == space.trial_epochs(config, trial)
@@ -148,6 +154,10 @@ BAD_VARIANTS = [
     ({"models": {"mamba_hybrid": {"scan_order": {"grid": ["rowmajor", "zigzag"]}}}}, "scan_order = 'zigzag'"),
     ({"models": {"vit": {"depth": {"randint": [0, 3]}}}}, "ViTConfig.depth = 0 is not allowed"),
     ({"models": {"vit": {}}, "fault": {"model": "dgcnn", "epoch": 1}}, "train.fault.model = 'dgcnn'"),
+    ({"models": {"vit": {"warmup_epochs": 8}}}, "train.models.vit.warmup_epochs = 8 is not allowed"),
+    ({"models": {"vit": {"grad_clip": -1}}}, "train.models.vit.grad_clip = -1 is not allowed"),
+    ({"models": {"vit": {"task": "detection"}}}, "train.models.vit.task = 'detection' is not allowed"),
+    ({"models": {"dgcnn": {"task": "proximity"}}}, "dgcnn is a point model"),
 ]
 
 
@@ -214,6 +224,37 @@ def _fit(epochs: int, state: dict | None = None):
         for _ in range(epochs)
     ]
     return model, optimizer, generator, losses, (x, y)
+
+
+def test_warmup_then_cosine_and_without_warmup_the_plain_cosine():
+    plain = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), T_max=8)
+    expected = []
+    for _ in range(8):
+        expected.append(plain.get_last_lr()[0])
+        plain.optimizer.step()
+        plain.step()
+    assert [warmup_cosine(8)(e) for e in range(8)] == pytest.approx(expected)
+    ramp = warmup_cosine(10, 2)
+    assert [ramp(e) for e in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])  # up, then the full rate
+    assert all(ramp(e) > ramp(e + 1) for e in range(2, 9)) and ramp(9) > 0
+
+
+def test_gradient_clipping_bounds_the_step():
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)) * 100, torch.arange(16) % 3
+    steps = {}
+    for clip in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # one plain step: the step is the gradient
+        settings = StepSettings(batch_size=16, grad_clip=clip)
+        train_one_epoch(
+            model, optimizer, x, y, settings, torch.Generator().manual_seed(0), torch.device("cpu")
+        )
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        steps[clip] = (after - before).norm().item()
+    assert steps[0.0] > 1.0  # unclipped: large inputs, a large gradient
+    assert steps[0.5] == pytest.approx(0.5, rel=1e-4)  # clipped to the norm exactly
 
 
 def test_training_is_deterministic_on_cpu():

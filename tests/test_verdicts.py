@@ -45,47 +45,90 @@ WIDE = est(0.04, -0.01, 0.09)  # straddles both
 # --------------------------------------------------------------------------------------- claim 1
 
 
-def serialisation(effect: Estimate, rowmajor_accuracy: float = 0.8) -> SerialisationEvidence:
-    models = (fit("mamba-rowmajor", rowmajor_accuracy), fit("mamba-snake"), fit("mamba-hilbert"))
+def serialisation(
+    rowmajor: Estimate, random: Estimate | None = None, best_accuracy: float = 0.95, others: Estimate = NULL
+) -> SerialisationEvidence:
+    """The best order (cross) against row-major, the random permutation (as `rowmajor` unless given), and
+    the other locality-preserving orders (`others`). Row-major and random are far below the floor: they are
+    not gated."""
+    orders = ("rowmajor", "snake", "hilbert", "cross", "random")
+    accuracy = {"rowmajor": 0.7, "snake": 0.9, "hilbert": 0.9, "cross": best_accuracy, "random": 0.5}
+    models = tuple(ModelFit(f"m-{o}", est(a, a - 0.02, a + 0.02), 0.5) for o, a in accuracy.items())
+    effects = {"rowmajor": rowmajor, "snake": others, "hilbert": others, "random": random or rowmajor}
     return SerialisationEvidence(
-        models=models, effect=effect, best_order="hilbert", locality={"rowmajor": 0.5, "hilbert": 0.8}
+        models=models,
+        best_order="cross",
+        effects=effects,
+        accuracies={o: est(a, a - 0.02, a + 0.02) for o, a in accuracy.items()},
+        locality={o: 0.5 for o in orders},
+        reference="vit",
+        reference_accuracy=est(0.5, 0.48, 0.52),
     )
 
 
-@pytest.mark.parametrize("effect, outcome", [(POSITIVE, HOLDS), (NULL, DOES_NOT_HOLD), (WIDE, INCONCLUSIVE)])
-def test_serialisation_outcomes_by_interval(effect, outcome):
-    verdict = v.claim_serialisation(serialisation(effect))
+@pytest.mark.parametrize(
+    "rowmajor, random, others, outcome",
+    [
+        (POSITIVE, POSITIVE, NULL, HOLDS),
+        (NULL, NULL, NULL, DOES_NOT_HOLD),  # every order within the margin of the best
+        (WIDE, WIDE, NULL, INCONCLUSIVE),
+        (POSITIVE, WIDE, NULL, INCONCLUSIVE),  # random not shown below the best: no verdict
+        (WIDE, POSITIVE, NULL, INCONCLUSIVE),  # nor row-major
+        (NULL, NULL, POSITIVE, INCONCLUSIVE),  # controls level with the best, yet another order is not
+    ],
+)
+def test_serialisation_outcomes_by_interval(rowmajor, random, others, outcome):
+    verdict = v.claim_serialisation(serialisation(rowmajor, random, others=others))
     assert verdict.verdict == outcome
     assert verdict.claim == 1 and verdict.excluded == ()
-    assert verdict.models_used == ("mamba-rowmajor", "mamba-snake", "mamba-hilbert")
-    assert verdict.effect == effect.scaled(100)  # judged in points
-    assert "+2 points" in verdict.rule and "+/-2 points" in verdict.rule
-    assert "hilbert" in verdict.effect_name
+    assert verdict.models_used == ("m-cross",)  # only the best scan is gated
+    assert verdict.effect == rowmajor.scaled(100)  # judged in points
+    assert "+5 points" in verdict.rule and "+/-2 points" in verdict.rule and "85%" in verdict.rule
+    assert "cross" in verdict.effect_name
     assert any("never decides" in line for line in verdict.measured)  # locality is context
+    assert any("attention reference" in line and "50.0%" in line for line in verdict.measured)
 
 
-def test_serialisation_is_inconclusive_when_a_model_is_undertrained():
-    verdict = v.claim_serialisation(serialisation(POSITIVE, rowmajor_accuracy=0.412))
+def test_serialisation_is_inconclusive_when_the_best_scan_did_not_learn_the_task():
+    verdict = v.claim_serialisation(serialisation(POSITIVE, best_accuracy=0.84))
     assert verdict.verdict == INCONCLUSIVE
-    assert verdict.excluded == ("mamba-rowmajor (41.2% < floor 55.0%)",)
-    assert verdict.models_used == ("mamba-snake", "mamba-hilbert")
-    assert "mamba-rowmajor" in verdict.would_change and "55.0%" in verdict.would_change
+    assert verdict.excluded == ("m-cross (84.0% < floor 85.0%)",)
+    assert "m-cross" in verdict.would_change and "85.0%" in verdict.would_change
+
+
+def test_serialisation_needs_both_controls():
+    evidence = serialisation(POSITIVE)
+    without_random = SerialisationEvidence(
+        evidence.models, "cross", {k: e for k, e in evidence.effects.items() if k != "random"}
+    )
+    verdict = v.claim_serialisation(without_random)
+    assert verdict.verdict == INCONCLUSIVE and "random" in verdict.would_change
 
 
 @pytest.mark.parametrize("effect", [POSITIVE, NULL, WIDE])
 def test_locality_never_decides(effect):
     base = serialisation(effect)
-    for locality in ({}, {"rowmajor": 0.0, "hilbert": 1.0}, {"rowmajor": 1.0, "hilbert": 0.0}):
-        evidence = SerialisationEvidence(base.models, effect, "hilbert", locality)
+    for locality in ({}, {"rowmajor": 0.0, "cross": 1.0}, {"rowmajor": 1.0, "cross": 0.0}):
+        evidence = SerialisationEvidence(base.models, "cross", base.effects, base.accuracies, locality)
         assert v.claim_serialisation(evidence).verdict == v.claim_serialisation(base).verdict
 
 
 # --------------------------------------------------------------------------------------- claim 2
 
 
-def resolution(effect: Estimate, vit_accuracy: float = 0.8) -> ResolutionEvidence:
-    models = (fit("vit", vit_accuracy), fit("mamba-rowmajor"), fit("mamba-hilbert"))
-    return ResolutionEvidence(models=models, effect=effect, train_resolution=32, largest_resolution=64)
+def resolution(effect: Estimate, unhelped_accuracy: float = 0.8) -> ResolutionEvidence:
+    models = (fit("vit-learned_fixed", unhelped_accuracy), fit("vit-rope"), fit("mamba"))
+    return ResolutionEvidence(
+        models=models,
+        effect=effect,
+        unhelped="vit-learned_fixed",
+        weakest_structural="vit-rope",
+        train_canvas=32,
+        canvas=64,
+        drops={"vit-learned_fixed": est(0.2, 0.15, 0.25), "vit-rope": est(0.08, 0.05, 0.11)},
+        resampled="vit-learned",
+        resampled_effect=est(0.03, 0.0, 0.06),
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,13 +143,30 @@ def test_position_embedding_outcomes_by_interval(effect, outcome):
     verdict = v.claim_position_embedding(resolution(effect))
     assert verdict.verdict == outcome and verdict.excluded == ()
     assert (verdict.threshold, verdict.margin) == (v.POSITION_THRESHOLD, v.POSITION_MARGIN)
-    assert "32 px to 64 px" in verdict.effect_name
+    assert "vit-learned_fixed - vit-rope" in verdict.effect_name
+    assert "32 px -> 64 px" in verdict.rule
+    # the usual fix is reported, never decides
+    assert any("vit-learned" in line and "never decides" in line for line in verdict.measured)
 
 
-def test_position_embedding_is_inconclusive_when_vit_is_undertrained():
-    verdict = v.claim_position_embedding(resolution(est(0.12, 0.07, 0.17), vit_accuracy=0.3))
+def test_a_reversed_effect_is_inconclusive_and_says_so():
+    verdict = v.claim_position_embedding(resolution(est(-0.41, -0.58, -0.24)))
+    assert verdict.verdict == INCONCLUSIVE  # "does not hold" is reserved for no effect (SPEC)
+    assert "runs against the claim" in verdict.would_change and "-2.0 points" in verdict.would_change
+    assert "runs against" not in v.claim_position_embedding(resolution(WIDE)).would_change
+
+
+def test_the_resampled_table_never_decides():
+    base = resolution(est(0.12, 0.07, 0.17))
+    for resampled in (est(0.5, 0.4, 0.6), est(-0.5, -0.6, -0.4)):
+        evidence = ResolutionEvidence(**{**base.__dict__, "resampled_effect": resampled})
+        assert v.claim_position_embedding(evidence).verdict == HOLDS
+
+
+def test_position_embedding_is_inconclusive_when_the_unhelped_vit_is_undertrained():
+    verdict = v.claim_position_embedding(resolution(est(0.12, 0.07, 0.17), unhelped_accuracy=0.3))
     assert verdict.verdict == INCONCLUSIVE
-    assert verdict.excluded == ("vit (30.0% < floor 55.0%)",)
+    assert verdict.excluded == ("vit-learned_fixed (30.0% < floor 55.0%)",)
 
 
 # --------------------------------------------------------------------------------------- claim 3
@@ -279,6 +339,7 @@ def test_as_dict_holds_the_report_keys_and_is_json():
         "title",
     } <= set(d)
     assert d["effect"] == pytest.approx(8.0) and d["interval"] == pytest.approx([6.0, 10.0])
+    assert d["models_used"] == ["m-cross"]
     json.dumps(d)
 
 
@@ -300,7 +361,7 @@ def test_would_change_quotes_the_numbers(outcome_case):
     effect = {"holds": POSITIVE, "does not hold": NULL, "inconclusive": WIDE}[outcome_case]
     verdict = v.claim_serialisation(serialisation(effect))
     assert verdict.verdict == outcome_case
-    assert "+2.0 points" in verdict.would_change  # the threshold
+    assert "+5.0 points" in verdict.would_change  # the threshold
     assert (
         f"{100 * effect.lo:+.1f}" in verdict.would_change or f"{100 * effect.lo:.1f}" in verdict.would_change
     )

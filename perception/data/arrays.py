@@ -122,7 +122,8 @@ def _expected_shape(kind: str, name: str, manifest: dict[str, Any]) -> tuple[lis
             return [None, 3], f"[{rest.removeprefix('mesh_')}, 3]"
         if rest in ("mesh_vertex_offsets", "mesh_face_offsets"):
             return [None if count is None else count + 1], "[samples + 1]"
-    if kind == "images" and (match := re.fullmatch(r"r(\d+)", rest)):
+    # `r<R>`, or a named test set at R: `fov_r64`, `scaled64_r32` (perception.data.canvas).
+    if kind == "images" and (match := re.fullmatch(r"(?:[a-z]+\d*_)?r(\d+)", rest)):
         resolution, channels = int(match[1]), manifest.get("channels")
         return [count, None if channels is None else len(channels), resolution, resolution], (
             "[samples, channels, R, R]"

@@ -182,6 +182,15 @@ def proximity_instance(
     return image, label
 
 
+def segment_orientation(image: np.ndarray) -> int:
+    """1 if the image's segments are vertical, 0 if horizontal, read from the pixels: a segment's pieces are
+    runs of at least 2 lit cells along its axis, and distractors are isolated, so the axis with a run of 2
+    is the segments'. image: [1, S, S] (noise-free) or [S, S]."""
+    lit = np.asarray(image).reshape(image.shape[-2:]) > 0.5
+    horizontal_pair = bool((lit[:, 1:] & lit[:, :-1]).any())
+    return 0 if horizontal_pair else 1
+
+
 def make_split(params: ProximityParams, seed: int, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` instances of `split` ("train" or "test"): images float32[count, 1, S, S], labels int64[count].
 

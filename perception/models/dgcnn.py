@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import EdgeConv
 
 from perception.models.registry import check
 from perception.ops.graphs import farthest_point_sampling, knn_graph, knn_indices
@@ -28,6 +27,10 @@ class DynamicEdgeBlock(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, k: int) -> None:
+        # Imported here: torch_geometric takes ~2 s to import (it loads torch._dynamo and pandas), which every
+        # trial's fresh worker would pay on importing the model registry, DGCNN or not.
+        from torch_geometric.nn import EdgeConv
+
         super().__init__()
         self.k = k
         self.conv = EdgeConv(_edge_mlp(c_in, c_out), aggr="max")

@@ -3,10 +3,12 @@
 - Rotation generalisation: every point model on the test set with no rotation, rotations about the up axis
   and Haar-uniform SO(3) rotations (several per sample, seeded); accuracy against the rotation angle; the
   model's float64 invariance error.
-- Resolution scaling, accuracy: every image model on the test renders at every resolution (ViT with its
-  position grid resampled, Mamba as it is).
+- Resolution (claim 2): every shape-image model on the training distribution and on the paired test sets
+  of every test canvas: (a) same field of view with more pixels, (b) a larger canvas at the training pixel
+  scale (object centred and in the far corner), (c) the object scaled up on the training canvas.
 - Resolution scaling, cost: ViT, Mamba-hybrid and pure Mamba at one width and depth over token counts.
-- Serialisation: the Mamba model's accuracy per `scan_order`, and how each order keeps grid neighbours.
+- Serialisation (claim 1): the proximity-task models' accuracy per scan order, and how each order keeps
+  grid neighbours together.
 
 Outputs: `<out>/results.json` (everything), `<out>/figures/*.png`, `<metrics>` (headline numbers for
 `dvc metrics`), and `<plots>/*.csv` (for `dvc plots`); the same numbers and figures go to the study's MLflow
@@ -34,12 +36,14 @@ from pipeline.evidence import VariantInfo, evidence_dict, fit_dict
 from pipeline.measurements import (
     Checkpoint,
     load_checkpoints,
-    measure_resolution,
+    measure_images,
     measure_rotation,
     save_arrays,
+    with_unhelped_tables,
 )
 from pipeline.mlflow_store import check_reachable, retrying
 from pipeline.outputs import atomic_output_dir, read_json, write_json_atomic
+from pipeline.stages.prepare_images import canvas_set_file
 
 
 def _infos(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[str, VariantInfo]:
@@ -50,8 +54,10 @@ def _infos(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[str, VariantIn
             variant,
             flat["trial.family"],
             flat.get("trial.augment", "none"),
-            flat.get("trial.scan_order"),
+            flat.get("trial.scan_order", "rowmajor") if flat["trial.family"] == "mamba_hybrid" else None,
             flat.get("trial.attn_layers"),
+            flat.get("trial.pos_embed", "learned") if flat["trial.family"] == "vit" else None,
+            next(iter(by_seed.values())).dataset,
         )
     return infos
 
@@ -68,9 +74,9 @@ def _trained_points(checkpoints: dict[str, dict[int, Checkpoint]], num_points: i
 
 
 def _locality(config: StudyConfig) -> dict[str, Any]:
-    """How each order keeps 2D grid neighbours together in 1D, on the training grid and the essay's largest
-    (1024 px at patch 16). A property of the order by construction: context, never a verdict."""
-    grids = (config.images.train_resolution // config.images.patch_size, 1024 // 16)
+    """How each order keeps 2D grid neighbours together in 1D, on the proximity task's grid and the essay's
+    largest (1024 px at patch 16). A property of the order by construction: context, never a verdict."""
+    grids = (config.proximity.size // config.proximity.patch_size, 1024 // 16)
     return {
         order: {f"locality_{g}x{g}": locality_stats(scan_directions(order, g, g), g, g) for g in grids}
         for order in SCAN_ORDERS
@@ -105,6 +111,7 @@ def evaluate(
     config: StudyConfig,
     points_dir: Path,
     images_dir: Path,
+    proximity_dir: Path,
     train_dir: Path,
     out: Path,
     metrics_out: Path,
@@ -112,8 +119,10 @@ def evaluate(
 ) -> dict[str, Any]:
     points = open_dataset(points_dir, "points")
     images = open_dataset(images_dir, "images")
+    proximity = open_dataset(proximity_dir, "images")
     study = read_json(train_dir / "study.json", "train") if (train_dir / "study.json").is_file() else {}
-    checkpoints = load_checkpoints(train_dir)
+    # ViT's learned table is read two ways, resampled and at its own positions, from the same checkpoints.
+    checkpoints = with_unhelped_tables(load_checkpoints(train_dir))
     tracking = study.get("mlflow") or {}
     if tracking.get("parent_run_id"):
         check_reachable(tracking["tracking_uri"], f"the study's tracking store ({train_dir / 'study.json'})")
@@ -134,9 +143,22 @@ def evaluate(
         invariance_clouds=ev.invariance_clouds,
         trained_points=_trained_points(checkpoints, config.points.num_points),
     )
-    renders = {res: images.array(f"test_r{res}") for res in config.images.resolutions}
-    resolution = measure_resolution(
-        checkpoints, renders, images.array("test_labels"), batch_size=ev.batch_size
+    canvases = tuple(r for r in config.images.resolutions if r != train_res)
+    canvas_names = evidence.canvas_set_names(canvases)
+    canvas_sets = {"in": images.array(canvas_set_file("in", train_res, train_res))}
+    for name in canvas_names[1:]:
+        kind, canvas = name.rsplit("_", 1)
+        canvas_sets[name] = images.array(canvas_set_file(kind, int(canvas), train_res))
+    canvas = measure_images(
+        checkpoints, canvas_sets, images.array("test_labels"), dataset="images", batch_size=ev.batch_size
+    )
+    size = config.proximity.size
+    prox = measure_images(
+        checkpoints,
+        {"in": proximity.array(f"test_r{size}")},
+        proximity.array("test_labels"),
+        dataset="proximity",
+        batch_size=ev.batch_size,
     )
 
     rotation_table = evidence.rotation_tables(rotation.correct, infos, settings)
@@ -146,26 +168,32 @@ def evaluate(
             mode: evidence.angle_bins(rotation.correct[variant][mode], rotation.angles[mode], settings)
             for mode in ("z", "so3")
         }
-    resolution_table = evidence.resolution_tables(
-        resolution.correct, infos, train_res, config.images.patch_size, settings
+    resolution_table = evidence.canvas_tables(
+        canvas.correct, infos, canvases, train_res, config.images.patch_size, settings
     )
+    orientation = proximity.array("test_orientation")
+    proximity_table = evidence.proximity_table(prox.correct, infos, settings, orientation)
     fits = {
         **evidence.model_fits(rotation_table, infos, num_classes, "rotation"),
         **evidence.model_fits(resolution_table, infos, num_classes, "resolution"),
+        **evidence.model_fits(proximity_table, infos, 2, "proximity"),
     }
     locality = _locality(config)
-    largest_grid = list(locality["rowmajor"])[-1]
+    task_grid = list(locality["rowmajor"])[0]
+    for row in proximity_table.values():
+        order = row["scan_order"]
+        row["locality"] = locality[order][task_grid] if order else None
     claim_evidence = {
         "serialisation": evidence.serialisation_evidence(
-            resolution.correct,
+            prox.correct,
             infos,
             fits,
-            train_res,
-            {o: stats[largest_grid]["grid_nbr_within_window_frac"] for o, stats in locality.items()},
+            {o: stats[task_grid]["grid_nbr_within_window_frac"] for o, stats in locality.items()},
             settings,
+            orientation,
         ),
         "position_embedding": evidence.resolution_evidence(
-            resolution.correct, infos, fits, train_res, settings
+            canvas.correct, infos, fits, canvases, train_res, settings
         ),
         "rotation": evidence.rotation_evidence(rotation.correct, infos, fits, settings),
     }
@@ -181,6 +209,13 @@ def evaluate(
         "test_samples": {
             "points": int(len(points.array("test_labels"))),
             "images": int(len(images.array("test_labels"))),
+            "proximity": int(len(proximity.array("test_labels"))),
+        },
+        "canvas": {
+            "train_resolution": train_res,
+            "object_size": config.images.object_size,
+            "canvases": list(canvases),
+            "test_sets": canvas_names,
         },
         "points_per_cloud": rotation.points_per_cloud,
         "bootstrap": {
@@ -192,7 +227,12 @@ def evaluate(
         "models": {name: fit_dict(fit) for name, fit in fits.items()},
         "rotation": rotation_table,
         "resolution": resolution_table,
-        "serialisation": {"orders": locality},
+        "serialisation": {
+            "orders": locality,
+            "task_grid": task_grid,
+            "task": dict(vars(config.proximity)),
+            "models": proximity_table,
+        },
         "cost": cost,
         "evidence": {name: evidence_dict(e) for name, e in claim_evidence.items() if e is not None},
         "wall_seconds": round(time.monotonic() - began, 1),
@@ -205,7 +245,7 @@ def evaluate(
         (folder / "results.json").write_text(
             json.dumps(results, indent=2, sort_keys=True, default=_json) + "\n"
         )
-        save_arrays(folder / "per_sample.npz", rotation, resolution)
+        save_arrays(folder / "per_sample.npz", rotation, canvas, prox)
         (folder / "figures").mkdir()
         from pipeline.figures import draw_figures
 
@@ -266,11 +306,23 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
     }
     resolution = {
         name: {
-            k: v
-            for res, estimate in r["accuracy"].items()
-            for k, v in _with_interval(f"accuracy_{res}px", estimate).items()
+            **{
+                k: v
+                for test_set, estimate in r["accuracy"].items()
+                for k, v in _with_interval(f"accuracy_{test_set}", estimate).items()
+            },
+            **{
+                k: v
+                for canvas, parts in r["drops"].items()
+                for part, estimate in parts.items()
+                for k, v in _with_interval(f"drop_{part}_{canvas}", estimate).items()
+            },
         }
         for name, r in results["resolution"].items()
+    }
+    serialisation = {
+        name: _with_interval("accuracy", r["accuracy"])
+        for name, r in results["serialisation"]["models"].items()
     }
     cost = {
         model: {
@@ -289,7 +341,16 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
     gap = results["evidence"].get("rotation", {}).get("equivariant_gap")
     if isinstance(gap, dict):  # context: e3nn unrotated - the best un-augmented baseline
         effects.setdefault("rotation", {}).update(_with_interval("equivariant_gap", gap))
-    return {"rotation": rotation, "resolution": resolution, "cost": cost, "effects": effects}
+    for claim, key in (("serialisation", "effects"), ("position_embedding", "drops")):
+        for name, estimate in (results["evidence"].get(claim, {}).get(key) or {}).items():
+            effects.setdefault(claim, {}).update(_with_interval(f"{key}.{name}", estimate))
+    return {
+        "rotation": rotation,
+        "resolution": resolution,
+        "serialisation": serialisation,
+        "cost": cost,
+        "effects": effects,
+    }
 
 
 def plot_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -309,16 +370,34 @@ def plot_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
                             "accuracy_hi": b["hi"],
                         }
                     )
-    by_res = [
+    by_scale = []
+    canvas = results["canvas"]
+    train_res = canvas["train_resolution"]
+    for name, r in results["resolution"].items():
+        for kind in ("fov", "centre", "corner", "scaled"):
+            points = [(1.0, r["accuracy"]["in"])] + [
+                (c / train_res, r["accuracy"][f"{kind}_{c}"]) for c in canvas["canvases"]
+            ]
+            for scale, acc in points:
+                by_scale.append(
+                    {
+                        "model": f"{name} ({kind})",
+                        "scale": scale,
+                        "accuracy": acc["value"],
+                        "accuracy_lo": acc["lo"],
+                        "accuracy_hi": acc["hi"],
+                    }
+                )
+    by_order = [
         {
             "model": name,
-            "resolution": int(res),
-            "accuracy": acc["value"],
-            "accuracy_lo": acc["lo"],
-            "accuracy_hi": acc["hi"],
+            "locality": row["locality"]["grid_nbr_within_window_frac"],
+            "accuracy": row["accuracy"]["value"],
+            "accuracy_lo": row["accuracy"]["lo"],
+            "accuracy_hi": row["accuracy"]["hi"],
         }
-        for name, r in results["resolution"].items()
-        for res, acc in r["accuracy"].items()
+        for name, row in results["serialisation"]["models"].items()
+        if row["locality"]  # the attention reference has no order, so no locality to plot against
     ]
     by_tokens = [
         {
@@ -332,7 +411,12 @@ def plot_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         }
         for row in results["cost"]["rows"]
     ]
-    return {"accuracy_by_angle": by_angle, "accuracy_by_resolution": by_res, "cost_by_tokens": by_tokens}
+    return {
+        "accuracy_by_angle": by_angle,
+        "accuracy_by_scale": by_scale,
+        "accuracy_by_scan_order": by_order,
+        "cost_by_tokens": by_tokens,
+    }
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,7 +1,13 @@
-"""Stage `prepare-images`: the point stage's instances rendered as depth + normal images.
+"""Stage `prepare-images`: the point stage's instances rendered as depth + normal images on canvases.
 
-Outputs in one folder: `train_r<R>` float32[N, 4, R, R] at the training resolution, `test_r<R>` at every
-resolution (training and evaluation), `{train,test}_labels` int64[N], `manifest.json`.
+Each object is rendered at `images.object_size` px and placed at a random position on a black
+`train_resolution` canvas (perception.data.canvas); the test instances are also placed in claim 2's paired
+test sets at every test canvas R of `eval_resolutions`. Outputs in one folder:
+- `train_r<T>` float32[N, 4, T, T], `train_offsets` int64[N, 2] (the object's top-left (row, col));
+- `test_r<T>` (the training distribution) and `test_offsets`;
+- for every R: `test_fov_r<R>` (a), `test_centre_r<R>` and `test_corner_r<R>` (b), all [N, 4, R, R], and
+  `test_scaled<R>_r<T>` (c) [N, 4, T, T];
+- `{train,test}_labels` int64[N], `manifest.json`.
 """
 
 from __future__ import annotations
@@ -14,16 +20,29 @@ from typing import Any
 import numpy as np
 
 from perception.data.arrays import open_dataset, unpack_mesh, write_dataset
+from perception.data.canvas import PLACEMENTS, paste, placement, random_offsets
+from perception.data.points import instance_rng
 from perception.data.render import Camera, render_depth_normals
 from pipeline.config import StudyConfig
-from pipeline.outputs import atomic_output_dir
+from pipeline.outputs import FORMAT_VERSION, SPLITS, atomic_output_dir, library_versions
 from pipeline.parallel import parallel_map
-from pipeline.stages.prepare_points import FORMAT_VERSION, SPLITS, library_versions
+
+_OFFSET_KEY = 0xCA  # the placement draws' part of each instance's seed key (apart from the point stage's)
 
 
-def _render_item(item: tuple) -> list[np.ndarray]:
-    vertices, faces, camera, resolutions = item
-    return [render_depth_normals(vertices, faces, camera, r) for r in resolutions]
+def _render_item(item: tuple) -> dict[int, np.ndarray]:
+    """Sprite size -> float32[4, s, s]: one instance rendered at every size its images need."""
+    vertices, faces, camera, sizes = item
+    return {s: render_depth_normals(vertices, faces, camera, s) for s in sizes}
+
+
+def canvas_set_file(kind: str, canvas: int, train_canvas: int) -> str:
+    """The file of test set `kind` (perception.data.canvas.PLACEMENTS, or "in") at test canvas `canvas`."""
+    if kind == "in":
+        return f"test_r{train_canvas}"
+    if kind == "scaled":
+        return f"test_scaled{canvas}_r{train_canvas}"
+    return f"test_{kind}_r{canvas}"
 
 
 def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str, Any]:
@@ -34,20 +53,21 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
     camera = Camera(
         images.camera_distance, images.camera_azimuth_deg, images.camera_elevation_deg, images.fov_deg
     )
-    resolutions = {"train": (images.train_resolution,), "test": images.resolutions}
+    T, S = images.train_resolution, images.object_size
+    canvases = tuple(r for r in images.resolutions if r != T)
+    scaled_sizes = {r: r * S // T for r in canvases}  # the object's side in (a) and (c) at canvas r
+    sizes = {"train": (S,), "test": tuple(sorted({S, *scaled_sizes.values()}))}
 
     arrays: dict[str, np.ndarray] = {}
-    for split in SPLITS:
+    for split_id, split in enumerate(SPLITS):
         mesh_arrays = {
             name: points.array(f"{split}_mesh_{name}")
             for name in ("vertices", "faces", "vertex_offsets", "face_offsets")
         }
         mesh_arrays = {f"{split}_mesh_{k}": v for k, v in mesh_arrays.items()}
         count = points.manifest["splits"][split]["count"]
-        items = [
-            (*unpack_mesh(mesh_arrays, f"{split}_mesh", i), camera, resolutions[split]) for i in range(count)
-        ]
-        rendered = list(
+        items = [(*unpack_mesh(mesh_arrays, f"{split}_mesh", i), camera, sizes[split]) for i in range(count)]
+        sprites = list(
             parallel_map(
                 _render_item,
                 items,
@@ -56,19 +76,39 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
                 config.runtime.progress,
             )
         )
-        for k, resolution in enumerate(resolutions[split]):
-            arrays[f"{split}_r{resolution}"] = np.stack([r[k] for r in rendered]).astype(np.float32)
+        offsets = np.stack(
+            [
+                random_offsets(1, T, S, instance_rng(config.seed, (_OFFSET_KEY, split_id, i)))[0]
+                for i in range(count)
+            ]
+        )  # (N, 2)
+        arrays[f"{split}_r{T}"] = np.stack([paste(s[S], T, o) for s, o in zip(sprites, offsets, strict=True)])
+        arrays[f"{split}_offsets"] = offsets.astype(np.int64)
         arrays[f"{split}_labels"] = points.array(f"{split}_labels")
+        if split == "test":
+            for canvas in canvases:
+                for kind in PLACEMENTS:
+                    rendered = []
+                    for sprite, offset in zip(sprites, offsets, strict=True):
+                        side, size, at = placement(kind, offset, T, S, canvas)
+                        rendered.append(paste(sprite[size], side, at))
+                    arrays[canvas_set_file(kind, canvas, T)] = np.stack(rendered)
 
     manifest = {
         "kind": "images",
+        "task": "shapes",
         "format_version": FORMAT_VERSION,
         "seed": config.seed,
         "params": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(images).items()},
         "classes": points.manifest["classes"],
         "channels": ["depth", "normal_x", "normal_y", "normal_z"],
-        "train_resolution": images.train_resolution,
+        "train_resolution": T,
+        "object_size": S,
         "resolutions": list(images.resolutions),
+        "test_sets": {
+            str(canvas): {kind: canvas_set_file(kind, canvas, T) for kind in PLACEMENTS}
+            for canvas in canvases
+        },
         "splits": {s: {"count": points.manifest["splits"][s]["count"]} for s in SPLITS},
         "points_manifest_sha256": points.manifest_sha256,
         "generator": library_versions(),
@@ -76,6 +116,10 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
     with atomic_output_dir(out) as folder:
         manifest = write_dataset(folder, arrays, manifest)
     elapsed = time.perf_counter() - started
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items() if "_r" in k)
-    print(f"prepare-images: {shapes} in {elapsed:.1f} s -> {out}")
+    print(
+        f"prepare-images: objects of {S} px at random positions on {T} px canvases "
+        f"({arrays[f'train_r{T}'].shape[0]} train, {arrays[f'test_r{T}'].shape[0]} test); test sets (a) fov, "
+        f"(b) centre / corner, (c) scaled at {', '.join(f'{c} px' for c in canvases)}; "
+        f"in {elapsed:.1f} s -> {out}"
+    )
     return manifest

@@ -7,7 +7,6 @@ Outputs in one folder (see perception.data.arrays): `{train,test}_points` float3
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,8 @@ from perception.data.meshio import UnusableMesh, list_mesh_files
 from perception.data.points import Instance, SamplingSpec, file_instance, procedural_instance
 from pipeline.config import StudyConfig, resolve_path
 from pipeline.errors import DataError
-from pipeline.outputs import atomic_output_dir
+from pipeline.outputs import FORMAT_VERSION, SPLITS, atomic_output_dir, library_versions
 from pipeline.parallel import parallel_map
-
-SPLITS = ("train", "test")
-FORMAT_VERSION = 1
 
 
 def _procedural_item(item: tuple) -> Instance:
@@ -37,17 +33,6 @@ def _file_item(item: tuple) -> Instance | str:
         return file_instance(path, up_axis, spec, seed, key)
     except UnusableMesh as err:
         return str(err)
-
-
-def library_versions() -> dict[str, str]:
-    names = ("perception-study", "numpy", "open3d", "trimesh")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
 
 
 def _work_items(config: StudyConfig, base_dir: Path) -> tuple[list[str], list[tuple], list[tuple]]:

@@ -79,7 +79,7 @@ def hardware() -> list[str]:
 
 def stage_times(timings_dir: Path) -> list[tuple[str, float]]:
     rows = []
-    for stage in ("prepare-points", "prepare-images", "train", "evaluate", "report"):
+    for stage in ("prepare-points", "prepare-images", "prepare-proximity", "train", "evaluate", "report"):
         path = timings_dir / f"{stage}.json"
         if path.is_file():
             rows.append((stage, json.loads(path.read_text())["wall_seconds"]))
@@ -159,24 +159,8 @@ def _blocks(results, verdict_list, train_summary, timings, figures) -> list[tupl
                 for name, row in rotation.items()
             ],
         ),
-        ("h2", "Resolution: accuracy at each test resolution"),
-        (
-            "table",
-            [
-                "variant",
-                *(
-                    f"{r} px"
-                    for r in sorted(
-                        {int(r) for row in results["resolution"].values() for r in row["accuracy"]}
-                    )
-                ),
-            ],
-            [
-                [name, *(_pct_interval(row["accuracy"][r]) for r in sorted(row["accuracy"], key=int))]
-                for name, row in results["resolution"].items()
-            ],
-        ),
     ]
+    blocks += _resolution_blocks(results) + _proximity_blocks(results)
     cost_rows = [
         [
             r["model"],
@@ -250,6 +234,110 @@ def _blocks(results, verdict_list, train_summary, timings, figures) -> list[tupl
         ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
     ]
     return blocks
+
+
+def _points_interval(estimate: dict[str, float]) -> str:
+    return f"{100 * estimate['value']:+.1f} [{100 * estimate['lo']:.1f}, {100 * estimate['hi']:.1f}]"
+
+
+def _resolution_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Claim 2's tables: accuracy on every test set, and the (a) / (b) / (c) decomposition of the drops."""
+    canvas = results.get("canvas")
+    resolution = results["resolution"]
+    if not canvas or not resolution:
+        return []
+    sets = canvas.get("test_sets") or list(next(iter(resolution.values()))["accuracy"])  # in, (a) (b) (c)
+    train_res = canvas["train_resolution"]
+    blocks: list[tuple] = [
+        ("h2", "Resolution: the paired test sets"),
+        (
+            "p",
+            f"Objects rendered at {canvas['object_size']} px, placed at random positions on the "
+            f"{train_res} px training canvas (`in`). At every test canvas R, from the same test instances: "
+            "(a) `fov_R` the same field of view with R / "
+            f"{train_res} times the pixels; (b) `centre_R`, `corner_R` the object at its training pixel size "
+            "on the larger canvas (new grid positions only); (c) `scaled_R` the object scaled by the same "
+            f"factor on the {train_res} px canvas (apparent scale only). Accuracy with 95% intervals.",
+        ),
+        (
+            "table",
+            ["variant", *sets],
+            [[name, *(_pct_interval(row["accuracy"][k]) for k in sets)] for name, row in resolution.items()],
+        ),
+    ]
+    for canvas_px in canvas["canvases"]:
+        key = str(canvas_px)
+        blocks += [
+            ("p", f"Accuracy drops from `in` at {canvas_px} px, points [95% interval]: is (a) = (b) + (c)?"),
+            (
+                "table",
+                [
+                    "variant",
+                    "encoding",
+                    "(a) fov",
+                    "(b) canvas",
+                    "(c) scaled",
+                    "(b) + (c)",
+                    "(a) - ((b) + (c))",
+                ],
+                [
+                    [name, row["encoding"]]
+                    + [
+                        _points_interval(row["drops"][key][k])
+                        for k in ("a", "b", "c", "b_plus_c", "a_minus_b_c")
+                    ]
+                    for name, row in resolution.items()
+                ],
+            ),
+        ]
+    return blocks
+
+
+def _proximity_blocks(results: dict[str, Any]) -> list[tuple]:
+    """Claim 1's table: every proximity-task model with its scan order's locality."""
+    serialisation = results.get("serialisation", {})
+    models = serialisation.get("models")
+    if not models:
+        return []
+    task = serialisation.get("task", {})
+    return [
+        ("h2", "Serialisation: the proximity task"),
+        (
+            "p",
+            f"Task {task.get('task')!r} on {task.get('size')}x{task.get('size')} px, one token per pixel: "
+            f"{task.get('segments')} segments of {task.get('segment_length')} px, all solid (label 1) or all "
+            f"broken by a one-pixel gap (label 0), all horizontal or all vertical, and "
+            f"{task.get('distractors')} isolated pixels; {results['test_samples'].get('proximity')} test "
+            "images. Locality: the fraction of 2D-neighbour pairs within 4 tokens (one conv1d window) in "
+            "the order's closest direction, and their geometric-mean distance in the sequence. Accuracy "
+            "is also split by the segments' axis: row-major order keeps horizontal neighbours together, not "
+            "vertical ones, so a task that measures 2D proximity shows the difference there.",
+        ),
+        (
+            "table",
+            [
+                "variant",
+                "scan order",
+                "accuracy [95% interval]",
+                "horizontal segments",
+                "vertical segments",
+                "neighbours within 4",
+                "geo-mean gap",
+            ],
+            [
+                [
+                    name,
+                    row["scan_order"] or "attention (no order)",
+                    _pct_interval(row["accuracy"]),
+                    _pct_interval(row.get("by_orientation", {}).get("horizontal")),
+                    _pct_interval(row.get("by_orientation", {}).get("vertical")),
+                    f"{row['locality']['grid_nbr_within_window_frac']:.3f}" if row["locality"] else "n/a",
+                    f"{row['locality']['grid_nbr_seq_dist_geomean']:.2f}" if row["locality"] else "n/a",
+                ]
+                for name, row in models.items()
+            ],
+        ),
+    ]
 
 
 def render_markdown(blocks: list[tuple], relative_to: Path) -> str:

@@ -175,13 +175,20 @@ def _clear_local_runs(storage: str, keep: str | None) -> None:
 
 
 def train(
-    config: StudyConfig, points_dir: Path, images_dir: Path, out: Path, metrics_out: Path, repo: Path
+    config: StudyConfig,
+    points_dir: Path,
+    images_dir: Path,
+    proximity_dir: Path,
+    out: Path,
+    metrics_out: Path,
+    repo: Path,
 ) -> dict[str, Any]:
     # Everything that can be wrong with params, inputs or the tracking store is found before Ray starts.
     variants = space.expand(config)
-    kinds = {v.input_kind for v in variants}
+    datasets = {v.dataset for v in variants}
     points = open_dataset(points_dir, "points")
-    images = open_dataset(images_dir, "images") if "image" in kinds else None
+    images = open_dataset(images_dir, "images") if "images" in datasets else None
+    proximity = open_dataset(proximity_dir, "images") if "proximity" in datasets else None
     classes = points.manifest["classes"]
     in_channels = len(images.manifest["channels"]) if images else 4
     space.check(config, variants, len(classes), in_channels)
@@ -209,15 +216,25 @@ def train(
     from pipeline.training.tracking import MlflowTrials, git_commit, start_parent
 
     point_data = image_data = None
-    if "points" in kinds:
+    if "points" in datasets:
         labels = points.array("train_labels")
         point_data = _split_data(config, points.array("train_points"), labels)
     if images is not None:
         labels = images.array("train_labels")
         res = config.images.train_resolution
         image_data = _split_data(config, images.array(f"train_r{res}"), labels)
+    proximity_data = None
+    if proximity is not None:
+        size = config.proximity.size
+        proximity_data = _split_data(
+            config, proximity.array(f"train_r{size}"), proximity.array("train_labels")
+        )
 
-    dataset_hashes = {"points": points.manifest_sha256, "images": images.manifest_sha256 if images else ""}
+    dataset_hashes = {
+        "points": points.manifest_sha256,
+        "images": images.manifest_sha256 if images else "",
+        "proximity": proximity.manifest_sha256 if proximity else "",
+    }
     storage = _storage(config, repo)
     name = _experiment_name(config, dataset_hashes)
     experiment = f"{storage.rstrip('/')}/{name}"
@@ -251,6 +268,7 @@ def train(
                 "git_commit": git_commit(repo),
                 "dataset.points.sha256": dataset_hashes["points"],
                 "dataset.images.sha256": dataset_hashes["images"],
+                "dataset.proximity.sha256": dataset_hashes["proximity"],
                 "stage": "train",
             }
             # With a SQLite store, artifacts go beside it wherever the stage runs from.
@@ -268,7 +286,8 @@ def train(
         trial_flat.update({"data.num_classes": len(classes), "data.in_channels": in_channels})
         mlflow_callback = MlflowTrials(client, parent_id)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, images=image_data, points=point_data), resources
+            tune.with_parameters(run_trial, images=image_data, points=point_data, proximity=proximity_data),
+            resources,
         )
         done_before = 0
         if restoring:

@@ -14,10 +14,12 @@ from typing import Any
 
 from perception.models import FAMILIES, ModelConfigError
 from perception.training import AUGMENTS
-from pipeline.config import TRIAL_KEYS, ConfigError, Domain, ModelEntry, StudyConfig
+from pipeline.config import TASKS, TRIAL_KEYS, ConfigError, Domain, ModelEntry, StudyConfig
 
 # Settings a trial reads from `train` unless its model entry overrides them.
-TRAINING_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "points_per_cloud")
+TRAINING_KEYS = (
+    "epochs", "lr", "weight_decay", "batch_size", "points_per_cloud", "warmup_epochs", "grad_clip",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class Variant:
     input_kind: str  # "image" or "points"
     fixed: dict[str, Any] = field(default_factory=dict)  # setting -> value, grid values resolved
     searched: dict[str, Domain] = field(default_factory=dict)  # setting -> sampled domain
+
+    @property
+    def dataset(self) -> str:
+        """What it trains on: "points" (the shape clouds), "images" (the shape renders) or "proximity"."""
+        return dataset_of(self.input_kind, self.fixed.get("task", "shapes"))
 
     def as_trial(self) -> dict[str, Any]:
         """The variant as it goes into Tune's search space (sampled settings still domains)."""
@@ -80,6 +87,27 @@ def expand(config: StudyConfig) -> list[Variant]:
     return variants
 
 
+def dataset_of(input_kind: str, task: str) -> str:
+    """The prepared dataset a model of `input_kind` trains on for `task` (config.TASKS)."""
+    if input_kind == "points":
+        return "points"
+    return "proximity" if task == "proximity" else "images"
+
+
+def task_data(flat: dict[str, Any], input_kind: str, task: str) -> dict[str, Any]:
+    """The data hparams of a model of `input_kind` on `task`, from a flat config that holds the shape data's
+    `data.num_classes` / `data.in_channels` (the proximity task is binary and has one channel)."""
+    if dataset_of(input_kind, task) == "proximity":
+        return data_hparams(input_kind, 2, 1, flat["proximity.patch_size"], flat["proximity.size"])
+    return data_hparams(
+        input_kind,
+        flat["data.num_classes"],
+        flat["data.in_channels"],
+        flat["images.patch_size"],
+        flat["images.train_resolution"],
+    )
+
+
 def data_hparams(
     input_kind: str, num_classes: int, in_channels: int, patch_size: int, image_size: int
 ) -> dict[str, Any]:
@@ -118,23 +146,41 @@ def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_cha
         epochs = variant.fixed.get("epochs", config.train.epochs)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"{where}.epochs = {epochs!r} is not allowed: expected a whole number >= 1")
+        warmup = variant.fixed.get("warmup_epochs", config.train.warmup_epochs)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < epochs:
+            raise ConfigError(
+                f"{where}.warmup_epochs = {warmup!r} is not allowed: expected a whole number from 0 to "
+                f"epochs - 1 = {epochs - 1}"
+            )
+        clip = variant.fixed.get("grad_clip", config.train.grad_clip)
+        if isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0:
+            raise ConfigError(
+                f"{where}.grad_clip = {clip!r} is not allowed: expected a number >= 0 (0: no clip)"
+            )
+        task = variant.fixed.get("task", "shapes")
+        if "task" in variant.searched or task not in TASKS:
+            raise ConfigError(
+                f"{where}.task = {task!r} is not allowed: expected one of {', '.join(TASKS)} "
+                "(a fixed value or a grid)"
+            )
+        if family.input_kind == "points" and task != "shapes":
+            raise ConfigError(
+                f"{where}.task = {task!r} is not allowed: {variant.family} is a point model; the proximity "
+                "task is an image task"
+            )
         augment = variant.fixed.get("augment", "none")
         if augment not in AUGMENTS:
             raise ConfigError(
                 f"{where}.augment = {augment!r} is not allowed: expected one of {', '.join(AUGMENTS)}"
             )
-        image_geometry = (config.images.patch_size, config.images.train_resolution)
+        facts = {**config.flat(), "data.num_classes": num_classes, "data.in_channels": in_channels}
         samples = [variant.fixed] + [
             {**variant.fixed, key: value}
             for key, domain in variant.searched.items()
             for value in domain.candidates()
         ]
         for settings in samples:
-            hparams = model_hparams(
-                variant.family,
-                settings,
-                data_hparams(family.input_kind, num_classes, in_channels, *image_geometry),
-            )
+            hparams = model_hparams(variant.family, settings, task_data(facts, family.input_kind, task))
             try:
                 family.config(settings["size"], **hparams)
             except ModelConfigError as err:

@@ -18,10 +18,20 @@ import numpy as np
 import torch
 
 from perception.models import FAMILIES, build
-from perception.training import StepSettings, accuracy, random_state, restore_random_state, train_one_epoch
-from pipeline.training.space import TRAINING_KEYS, data_hparams, model_hparams, resolved
+from perception.training import (
+    StepSettings,
+    accuracy,
+    random_state,
+    restore_random_state,
+    train_one_epoch,
+    warmup_cosine,
+)
+from pipeline.training.space import TRAINING_KEYS, dataset_of, model_hparams, resolved, task_data
 
 CHECKPOINT_FILE = "trial.pt"
+# `trial.*` keys of a flat config that are not the model's hparams (`read_from`: a checkpoint read another
+# way by the evaluation, pipeline.measurements.with_unhelped_tables).
+NOT_HPARAMS = ("trial.name", "trial.model", "trial.family", "trial.seed", "trial.read_from")
 
 
 class InjectedFault(RuntimeError):
@@ -39,7 +49,8 @@ class TrialData:
 
 
 def trial_settings(flat: dict[str, Any]) -> dict[str, Any]:
-    """epochs, lr, weight_decay, batch_size, points_per_cloud: the trial's own value, else the study's."""
+    """epochs, lr, weight_decay, batch_size, points_per_cloud, warmup_epochs, grad_clip: the trial's own
+    value, else the study's."""
     return {key: flat.get(f"trial.{key}", flat[f"train.{key}"]) for key in TRAINING_KEYS}
 
 
@@ -47,17 +58,9 @@ def build_model(flat: dict[str, Any]) -> torch.nn.Module:
     """A trial's model from its flat resolved config alone: `trial.*` settings and the `data.*` facts."""
     family = flat["trial.family"]
     settings = {
-        k[len("trial.") :]: v
-        for k, v in flat.items()
-        if k.startswith("trial.") and k not in ("trial.name", "trial.model", "trial.family", "trial.seed")
+        k[len("trial.") :]: v for k, v in flat.items() if k.startswith("trial.") and k not in NOT_HPARAMS
     }
-    from_data = data_hparams(
-        FAMILIES[family].input_kind,
-        flat["data.num_classes"],
-        flat["data.in_channels"],
-        flat["images.patch_size"],
-        flat["images.train_resolution"],
-    )
+    from_data = task_data(flat, FAMILIES[family].input_kind, flat.get("trial.task", "shapes"))
     return build(family, settings["size"], **model_hparams(family, settings, from_data))
 
 
@@ -68,12 +71,18 @@ def _device(flat: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def run_trial(trial_config: dict[str, Any], images: TrialData | None, points: TrialData | None) -> None:
+def run_trial(
+    trial_config: dict[str, Any],
+    images: TrialData | None,
+    points: TrialData | None,
+    proximity: TrialData | None = None,
+) -> None:
     """The Tune function trainable (wrapped by `tune.with_parameters` so the arrays travel once)."""
     from ray import tune
 
     flat = resolved(trial_config)
-    data = points if FAMILIES[flat["trial.family"]].input_kind == "points" else images
+    dataset = dataset_of(FAMILIES[flat["trial.family"]].input_kind, flat.get("trial.task", "shapes"))
+    data = {"points": points, "images": images, "proximity": proximity}[dataset]
     torch.set_num_threads(max(1, int(flat["train.cpus_per_trial"])))
     device = _device(flat)
     seed = int(flat["trial.seed"])
@@ -84,6 +93,7 @@ def run_trial(trial_config: dict[str, Any], images: TrialData | None, points: Tr
         batch_size=int(settings["batch_size"]),
         augment=flat.get("trial.augment", "none"),
         points_per_cloud=int(settings["points_per_cloud"]),
+        grad_clip=float(settings["grad_clip"]),
         bf16=bool(flat["train.bf16"]),
     )
     model = build_model(flat).to(device)
@@ -91,7 +101,9 @@ def run_trial(trial_config: dict[str, Any], images: TrialData | None, points: Tr
         model.parameters(), lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"])
     )
     epochs = int(settings["epochs"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(epochs, int(settings["warmup_epochs"]))
+    )
     generator = torch.Generator().manual_seed(seed)
 
     start_epoch, attempt = 0, 0
