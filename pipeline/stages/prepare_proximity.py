@@ -40,11 +40,12 @@ def _draw_chunk(item: tuple[ProximityParams, int, str, int, int]) -> tuple[np.nd
     keys = [(SPLIT_KEYS[split], i) for i in range(start, stop)]
     drawn = [proximity_instance(params, seed, key, label=key[1] % 2) for key in keys]
     # Orientation is read from the clean pixels: the generator draws the noise last, so without it the
-    # same cells are lit.
-    clean = dataclasses.replace(params, noise_std=0.0)
-    orientation = [
-        segment_orientation(proximity_instance(clean, seed, key, label=key[1] % 2)[0]) for key in keys
-    ]
+    # same cells are lit. Noise-free images are clean already: no second draw.
+    clean_images = [image for image, _ in drawn]
+    if params.noise_std > 0:
+        clean = dataclasses.replace(params, noise_std=0.0)
+        clean_images = [proximity_instance(clean, seed, key, label=key[1] % 2)[0] for key in keys]
+    orientation = [segment_orientation(image) for image in clean_images]
     images = np.stack([image for image, _ in drawn])
     labels = np.array([label for _, label in drawn], dtype=np.int64)
     return images, labels, np.array(orientation, dtype=np.int64)
