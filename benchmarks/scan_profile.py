@@ -6,7 +6,7 @@ Part 1, the scan: forward and forward+backward at L = 196, 576, 1024, 4096, dim 
 batch 1, realistic Mamba parameters (A = -1..-16, softplus delta, D, gate z), for
   - naive:  the mamba-minimal loop that indexes x[:, :, t] each step (written here, the baseline),
   - ref:    perception.ops.scan.selective_scan_ref (a loop over unbind-ed steps, autograd),
-  - every fast backend in SCAN_BACKENDS (chunked, native where it compiles).
+  - every fast CPU backend in SCAN_BACKENDS (chunked, native where it compiles; not triton, the GPU's).
 Each is timed `repeats` times after a warm-up (fewer repeats at large L and for the slow loops; naive and
 ref forward+backward are skipped above L = 1024, where they take seconds to minutes). Peak memory is the
 peak of the running sum of allocations and frees that torch.profiler(profile_memory=True) records in one
@@ -108,7 +108,8 @@ def peak_mib(fn: Callable[[], object]) -> float:
 
 def bench_scan(quick: bool) -> list[dict]:
     impls = {"naive": naive_scan, "ref": SCAN_BACKENDS["ref"]}
-    impls.update({k: v for k, v in SCAN_BACKENDS.items() if k != "ref"})
+    # triton is the GPU's backend: on CPU it runs only under the interpreter (benchmarks.gpu_check times it)
+    impls.update({k: v for k, v in SCAN_BACKENDS.items() if k not in ("ref", "triton")})
     rows = []
     for L in LENGTHS[:2] if quick else LENGTHS:
         for d in DIMS:

@@ -124,6 +124,20 @@ class StepSettings:
     bf16: bool = False  # autocast to bfloat16 (CUDA or CPU)
 
 
+# Parameters no optimiser decays: Mamba's `_no_weight_decay` (A_log, D) and its step bias (dt_bias), whose
+# values are a schedule of time scales, not weights to shrink towards 0.
+NO_WEIGHT_DECAY = ("A_log", "D", "dt_bias")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: every parameter decays by `weight_decay` except those named in NO_WEIGHT_DECAY."""
+    decay, keep = [], []
+    for name, param in model.named_parameters():
+        (keep if name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    return groups + ([{"params": keep, "weight_decay": 0.0}] if keep else [])
+
+
 def warmup_cosine(epochs: int, warmup_epochs: int = 0):
     """The learning-rate factor of epoch e (`torch.optim.lr_scheduler.LambdaLR`): a linear ramp over the
     first `warmup_epochs` ((e + 1) / (warmup + 1)), then a cosine from 1 to 0 over the rest. With no warmup

@@ -236,10 +236,12 @@ DEFAULT_MODELS = parse_models(
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """Test-only: the first attempt of trials of model `model` fails at epoch `epoch` (0 = never)."""
+    """Test-only: the first attempt of trials of model `model` fails at epoch `epoch` (0 = never), with an
+    injected error (`error`) or as if the GPU ran out of memory there (`oom`)."""
 
     model: str = field(default="", metadata={"empty": True})
     epoch: int = field(default=0, metadata=_range(0, 100_000))
+    kind: Literal["error", "oom"] = "error"
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# Triton reads TRITON_INTERPRET when it is first imported, and torch or e3nn may import it long before the
+# scan's Triton tests run: set it here, first, so those tests run the kernels on CPU tensors. A GPU run of
+# the `gpu` tests (benchmarks.gpu_check) sets PERCEPTION_TRITON_NATIVE to run them natively instead.
+if not os.environ.get("PERCEPTION_TRITON_NATIVE"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json
 import shutil
 import signal
 import socket

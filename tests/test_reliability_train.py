@@ -254,6 +254,31 @@ def test_a_long_outage_is_reported_at_the_end_and_a_rerun_logs_without_training(
     assert epochs == {name: [1, 2, 3] for name in ("vit", "pointnet", "e3nn")}, epochs
 
 
+def test_a_trial_out_of_gpu_memory_fails_with_one_line_in_the_table_and_mlflow(
+    prepared_repo, tmp_path, server
+):
+    """`train.fault.kind: oom` raises what torch raises when the allocator cannot serve a batch."""
+    root = _copy(prepared_repo, tmp_path)
+    _set_params(
+        root, "train", epochs=1, max_failures=0, fault={"model": "pointnet", "epoch": 1, "kind": "oom"}
+    )
+    result = subprocess.run(
+        TRAIN_CMD, cwd=root, env=tool_env({"MLFLOW_TRACKING_URI": server.uri}), capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after Ray's own log of the trial's traceback
+    assert line.startswith("error: "), result.stderr
+    reason = "pointnet: out of GPU memory at batch size"
+    assert "1 trial(s) failed" in line and reason in line and "lower the entry's batch_size" in line, line
+    table = result.stdout.split("train: failed trials (variant, seed, reason):\n", 1)[1].splitlines()
+    assert table[0].startswith("  pointnet  seed 0  ") and reason in table[0], table[0]
+    parent_id = line.rsplit("see MLflow run ", 1)[1].strip()
+    runs = {r.data.tags["variant"]: r for r in _nested_runs(server.uri, parent_id)}
+    assert runs["pointnet"].info.status == "FAILED" and reason in runs["pointnet"].data.tags["error"]
+    assert runs["vit"].info.status == "FINISHED" and not runs["vit"].data.tags.get("error")
+    assert not (root / "data/train").exists()
+
+
 # --- 7. safe defaults -------------------------------------------------------------------------------------
 
 LISTENERS = """

@@ -54,7 +54,7 @@ def run(scan, inputs: dict[str, torch.Tensor], use: tuple[str, ...], softplus: b
     """Output and the gradient of every used input, for a fixed random output gradient."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if k in use}
     out = scan(**leaves, delta_softplus=softplus, **kw)
-    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     grads = torch.autograd.grad(out, list(leaves.values()), gout)
     return out, dict(zip(leaves, grads, strict=True))
 

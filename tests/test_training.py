@@ -387,3 +387,16 @@ def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path,
         load_checkpoints(tmp_path / "train")
     assert "\n" not in str(err.value) and "dvc repro -f train" in str(err.value)
     assert not marker.exists()
+
+
+def test_mambas_time_scales_are_not_decayed():
+    from perception.training import NO_WEIGHT_DECAY, parameter_groups
+
+    model = build("mamba_hybrid", num_classes=3, in_channels=4, patch_size=4)
+    decay, keep = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and keep["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)].rsplit(".", 1)[-1] for p in keep["params"]}
+    assert kept == set(NO_WEIGHT_DECAY)
+    assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
+    assert len(parameter_groups(build("vit", num_classes=3), 0.05)) == 1  # nothing to keep

@@ -749,8 +749,8 @@ def cost_study(
             torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
         ),
         "threads": threads,
-        # what backend "auto" runs; the native kernel itself hands non-CPU tensors to chunked
-        "scan_backend": resolve_backend("auto") if device.type == "cpu" else "chunked",
+        # what backend "auto" runs on this device
+        "scan_backend": resolve_backend("auto", device),
         "torch": torch.__version__,
         "timer": "torch.utils.benchmark.Timer.blocked_autorange after one warm-up forward",
         "min_run_time_s": min_run_time,

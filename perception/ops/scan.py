@@ -31,8 +31,10 @@ Two paths, each taking the same arguments:
     states from there. Memory is O(b d l + b d n l / chunk) instead of the O(b d n l) tensors autograd
     would keep per step, and only exp of Δ A <= 0 appears, so nothing overflows (a cumsum/exp-of-cumsum
     form overflows with Mamba's A down to -16).
-`selective_scan(..., backend="auto")` dispatches by name through `SCAN_BACKENDS`, so faster backends (a
-compiled or CUDA kernel) can be registered beside these. Everything is computed in float32 (float64 stays
+Beside them, two compiled backends: `native` (a C kernel compiled here, CPU) and `triton`
+(perception/ops/scan_triton.py: Triton kernels for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+`selective_scan(..., backend="auto")` dispatches by name through `SCAN_BACKENDS`: triton on CUDA, native
+(else chunked) on CPU. Everything is computed in float32 (float64 stays
 float64) and returned in the dtype of u.
 """
 
@@ -598,6 +600,44 @@ def selective_scan_native(
 
 # ------------------------------------------------------------------------------------------ dispatch
 
+
+def triton_available() -> bool:
+    """Whether the `triton` package imports (CUDA builds of torch ship it; the test extra pins it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The Triton kernels (backend "triton", perception/ops/scan_triton.py): CUDA tensors, or CPU tensors
+    under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels' module is first imported)."""
+    if not triton_available():
+        raise RuntimeError(
+            "scan backend 'triton' needs the triton package: a CUDA build of torch ships it, or "
+            "pip install triton==3.7.1 (the version torch 2.13.0 pins)"
+        )
+    if u.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "scan backend 'triton' runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before perception.ops.scan_triton is imported, or use a CUDA tensor"
+        )
+    from perception.ops.scan_triton import selective_scan_triton as run
+
+    return run(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
 ScanFn = Callable[..., torch.Tensor]
 
 # name -> implementation; every entry takes selective_scan_ref's arguments. "auto" is resolved below.
@@ -605,12 +645,17 @@ SCAN_BACKENDS: dict[str, ScanFn] = {
     "ref": selective_scan_ref,
     "chunked": selective_scan_chunked,
     "native": selective_scan_native,
+    "triton": selective_scan_triton,
 }
 BACKEND_NAMES = ("auto", *SCAN_BACKENDS)
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend `backend` means here; "auto" is the fastest one available."""
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """The concrete backend `backend` means for tensors on `device`; "auto" is the fastest one available:
+    triton on CUDA (when triton imports), native on CPU (when a C compiler is there), else chunked."""
+    if backend == "auto" and torch.device(device).type == "cuda":
+        # chunked on a GPU launches kernels per token: latency would measure that, not the architecture
+        return "triton" if triton_available() else "chunked"
     if backend == "auto":
         # native is 4-7x faster than chunked on CPU (benchmarks/scan_profile.py); it needs a C compiler and
         # itself hands float64, non-CPU tensors and compiler-less machines to chunked.
@@ -633,5 +678,5 @@ def selective_scan(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Mamba's selective scan, [b, d, l]; arguments as in `selective_scan_ref`, run by `backend`."""
-    scan = SCAN_BACKENDS[resolve_backend(backend)]
+    scan = SCAN_BACKENDS[resolve_backend(backend, u.device)]
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

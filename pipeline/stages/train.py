@@ -352,6 +352,10 @@ def train(
     failed = [r for r in rows if r["status"] == "ERROR"]
     if failed:
         client.set_terminated(parent_id, status="FAILED")
+        # The failed trials' table, one line each, before the stage's own one-line error.
+        print("train: failed trials (variant, seed, reason):")
+        for row in failed:
+            print(f"  {row['variant']}  seed {row['seed']}  {row['error']}")
         first = failed[0]
         raise TrainingError(
             f"{len(failed)} trial(s) failed after {config.train.max_failures} retries, e.g. "

@@ -21,6 +21,7 @@ from perception.models import FAMILIES, build
 from perception.training import (
     StepSettings,
     accuracy,
+    parameter_groups,
     random_state,
     restore_random_state,
     train_one_epoch,
@@ -36,6 +37,10 @@ NOT_HPARAMS = ("trial.name", "trial.model", "trial.family", "trial.seed", "trial
 
 class InjectedFault(RuntimeError):
     """Raised by the test-only `train.fault` setting to exercise retries."""
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial that ran out of GPU memory: one line for the trials table and MLflow, saying what to change."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ def run_trial(
     data = {"points": points, "images": images, "proximity": proximity}[dataset]
     torch.set_num_threads(max(1, int(flat["train.cpus_per_trial"])))
     device = _device(flat)
+    share = float(flat["train.gpus_per_trial"])
+    if device.type == "cuda" and 0 < share < 1:
+        # Trials sharing a GPU each keep to their fraction, so one cannot starve the others of memory.
+        torch.cuda.set_per_process_memory_fraction(share)
     seed = int(flat["trial.seed"])
     torch.manual_seed(seed)
 
@@ -98,7 +107,7 @@ def run_trial(
     )
     model = build_model(flat).to(device)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"])
+        parameter_groups(model, float(settings["weight_decay"])), lr=float(settings["lr"])
     )
     epochs = int(settings["epochs"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -122,10 +131,19 @@ def run_trial(
     context = {"node_id": _node_id(), "hostname": socket.gethostname(), "device": str(device)}
     fault_epoch = flat["train.fault.epoch"] if flat["train.fault.model"] == flat["trial.model"] else 0
     for epoch in range(start_epoch, epochs):
-        if attempt == 0 and fault_epoch and epoch + 1 == fault_epoch:
+        faulty = attempt == 0 and fault_epoch and epoch + 1 == fault_epoch
+        if faulty and flat["train.fault.kind"] == "error":
             raise InjectedFault(f"train.fault: {flat['trial.name']} fails at epoch {fault_epoch} (test-only)")
         started = time.perf_counter()
-        loss = train_one_epoch(model, optimizer, train_x, train_y, step, generator, device)
+        try:
+            if faulty:  # kind "oom": what torch raises when the allocator cannot serve a batch
+                raise torch.OutOfMemoryError("CUDA out of memory (train.fault, test-only)")
+            loss = train_one_epoch(model, optimizer, train_x, train_y, step, generator, device)
+        except torch.OutOfMemoryError:
+            raise TrialOutOfMemory(
+                f"{flat['trial.name']}: out of GPU memory at batch size {step.batch_size} with "
+                f"{share:g} of a GPU per trial; lower the entry's batch_size or raise train.gpus_per_trial"
+            ) from None
         schedule.step()
         val_accuracy = accuracy(model, val_x, val_y, step.batch_size, device, step.bf16)
         metrics = {
