@@ -505,6 +505,14 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
                 f"evaluate.cost_resolutions[{i}] = {res} is not allowed: "
                 f"expected a multiple of evaluate.cost_patch_size = {evaluate.cost_patch_size}"
             )
+    tokens = {(r // evaluate.cost_patch_size) ** 2 for r in evaluate.cost_resolutions}
+    fitted = sorted(t for t in tokens if t >= evaluate.cost_fit_min_tokens)
+    if len(fitted) < 2:
+        raise ConfigError(
+            f"evaluate.cost_fit_min_tokens = {evaluate.cost_fit_min_tokens} is not allowed with "
+            f"evaluate.cost_resolutions = {list(evaluate.cost_resolutions)}: the exponents need at least 2 "
+            f"token counts at or above it, and these give {fitted or 'none'}; lower it or add resolutions"
+        )
     if evaluate.cost_dim % evaluate.cost_heads:
         raise ConfigError(
             f"evaluate.cost_dim = {evaluate.cost_dim} is not allowed: "

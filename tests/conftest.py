@@ -247,12 +247,17 @@ def _drop(tree: dict, path: tuple[str, ...]) -> None:
             _drop(tree[key], tuple(rest))
 
 
+# Not measurements: which MLflow run holds a run's numbers (listed by `dvc exp show`), new on every run.
+RUN_IDENTIFIERS = [("train", "mlflow_parent_run_id")]
+
+
 def comparable_metrics(root: Path) -> dict:
-    """{"train": metrics/train.json, "evaluate": metrics/evaluate.json} less TIMING_METRICS."""
+    """{"train": metrics/train.json, "evaluate": metrics/evaluate.json} less TIMING_METRICS and
+    RUN_IDENTIFIERS."""
     metrics = {
         name: json.loads((root / f"metrics/{name}.json").read_text()) for name in ("train", "evaluate")
     }
-    for path in TIMING_METRICS:
+    for path in TIMING_METRICS + RUN_IDENTIFIERS:
         _drop(metrics, path)
     return metrics
 

@@ -288,6 +288,12 @@ BAD_PARAMS = [
         ["evaluate.cost_resolutions[1] = 40", "a multiple of evaluate.cost_patch_size = 16"],
     ),
     row(
+        "cost sweep with too few token counts to fit",
+        {"evaluate": {"cost_resolutions": [224, 512], "cost_fit_min_tokens": 576}},
+        "evaluate",
+        ["evaluate.cost_fit_min_tokens = 576", "[224, 512]", "at least 2 token counts", "[1024]"],
+    ),
+    row(
         "cost_dim vs cost_heads",
         {"evaluate": {"cost_dim": 17}},
         "evaluate",

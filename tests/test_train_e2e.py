@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -33,6 +34,8 @@ VARIANTS = {
     "dgcnn",
 }
 SEEDS = (0, 1)  # conftest's TINY_PARAMS
+EXPERIMENT = "e2e-study"
+POINT_MODELS = ("e3nn", "pointnet-none", "pointnet-so3", "dgcnn")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,12 @@ def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = make_study_repo(
         tmp_path_factory.mktemp("train"), {"train": {"fault": {"model": "pointnet", "epoch": 2}}}
     )
-    result = run_command(["dvc", "repro"], root)
+    # As a DVC experiment (`dvc exp run` is `dvc repro` that also records the run as experiment EXPERIMENT).
+    run_command(["git", "add", "-A"], root)
+    run_command(
+        ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "study"], root
+    )
+    result = run_command(["dvc", "exp", "run", "-n", EXPERIMENT], root)
     return root, result
 
 
@@ -148,9 +156,10 @@ def test_mlflow_server_shows_the_parent_run_and_one_child_per_trial(trained, mlf
         },
     )["runs"]
     rows = _trials(root)
-    assert len(children) == len(rows) == len(VARIANTS) * len(SEEDS)
+    trials = [c for c in children if any(t["key"] == "trial_id" for t in c["data"]["tags"])]
+    assert len(trials) == len(rows) == len(VARIANTS) * len(SEEDS)
     by_variant = {}
-    for child in children:
+    for child in trials:
         child_tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
         by_variant[child_tags["variant"]] = child
         # The training seed is in the run's name and tags, as in the trials table.
@@ -251,18 +260,178 @@ def test_dvc_plots_render_the_evaluation(trained):
     assert "Accuracy against scale" in page and "scan order" in page
 
 
-def test_the_evaluation_is_in_the_mlflow_parent_run(trained):
+def _study_runs(root: Path):
+    """The client, the parent run, and its nested runs by name."""
     import mlflow
 
-    root, _ = trained
     study = json.loads((root / "data/train/study.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=study["mlflow"]["tracking_uri"])
     parent = client.get_run(study["mlflow"]["parent_run_id"])
-    assert "eval.rotation.e3nn.accuracy_so3" in parent.data.metrics
-    assert parent.data.tags["claim_4"] in ("holds", "does not hold", "inconclusive")
+    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    children = client.search_runs([parent.info.experiment_id], query, max_results=500)
+    return client, parent, {run.info.run_name.split(" (")[0]: run for run in children}
+
+
+def test_the_study_reads_as_model_development_with_its_verdicts(trained):
+    root, _ = trained
+    client, parent, _ = _study_runs(root)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    verdicts = json.loads((root / "reports/verdicts.json").read_text())["claims"]
+    for description in (experiment.tags["mlflow.note.content"], parent.data.tags["mlflow.note.content"]):
+        for verdict in verdicts:
+            assert f"Claim {verdict['claim']}, {verdict['title']}: **{verdict['verdict']}**" in description
+        assert "workflowType=machine_learning" in description and "Group by" in description
+    # The parent keeps the claim-level numbers: effect and bounds, and the verdict as a tag.
+    for verdict in verdicts:
+        n = verdict["claim"]
+        effect, lo, hi = (parent.data.metrics[f"claim_{n}_effect{end}"] for end in ("", "_lo", "_hi"))
+        assert [effect, lo, hi] == pytest.approx([verdict["effect"], *verdict["interval"]])
+        assert parent.data.tags[f"claim_{n}"] == verdict["verdict"]
+    assert not [k for k in parent.data.metrics if k.startswith(("eval.", "best_val_accuracy"))]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation/figures")}
     assert "evaluation/figures/rotation.png" in artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html"}
+    images = {a.path for a in client.list_artifacts(parent.info.run_id, "images")}
+    assert any(path.startswith("images/rotation") for path in images), images  # figures as MLflow images
+
+
+def test_datasets_are_the_runs_inputs_with_the_manifest_hash(trained):
+    root, _ = trained
+    client, parent, runs = _study_runs(root)
+    study = json.loads((root / "data/train/study.json").read_text())
+
+    def inputs(run) -> dict[str, tuple[str, str]]:
+        return {
+            d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in client.get_run(run.info.run_id).inputs.dataset_inputs
+        }
+
+    expected = {
+        f"{kind}-{context}": (study["datasets"][kind][:32], context)
+        for kind in ("points", "images", "proximity")
+        for context in ("train", "validation", "test")
+    }
+    assert inputs(parent) == expected
+    assert inputs(runs["e3nn-s0"]) == {k: v for k, v in expected.items() if k.startswith("points-")}
+    assert inputs(runs["vit-none-s1"]) == {k: v for k, v in expected.items() if k.startswith("images-")}
+    dataset = client.get_run(parent.info.run_id).inputs.dataset_inputs[0].dataset
+    assert json.loads(dataset.profile)["features_shape"][0] > 0 and "tensor" in dataset.schema
+
+
+def test_each_model_has_its_test_metrics_under_shared_names_on_its_own_run(trained):
+    root, _ = trained
+    client, _, runs = _study_runs(root)
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    for seed in SEEDS:
+        for variant in ("e3nn", "pointnet-none", "pointnet-so3", "dgcnn"):
+            got = runs[f"{variant}-s{seed}"].data.metrics
+            for name in ("test_accuracy", "test_accuracy_z", "test_accuracy_so3"):
+                assert got[f"{name}_lo"] <= got[name] <= got[f"{name}_hi"], (variant, name)
+        for variant in ("vit-learned", "vit-none", "mamba_hybrid", "vit-learned_fixed"):
+            got = runs[f"{variant}-s{seed}"].data.metrics
+            assert {"test_accuracy", "test_accuracy_fov_32", "test_accuracy_corner_32"} <= set(got), variant
+        got = runs[f"proximity_mamba-hilbert-s{seed}"].data.metrics
+        assert "test_accuracy_proximity" in got and "test_accuracy" not in got
+    # The runs' numbers are the per-seed parts of the pooled evaluation: their mean is the pooled accuracy.
+    pooled = metrics["rotation"]["e3nn"]["accuracy_so3"] * 100
+    per_seed = [runs[f"e3nn-s{s}"].data.metrics["test_accuracy_so3"] for s in SEEDS]
+    assert sum(per_seed) / len(per_seed) == pytest.approx(pooled, abs=1e-3)  # evaluate.json: 6 decimals
+    # Runs group by their `variant` tag; the derived reading points at what it reads.
+    assert runs["vit-learned_fixed-s0"].data.tags["variant"] == "vit-learned_fixed"
+    assert runs["e3nn-s1"].data.tags["variant"] == "e3nn"
+    # The cost sweep: a run per model, latency and memory per token count as steps.
+    history = client.get_metric_history(runs["cost vit"].info.run_id, "latency_ms")
+    assert sorted(m.step for m in history) == [4, 16, 64]  # conftest: 32, 64, 128 px at patch 16
+    assert {"cost vit", "cost mamba", "cost mamba_hybrid"} <= set(runs)
+
+
+def test_each_trial_logs_its_own_processs_system_metrics(trained):
+    root, _ = trained
+    client, _, runs = _study_runs(root)
+    for name in ("e3nn-s0", "vit-none-s1"):
+        run = runs[name]
+        history = client.get_metric_history(run.info.run_id, "system/trial_memory_rss_megabytes")
+        assert sorted(m.step for m in history) == [1, 2] and all(m.value > 50 for m in history)
+        assert "system/trial_cpu_percentage" in run.data.metrics
+    assert "system/trial_memory_rss_megabytes" not in _study_runs(root)[1].data.metrics  # not the driver's
+
+
+def test_dvc_and_mlflow_point_at_each_other(trained):
+    root, _ = trained
+    client, parent, runs = _study_runs(root)
+    for run in (parent, runs["e3nn-s0"]):
+        assert run.data.tags["dvc.exp_name"] == EXPERIMENT
+        assert (
+            run.data.tags["mlflow.source.name"] == f"python -m pipeline train (dvc exp run -n {EXPERIMENT})"
+        )
+    shown = run_command(["dvc", "exp", "show", "--json"], root).stdout
+    assert EXPERIMENT in shown and parent.info.run_id in shown  # metrics/train.json: mlflow_parent_run_id
+
+
+# --- a reviewer in a real browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (apt-get install -y chromium): the MLflow UI is not checked")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def test_a_reviewer_sees_the_runs_their_datasets_and_a_chart_comparing_models(
+    trained, mlflow_server, browser, tmp_path_factory, capsys
+):
+    """What a person sees in MLflow's UI (a real headless Chromium on a real `mlflow server`), saved as
+    screenshots whose paths the test prints."""
+    root, _ = trained
+    _, parent, runs = _study_runs(root)
+    shots = tmp_path_factory.mktemp("screenshots")
+    page = browser.new_page(viewport={"width": 1600, "height": 1100})
+    # The link the report stage prints: MLflow 3.17 otherwise opens the GenAI overview.
+    page.goto(f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning")
+    parent_row = page.get_by_text(parent.info.run_name, exact=True).first
+    parent_row.wait_for(timeout=60_000)
+    assert page.get_by_text("Which vision backbone: the study's verdicts").first.is_visible()
+    if page.get_by_text("MLflow Assistant").first.is_visible():
+        page.get_by_role("button", name="Close").click()  # a chat panel a first visit opens over the table
+
+    # The trials are nested under the parent: expand it, and they appear with their datasets.
+    page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()
+    trial = page.get_by_text(runs["e3nn-s0"].info.run_name, exact=True).first
+    trial.wait_for(timeout=30_000)
+    # The grid draws a row's pinned name cell and its other cells as two elements with the same row-id.
+    row_id = page.locator('[role="row"]', has=trial).first.get_attribute("row-id")
+    cells = " ".join(page.locator(f'[role="row"][row-id="{row_id}"]').all_inner_texts())
+    assert "points-train" in cells, cells  # the Dataset column, filled
+    page.screenshot(path=shots / "runs.png")
+
+    # The chart view, with every run shown (the UI draws the first 10), for one test metric.
+    page.goto(
+        f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs"
+        "?workflowType=machine_learning&compareRunsMode=CHART"
+    )
+    page.get_by_test_id("experiment-view-runs-visibility-column-header").click()
+    page.get_by_text("Show all runs").first.click()
+    page.get_by_placeholder("Search metric charts").fill("test_accuracy_so3")
+    cards = page.get_by_test_id("experiment-view-compare-runs-card")
+    cards.first.wait_for(timeout=30_000)
+    page.wait_for_timeout(2000)  # the charts draw after their cards appear
+    (chart,) = [c for c in cards.all() if c.inner_text().splitlines()[0] == "test_accuracy_so3"]
+    page.screenshot(path=shots / "chart.png")
+    # One bar per evaluated point model and seed, each named in the chart's legend; no other runs.
+    point_runs = [runs[f"{v}-s{s}"].info.run_name for v in POINT_MODELS for s in SEEDS]
+    assert chart.locator("g.point").count() == len(point_runs)
+    legend = chart.inner_text()
+    assert all(name in legend for name in point_runs), legend
+    assert runs["vit-none-s0"].info.run_name not in legend
+    with capsys.disabled():
+        print(f"\nMLflow UI screenshots: {shots / 'runs.png'}, {shots / 'chart.png'}")
 
 
 def test_dvc_reruns_only_what_changed(trained):

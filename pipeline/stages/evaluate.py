@@ -30,7 +30,7 @@ import torch
 from perception.data.arrays import open_dataset
 from perception.evaluation.intervals import BootstrapSettings
 from perception.ops.serialization import SCAN_ORDERS, locality_stats, scan_directions
-from pipeline import evidence
+from pipeline import evidence, review
 from pipeline.config import StudyConfig
 from pipeline.evidence import VariantInfo, evidence_dict, fit_dict
 from pipeline.measurements import (
@@ -241,6 +241,9 @@ def evaluate(
 
     metrics = headline_metrics(results)
     plots = plot_tables(results)
+    per_model = per_model_test_metrics(
+        checkpoints, [rotation.correct, canvas.correct, prox.correct], settings
+    )
     with atomic_output_dir(out) as folder:
         (folder / "results.json").write_text(
             json.dumps(results, indent=2, sort_keys=True, default=_json) + "\n"
@@ -257,8 +260,23 @@ def evaluate(
     tables = [out / "results.json"] + [plots_dir / f"{name}.csv" for name in plots]
     if tracking.get("parent_run_id"):
         figure_paths = [out / "figures" / f.name for f in figures]
+        runs = trial_runs(train_dir)
+        # A derived reading (vit-learned_fixed) is tested on the shape canvases: its runs' input.
+        in_file = Path(images_dir) / f"{canvas_set_file('in', train_res, train_res)}.npy"
+        image_inputs = [
+            review.dataset_input(
+                "images",
+                "test",
+                canvas_sets["in"],
+                images.array("test_labels"),
+                in_file,
+                images.manifest_sha256,
+            )
+        ]
         retrying(
-            lambda: _log_to_mlflow(tracking, metrics, tables, figure_paths),
+            lambda: _log_to_mlflow(
+                tracking, per_model, runs, results["cost"]["rows"], tables, figure_paths, image_inputs
+            ),
             "logging the evaluation",
             tracking["tracking_uri"],
             config.mlflow.wait_seconds,
@@ -426,29 +444,63 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _log_to_mlflow(tracking: dict, metrics: dict, tables: list[Path], figures: list[Path]) -> None:
-    """Evaluation numbers, tables (results.json, the plot data) and figures to the study's parent run."""
+def per_model_test_metrics(
+    checkpoints: dict[str, dict[int, Checkpoint]],
+    correct_by_kind: list[dict[str, dict[str, np.ndarray]]],
+    settings: BootstrapSettings,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """variant -> seed -> its test accuracies (percent, with intervals over test samples) under the names
+    every model shares (`pipeline.review.test_metric_name`), from the rotation, canvas and proximity
+    arrays."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for correct in correct_by_kind:
+        for variant, by_set in correct.items():
+            seeds = list(checkpoints[variant])  # the arrays' seed axis, in this order
+            dataset = next(iter(checkpoints[variant].values())).dataset
+            for index, seed in enumerate(seeds):
+                out.setdefault(variant, {}).setdefault(seed, {}).update(
+                    review.trial_test_metrics(
+                        by_set, dataset, index, lambda c: evidence.accuracy(c, settings)
+                    )
+                )
+    return out
+
+
+def trial_runs(train_dir: Path) -> dict[tuple[str, int], str]:
+    """(variant, seed) -> the MLflow run of the trial whose checkpoint was evaluated (study.json)."""
+    study = read_json(train_dir / "study.json", "train")
+    return {
+        (variant, int(seed)): best.get("mlflow_run_id", "")
+        for variant, by_seed in study.get("variants", {}).items()
+        for seed, best in by_seed.items()
+    }
+
+
+def _log_to_mlflow(
+    tracking: dict,
+    per_model: dict[str, dict[int, dict[str, float]]],
+    runs: dict[tuple[str, int], str],
+    cost_rows: list[dict[str, Any]],
+    tables: list[Path],
+    figures: list[Path],
+    derived_inputs: list,
+) -> None:
+    """Each evaluated model's test numbers on its own run (a derived reading, like `vit-learned_fixed`, on a
+    run of its own beside the trial it reads); the cost sweep as a run per model; tables and figures on the
+    study's parent run. The claim-level numbers go to the parent in the report stage."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri=tracking["tracking_uri"])
-    run_id = tracking["parent_run_id"]
-    now = int(time.time() * 1000)
-    flat = _flatten_numbers(metrics, "eval.")
-    batch = [Metric(k, v, now, 0) for k, v in flat.items()]
-    for i in range(0, len(batch), 500):
-        client.log_batch(run_id, metrics=batch[i : i + 500])
+    parent_id = tracking["parent_run_id"]
+    source = review.source_tags("evaluate", client.get_run(parent_id).data.tags.get("git_commit", ""))
+    for variant, by_seed in per_model.items():
+        for seed, metrics in by_seed.items():
+            run_id = runs.get((variant, seed))
+            if not run_id:  # not trained: read from another variant's weights
+                tags = {"variant": variant, "seed": str(seed), "kind": "derived", **source}
+                run_id = review.child_run(client, parent_id, f"{variant}-s{seed}", tags, derived_inputs)
+            review.log_metrics(client, run_id, metrics)
+    review.log_cost_sweep(client, parent_id, cost_rows, source)
     for table in tables:
-        client.log_artifact(run_id, str(table), "evaluation")
-    for figure in figures:
-        client.log_artifact(run_id, str(figure), "evaluation/figures")
-
-
-def _flatten_numbers(tree: dict, prefix: str) -> dict[str, float]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten_numbers(value, f"{prefix}{key}."))
-        elif isinstance(value, int | float) and value is not None and math.isfinite(value):
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
+        client.log_artifact(parent_id, str(table), "evaluation")
+    review.log_figures(client, parent_id, figures)

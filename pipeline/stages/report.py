@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.data.arrays import DatasetError
+from pipeline import review
 from pipeline import verdicts as rules
 from pipeline.evidence import load_evidence
 from pipeline.mlflow_store import check_reachable, retrying
@@ -428,12 +429,38 @@ def report(
 
         client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
 
+        parent_id = mlflow["parent_run_id"]
+        urls: list[str] = []
+
         def log_report() -> None:
             for name in ("report.md", "report.html", "verdicts.json"):
-                client.log_artifact(mlflow["parent_run_id"], str(out / name), "report")
+                client.log_artifact(parent_id, str(out / name), "report")
+            claim_metrics = {}
             for v in verdict_list:
-                client.set_tag(mlflow["parent_run_id"], f"claim_{v.claim}", v.verdict)
+                client.set_tag(parent_id, f"claim_{v.claim}", v.verdict)
+                if v.effect is not None:
+                    name = f"claim_{v.claim}_effect"
+                    claim_metrics.update(
+                        {name: v.effect.value, f"{name}_lo": v.effect.lo, f"{name}_hi": v.effect.hi}
+                    )
+            review.log_metrics(client, parent_id, claim_metrics)
+            # The verdicts where a reviewer lands: the experiment's and the parent run's description.
+            experiment_id = client.get_run(parent_id).info.experiment_id
+            url = review.review_url(mlflow["tracking_uri"], experiment_id)
+            lines = [
+                f"Claim {v.claim}, {v.title}: **{v.verdict}**, effect {_effect_text(v)}" for v in verdict_list
+            ]
+            description = review.study_description(lines, url)
+            review.mark_experiment(client, experiment_id, description)
+            client.set_tag(parent_id, "mlflow.note.content", description)
+            urls[:] = [url]
 
         retrying(log_report, "logging the report", mlflow["tracking_uri"], wait_s, print)
+        served = (
+            ""
+            if mlflow["tracking_uri"].startswith("http")
+            else (f" (serve the store first: mlflow server --backend-store-uri {mlflow['tracking_uri']})")
+        )
+        print(f"report: review in MLflow at {urls[0]}{served}")
     print(f"report: {out / 'report.md'}, {out / 'report.html'}")
     return verdict_list

@@ -31,6 +31,7 @@ import torch
 
 from perception.data.arrays import open_dataset
 from perception.training import stratified_split
+from pipeline import review
 from pipeline.config import ConfigError, StudyConfig, resolve_path
 from pipeline.errors import TrainingError
 from pipeline.mlflow_store import (
@@ -235,6 +236,25 @@ def train(
         "images": images.manifest_sha256 if images else "",
         "proximity": proximity.manifest_sha256 if proximity else "",
     }
+    # What the runs trained and were validated and tested on, as MLflow dataset inputs per dataset.
+    dataset_inputs = {}
+    for kind, folder, prepared, split, stem in (
+        ("points", points_dir, points, point_data, "points"),
+        ("images", images_dir, images, image_data, f"r{config.images.train_resolution}"),
+        ("proximity", proximity_dir, proximity, proximity_data, f"r{config.proximity.size}"),
+    ):
+        if prepared is not None and split is not None:
+            test = (prepared.array(f"test_{stem}", mmap=True), prepared.array("test_labels"))
+            dataset_inputs[kind] = [
+                review.dataset_input(
+                    kind, context, x, y, Path(folder) / f"{file}_{stem}.npy", prepared.manifest_sha256
+                )
+                for context, file, (x, y) in (
+                    ("train", "train", (split.train_inputs, split.train_labels)),
+                    ("validation", "train", (split.val_inputs, split.val_labels)),
+                    ("test", "test", test),
+                )
+            ]
     storage = _storage(config, repo)
     name = _experiment_name(config, dataset_hashes)
     experiment = f"{storage.rstrip('/')}/{name}"
@@ -270,11 +290,15 @@ def train(
                 "dataset.images.sha256": dataset_hashes["images"],
                 "dataset.proximity.sha256": dataset_hashes["proximity"],
                 "stage": "train",
+                "mlflow.note.content": "Training. The verdicts appear here once the report stage has run.",
+                **review.source_tags("train", git_commit(repo)),
             }
             # With a SQLite store, artifacts go beside it wherever the stage runs from.
             artifacts = (repo / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
             run_name = time.strftime("study %Y-%m-%d %H:%M:%S")
             parent_id = start_parent(client, config.mlflow.experiment, run_name, tags, study_flat, artifacts)
+            review.mark_experiment(client, client.get_run(parent_id).info.experiment_id)
+            review.log_inputs(client, parent_id, [i for inputs in dataset_inputs.values() for i in inputs])
         state = {"status": "running", "mlflow": {"tracking_uri": uri, "parent_run_id": parent_id}}
         _write_state(experiment, state)
 
@@ -284,7 +308,9 @@ def train(
         # What trials see: the study's knobs (variants come in as `trial.*`) and the data's facts.
         trial_flat = {k: v for k, v in study_flat.items() if not k.startswith("train.models.")}
         trial_flat.update({"data.num_classes": len(classes), "data.in_channels": in_channels})
-        mlflow_callback = MlflowTrials(client, parent_id)
+        mlflow_callback = MlflowTrials(
+            client, parent_id, inputs=dataset_inputs, tags=review.source_tags("train", git_commit(repo))
+        )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, images=image_data, points=point_data, proximity=proximity_data),
             resources,
@@ -374,7 +400,14 @@ def train(
             variant.name: {
                 str(seed): {
                     k: best[variant.name, seed][k]
-                    for k in ("trial_id", "family", "val_accuracy", "best_epoch", "checkpoint_file")
+                    for k in (
+                        "trial_id",
+                        "family",
+                        "val_accuracy",
+                        "best_epoch",
+                        "checkpoint_file",
+                        "mlflow_run_id",
+                    )
                 }
                 for seed in config.seeds
             }
@@ -394,6 +427,8 @@ def train(
             for variant in variants
         },
         "trials": len(rows),
+        # Not a measurement: where this run's numbers are in MLflow, so that `dvc exp show` lists it.
+        "mlflow_parent_run_id": parent_id,
     }
 
     with atomic_output_dir(out) as folder:
@@ -408,15 +443,8 @@ def train(
     # Models and the table go to MLflow once the outputs are safe on disk.
     def log_study() -> None:
         _log_models(client, rows)
-        now = int(time.time() * 1000)
-        client.log_batch(
-            parent_id,
-            metrics=[
-                Metric(f"best_val_accuracy.{name}", value, now, 0)
-                for name, value in metrics["val_accuracy"].items()
-            ]
-            + [Metric("train_wall_seconds", wall, now, 0)],
-        )
+        # Per-model numbers live on each trial's run (best_val_accuracy), where the charts compare them.
+        client.log_batch(parent_id, metrics=[Metric("train_wall_seconds", wall, int(time.time() * 1000), 0)])
         client.log_artifact(parent_id, str(out / "trials.csv"))
         client.set_terminated(parent_id, status="FINISHED")
 

@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
+from perception.models import FAMILIES
 from pipeline.mlflow_store import is_transient, short
-from pipeline.training.space import resolved, trial_label
+from pipeline.training.space import dataset_of, resolved, trial_label
 
 # MLflow caps a batch at 100 params / 1000 metrics; stay under.
 _BATCH = 100
@@ -69,8 +70,15 @@ def start_parent(
     return run.info.run_id
 
 
-# Per-epoch metrics the trial reports that go to MLflow as curves.
+# Per-epoch metrics the trial reports that go to MLflow as curves; and the trial process's own system
+# metrics (`system/...`, measured in the trial, not here), which MLflow's run page shows as system metrics.
 CURVES = ("train_loss", "val_accuracy", "lr", "epoch_seconds", "retries")
+
+
+def is_curve(key: str) -> bool:
+    return key in CURVES or key.startswith("system/")
+
+
 _METRIC_BATCH = 1000
 
 
@@ -82,10 +90,19 @@ class MlflowTrials(Callback):
     also when a restored or retried trial reports an epoch again.
     """
 
-    def __init__(self, client: MlflowClient, parent_run_id: str, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        client: MlflowClient,
+        parent_run_id: str,
+        log: Callable[[str], None] = print,
+        inputs: dict[str, list] | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         self.client = client
         self.parent_run_id = parent_run_id
         self.log = log
+        self.inputs = inputs or {}  # dataset ("points", "images", "proximity") -> its MLflow dataset inputs
+        self.tags = tags or {}  # on every trial's run (e.g. the DVC experiment's name)
         self.experiment_id = client.get_run(parent_run_id).info.experiment_id
         self.run_ids: dict[str, str] = {}  # trial id -> nested run id
         self.last_step: dict[str, int] = {}  # nested run id -> highest epoch logged
@@ -110,10 +127,14 @@ class MlflowTrials(Callback):
                     "variant": flat["trial.name"],
                     "family": flat["trial.family"],
                     "seed": str(flat["trial.seed"]),
+                    **self.tags,
                 },
             )
             self.run_ids[trial_id] = run.info.run_id
             log_params(self.client, run.info.run_id, flat)
+            dataset = dataset_of(FAMILIES[flat["trial.family"]].input_kind, flat.get("trial.task", "shapes"))
+            if self.inputs.get(dataset):
+                self.client.log_inputs(run.info.run_id, datasets=self.inputs[dataset])
         return self.run_ids[trial_id]
 
     def adopt(self, finished: set[str]) -> int:
@@ -191,7 +212,7 @@ class MlflowTrials(Callback):
             if step <= self.last_step.get(run_id, 0):
                 return  # a restored trial repeating an epoch that is already logged
             now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, step) for k, v in numeric(result).items() if k in CURVES]
+            metrics = [Metric(k, v, now, step) for k, v in numeric(result).items() if is_curve(k)]
             tags = [
                 RunTag("node_id", str(result.get("node_id", ""))),
                 RunTag("device", str(result.get("device"))),
@@ -233,7 +254,7 @@ class MlflowTrials(Callback):
                 Metric(k, v, int(row.get("timestamp", time.time()) * 1000), step)
                 for step, row in sorted(missing.items())
                 for k, v in numeric(row).items()
-                if k in CURVES and math.isfinite(v)
+                if is_curve(k) and math.isfinite(v)
             ]
             for i in range(0, len(batch), _METRIC_BATCH):
                 self.client.log_batch(run_id, metrics=batch[i : i + _METRIC_BATCH])

@@ -6,6 +6,7 @@ state), so a retry continues the same run rather than starting over, and `retrie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from perception.models import FAMILIES, build
@@ -130,7 +132,11 @@ def run_trial(
     val_x, val_y = torch.from_numpy(data.val_inputs), torch.from_numpy(data.val_labels)
     context = {"node_id": _node_id(), "hostname": socket.gethostname(), "device": str(device)}
     fault_epoch = flat["train.fault.epoch"] if flat["train.fault.model"] == flat["trial.model"] else 0
+    process = psutil.Process()
+    process.cpu_percent(None)  # starts the CPU-time counter the first epoch's reading is measured from
     for epoch in range(start_epoch, epochs):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         faulty = attempt == 0 and fault_epoch and epoch + 1 == fault_epoch
         if faulty and flat["train.fault.kind"] == "error":
             raise InjectedFault(f"train.fault: {flat['trial.name']} fails at epoch {fault_epoch} (test-only)")
@@ -153,6 +159,7 @@ def run_trial(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
             "retries": attempt,
+            **system_metrics(process, device),
             **context,
         }
         with tempfile.TemporaryDirectory() as folder:
@@ -168,6 +175,20 @@ def run_trial(
             }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def system_metrics(process: psutil.Process, device: torch.device) -> dict[str, float]:
+    """This trial process's own use over the epoch just ended (not the node's, nor the driver's): CPU in
+    percent of one core, resident memory, and on CUDA the allocator's peak and the GPU's utilisation."""
+    metrics = {
+        "system/trial_cpu_percentage": process.cpu_percent(None),
+        "system/trial_memory_rss_megabytes": process.memory_info().rss / 2**20,
+    }
+    if device.type == "cuda":
+        metrics["system/gpu_memory_peak_megabytes"] = torch.cuda.max_memory_allocated(device) / 2**20
+        with contextlib.suppress(Exception):  # utilisation needs NVML (nvidia-ml-py), not always present
+            metrics["system/gpu_utilization_percentage"] = float(torch.cuda.utilization(device))
+    return metrics
 
 
 def _node_id() -> str:
