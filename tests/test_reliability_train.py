@@ -62,11 +62,13 @@ def _wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, w
 
 
 def _nested_runs(uri: str, parent_id: str) -> list:
+    """The parent's trial runs (the evaluation's cost and derived-reading runs, nested too, left out)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+    return [run for run in runs if "trial_id" in run.data.tags]
 
 
 def _steps(uri: str, run_id: str) -> list[int]:
