@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 EXPERIMENT_KIND = "custom_model_development"
-CONTEXTS = ("train", "validation", "test")
 DIGEST_CHARS = 32  # MLflow stores a dataset digest in 36 characters; the manifest's sha256 is cut to fit
 
 # Test-set names of the evaluation arrays -> the metric name's suffix, the same for every model.
@@ -138,11 +137,10 @@ def child_run(client, parent_id: str, name: str, tags: dict[str, str], inputs: l
 
 def log_cost_sweep(
     client, parent_id: str, rows: list[dict[str, Any]], tags: dict[str, str] | None = None
-) -> dict[str, str]:
-    """One nested run per cost model, latency and peak memory at step = tokens; model -> run id."""
+) -> None:
+    """One nested run per cost model, latency and peak memory at step = tokens."""
     from mlflow.entities import Metric
 
-    run_ids = {}
     now = int(time.time() * 1000)
     for model in dict.fromkeys(r["model"] for r in rows):
         run_tags = {"kind": "cost", "variant": f"cost {model}", **(tags or {})}
@@ -155,8 +153,6 @@ def log_cost_sweep(
             if row.get(key) is not None and np.isfinite(row[key])
         ]
         client.log_batch(run_id, metrics=batch)
-        run_ids[model] = run_id
-    return run_ids
 
 
 def log_figures(client, run_id: str, figures: list[Path]) -> None:

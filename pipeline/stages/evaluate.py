@@ -241,9 +241,6 @@ def evaluate(
 
     metrics = headline_metrics(results)
     plots = plot_tables(results)
-    per_model = per_model_test_metrics(
-        checkpoints, [rotation.correct, canvas.correct, prox.correct], settings
-    )
     with atomic_output_dir(out) as folder:
         (folder / "results.json").write_text(
             json.dumps(results, indent=2, sort_keys=True, default=_json) + "\n"
@@ -260,6 +257,9 @@ def evaluate(
     tables = [out / "results.json"] + [plots_dir / f"{name}.csv" for name in plots]
     if tracking.get("parent_run_id"):
         figure_paths = [out / "figures" / f.name for f in figures]
+        per_model = per_model_test_metrics(
+            checkpoints, [rotation.correct, canvas.correct, prox.correct], settings
+        )
         runs = trial_runs(train_dir)
         # A derived reading (vit-learned_fixed) is tested on the shape canvases: its runs' input.
         in_file = Path(images_dir) / f"{canvas_set_file('in', train_res, train_res)}.npy"

@@ -269,6 +269,8 @@ def train(
     started_here = _connect_ray(config, repo)
     began = time.monotonic()
     client = MlflowClient(tracking_uri=uri)
+    commit = git_commit(repo)
+    source = review.source_tags("train", commit)  # the parent's and every trial's Source column
     wait_s = config.mlflow.wait_seconds
     parent_id = None
     try:
@@ -285,13 +287,13 @@ def train(
             parent_id = _reopen_parent(client, previous["mlflow"]["parent_run_id"])
         if parent_id is None:
             tags = {
-                "git_commit": git_commit(repo),
+                "git_commit": commit,
                 "dataset.points.sha256": dataset_hashes["points"],
                 "dataset.images.sha256": dataset_hashes["images"],
                 "dataset.proximity.sha256": dataset_hashes["proximity"],
                 "stage": "train",
                 "mlflow.note.content": "Training. The verdicts appear here once the report stage has run.",
-                **review.source_tags("train", git_commit(repo)),
+                **source,
             }
             # With a SQLite store, artifacts go beside it wherever the stage runs from.
             artifacts = (repo / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
@@ -308,9 +310,7 @@ def train(
         # What trials see: the study's knobs (variants come in as `trial.*`) and the data's facts.
         trial_flat = {k: v for k, v in study_flat.items() if not k.startswith("train.models.")}
         trial_flat.update({"data.num_classes": len(classes), "data.in_channels": in_channels})
-        mlflow_callback = MlflowTrials(
-            client, parent_id, inputs=dataset_inputs, tags=review.source_tags("train", git_commit(repo))
-        )
+        mlflow_callback = MlflowTrials(client, parent_id, inputs=dataset_inputs, tags=source)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, images=image_data, points=point_data, proximity=proximity_data),
             resources,

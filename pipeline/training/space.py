@@ -94,6 +94,11 @@ def dataset_of(input_kind: str, task: str) -> str:
     return "proximity" if task == "proximity" else "images"
 
 
+def trial_dataset(flat: dict[str, Any]) -> str:
+    """The prepared dataset of a trial, from its flat resolved config (`trial.family`, `trial.task`)."""
+    return dataset_of(FAMILIES[flat["trial.family"]].input_kind, flat.get("trial.task", "shapes"))
+
+
 def task_data(flat: dict[str, Any], input_kind: str, task: str) -> dict[str, Any]:
     """The data hparams of a model of `input_kind` on `task`, from a flat config that holds the shape data's
     `data.num_classes` / `data.in_channels` (the proximity task is binary and has one channel)."""

@@ -18,9 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
-from perception.models import FAMILIES
 from pipeline.mlflow_store import is_transient, short
-from pipeline.training.space import dataset_of, resolved, trial_label
+from pipeline.training.space import resolved, trial_dataset, trial_label
 
 # MLflow caps a batch at 100 params / 1000 metrics; stay under.
 _BATCH = 100
@@ -132,7 +131,7 @@ class MlflowTrials(Callback):
             )
             self.run_ids[trial_id] = run.info.run_id
             log_params(self.client, run.info.run_id, flat)
-            dataset = dataset_of(FAMILIES[flat["trial.family"]].input_kind, flat.get("trial.task", "shapes"))
+            dataset = trial_dataset(flat)
             if self.inputs.get(dataset):
                 self.client.log_inputs(run.info.run_id, datasets=self.inputs[dataset])
         return self.run_ids[trial_id]

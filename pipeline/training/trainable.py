@@ -29,7 +29,7 @@ from perception.training import (
     train_one_epoch,
     warmup_cosine,
 )
-from pipeline.training.space import TRAINING_KEYS, dataset_of, model_hparams, resolved, task_data
+from pipeline.training.space import TRAINING_KEYS, model_hparams, resolved, task_data, trial_dataset
 
 CHECKPOINT_FILE = "trial.pt"
 # `trial.*` keys of a flat config that are not the model's hparams (`read_from`: a checkpoint read another
@@ -88,7 +88,7 @@ def run_trial(
     from ray import tune
 
     flat = resolved(trial_config)
-    dataset = dataset_of(FAMILIES[flat["trial.family"]].input_kind, flat.get("trial.task", "shapes"))
+    dataset = trial_dataset(flat)
     data = {"points": points, "images": images, "proximity": proximity}[dataset]
     torch.set_num_threads(max(1, int(flat["train.cpus_per_trial"])))
     device = _device(flat)
