@@ -11,60 +11,19 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Augment = Literal["none", "z", "so3"]
-AUGMENTS: tuple[str, ...] = ("none", "z", "so3")
-
-
-def random_rotations(count: int, generator: torch.Generator, dtype=torch.float32) -> Tensor:
-    """`count` rotation matrices drawn uniformly from SO(3) (Haar measure): float[count, 3, 3].
-
-    A uniformly random unit quaternion (four standard normals, normalised) gives a Haar-uniform rotation.
-    """
-    q = torch.randn(count, 4, generator=generator, dtype=torch.float64)
-    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
-    rows = [
-        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
-    ]  # fmt: skip
-    return torch.stack(rows, dim=1).reshape(count, 3, 3).to(dtype)
-
-
-def rotations_about_z(angles: Tensor) -> Tensor:
-    """Rotations by `angles` (radians, float[count]) about the up axis +z: float[count, 3, 3]."""
-    c, s = torch.cos(angles), torch.sin(angles)
-    zero, one = torch.zeros_like(angles), torch.ones_like(angles)
-    rows = [c, -s, zero, s, c, zero, zero, zero, one]
-    return torch.stack(rows, dim=1).reshape(-1, 3, 3)
-
-
-def sample_rotations(count: int, mode: str, generator: torch.Generator, dtype=torch.float32) -> Tensor:
-    """`count` rotations of one kind: float[count, 3, 3].
-
-    `none` gives identities (nothing is drawn), `z` uniform angles about the up axis, `so3` Haar-uniform
-    rotations. Training augmentation and the rotation evaluation both draw here.
-    """
-    if mode == "none":
-        return torch.eye(3, dtype=dtype).expand(count, 3, 3).clone()
-    if mode == "z":
-        angles = torch.rand(count, generator=generator, dtype=torch.float64) * (2 * math.pi)
-        return rotations_about_z(angles).to(dtype)
-    if mode == "so3":
-        return random_rotations(count, generator, dtype)
-    raise ValueError(f"rotation mode {mode!r} is not allowed: expected one of {', '.join(AUGMENTS)}")
+from perception.rotations import MODES, sample_rotations
 
 
 def augment_points(points: Tensor, mode: str, generator: torch.Generator) -> Tensor:
     """Rotate every cloud of float[B, N, 3] by its own random rotation: `z` about the up axis, `so3` any."""
-    if mode not in AUGMENTS:
-        raise ValueError(f"augment = {mode!r} is not allowed: expected one of {', '.join(AUGMENTS)}")
+    if mode not in MODES:
+        raise ValueError(f"augment = {mode!r} is not allowed: expected one of {', '.join(MODES)}")
     if mode == "none":
         return points
     rotation = sample_rotations(points.shape[0], mode, generator, points.dtype)
@@ -118,7 +77,7 @@ def restore_random_state(generator: torch.Generator, state: dict[str, Tensor]) -
 @dataclass(frozen=True)
 class StepSettings:
     batch_size: int = 32
-    augment: str = "none"  # point models: rotation augmentation, one of AUGMENTS
+    augment: str = "none"  # point models: rotation augmentation, one of perception.rotations.MODES
     points_per_cloud: int = 0  # point models: random subset of points per cloud and step; 0 keeps all
     grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 does not clip
     bf16: bool = False  # autocast to bfloat16 (CUDA or CPU)

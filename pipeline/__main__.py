@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ STAGES: dict[str, tuple[str, dict[str, str]]] = {
         {"evaluation": "data/evaluation", "train": "data/train", "out": "reports"},
     ),
     "check-params": ("validate params.yaml and print the resolved config", {}),
+    "schema": ("write the JSON Schema of params.yaml (for editors)", {"out": "params.schema.json"}),
 }
 
 
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.mlflow_store import TrackingUnavailable
 
     began = time.monotonic()
+    if args.stage == "schema":
+        from pipeline.config import params_schema
+
+        args.out.write_text(json.dumps(params_schema(), indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     try:
         config = load_config(args.params)
         base_dir = args.params.resolve().parent

@@ -1,22 +1,38 @@
-"""The study's configuration: `params.yaml` validated into typed, frozen dataclasses.
+"""The study's configuration: `params.yaml` validated into typed, frozen pydantic models.
 
 Every knob lives in `params.yaml`, grouped by stage, with a top-level `seed`. `load_config` validates the
 whole file before any stage does work: an unknown key, a wrong type or an out-of-range value raises
-`ConfigError` with one line that names the key, the value and what is allowed. `StudyConfig.flat()` is the
-one flat resolved dict that goes unchanged to Ray Tune, MLflow and checkpoints.
+`ConfigError` with one line that names the key, the value and what is allowed (pydantic finds the problem;
+`_one_line` says it in those words). `StudyConfig.flat()` is the one flat resolved dict that goes unchanged
+to Ray Tune, MLflow and checkpoints. `params_schema()` is the JSON Schema editors check params.yaml against
+(`params.schema.json`, written by `python -m pipeline schema`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Le, MinLen
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from perception.data.shapes import SHAPE_NAMES
 
@@ -28,58 +44,102 @@ DEFAULT_CLASSES = (
 )  # fmt: skip
 MESH_SUFFIXES = (".off", ".obj", ".ply", ".stl")
 
-# YAML 1.1 reads `1e-3` (no dot) as a string; values that look like this are read as numbers.
-_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
 
 class ConfigError(ValueError):
     """A bad value in params.yaml. The message is one line: key, value, what is allowed."""
 
 
-def _range(lo: float | None = None, hi: float | None = None, help: str = "") -> dict:
-    return {"min": lo, "max": hi, "help": help}
+# ---------------------------------------------------------------------------------------------------------
+# Value types: what a key accepts, with its bounds, as pydantic checks them and JSON Schema publishes them.
 
 
-@dataclass(frozen=True)
-class PointsConfig:
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's true is an int to Python; a number knob never means it
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+def _no_repeats(items: tuple) -> tuple:
+    if len(set(items)) != len(items):
+        raise PydanticCustomError("repeats", "Items should not repeat")
+    return items
+
+
+def whole(lo: int, hi: int | None = None, help: str = "") -> Any:
+    """An integer (never a bool, nor a string of digits) in [lo, hi]."""
+    bounds = [Ge(lo)] + ([Le(hi)] if hi is not None else [])
+    return Annotated[(int, Strict(), *bounds, Field(description=help or None))]
+
+
+def number(lo: float, hi: float, help: str = "") -> Any:
+    """A finite number in [lo, hi]; `1e-3` written as a string (YAML 1.1 reads it so) is read as one."""
+    checks = (AllowInfNan(False), Ge(lo), Le(hi), BeforeValidator(_not_bool))
+    return Annotated[(float, *checks, Field(description=help or None))]
+
+
+def listed(item: Any) -> Any:
+    """A non-empty list of `item`s without repeats (a tuple once read)."""
+    return Annotated[tuple[item, ...], MinLen(1), AfterValidator(_no_repeats)]
+
+
+Flag = Annotated[bool, Strict()]
+Name = Annotated[str, Strict(), MinLen(1)]  # a non-empty string
+Text = Annotated[str, Strict()]  # a string, "" allowed
+
+
+class Section(BaseModel):
+    """A params.yaml section: frozen, unknown keys refused, a missing or empty section is its defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_defaults(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+    def plain(self) -> dict[str, Any]:
+        """The section as plain JSON values (lists for tuples), e.g. for a dataset's manifest."""
+        return self.model_dump(mode="json")
+
+
+class PointsConfig(Section):
     """Stage `prepare-points`: the point-cloud dataset (and the meshes it is sampled from)."""
 
     source: Literal["procedural", "folder"] = "procedural"
     # For `folder`: a dataset in ModelNet layout, <root>/<class>/{train,test}/*.{off,obj,ply,stl}.
-    root: str = "data/raw"
+    root: Name = "data/raw"
     # The axis that points up in the folder's meshes; `y` meshes are turned so that +z is up, as everywhere.
     up_axis: Literal["z", "y"] = "z"
-    classes: tuple[str, ...] = field(default=DEFAULT_CLASSES, metadata={"choices": SHAPE_NAMES})
-    train_per_class: int = field(default=64, metadata=_range(1, 100_000))
-    test_per_class: int = field(default=50, metadata=_range(1, 100_000))
-    num_points: int = field(default=256, metadata=_range(8, 1_000_000))
+    classes: listed(Literal[SHAPE_NAMES]) = DEFAULT_CLASSES
+    train_per_class: whole(1, 100_000) = 64
+    test_per_class: whole(1, 100_000) = 50
+    num_points: whole(8, 1_000_000) = 256
     # Each axis of a procedural instance is scaled by a factor drawn from [1 - a, 1 + a].
-    anisotropy: float = field(default=0.3, metadata=_range(0.0, 0.9))
+    anisotropy: number(0.0, 0.9) = 0.3
     # Strength of each procedural instance's own taper, twist about z and bend (0 = the undeformed primitive;
     # 1 = taper +/-0.5, twist +/-45 degrees, bend +/-0.4 of the half-height). z stays the axis: +z is up.
-    deformation: float = field(default=0.3, metadata=_range(0.0, 1.0))
+    deformation: number(0.0, 1.0) = 0.3
     # Standard deviation of Gaussian noise added to every point, in units of the unit ball's radius.
-    noise_std: float = field(default=0.0, metadata=_range(0.0, 0.5))
+    noise_std: number(0.0, 0.5) = 0.0
     # True: a partial single-view scan by ray casting from a random viewpoint, instead of the whole surface.
-    partial: bool = False
+    partial: Flag = False
 
 
-@dataclass(frozen=True)
-class ImagesConfig:
+class ImagesConfig(Section):
     """Stage `prepare-images`: depth + normal renders of the same instances from a canonical camera."""
 
     # The image models' patch size: every resolution must be a multiple of it.
-    patch_size: int = field(default=4, metadata=_range(1, 1024))
+    patch_size: whole(1, 1024) = 4
     # The training canvas. Each object is rendered at `object_size` px and placed at a random position on
     # it; the test sets of claim 2 (perception.data.canvas) are made from the same test instances.
-    train_resolution: int = field(default=32, metadata=_range(8, 4096))
-    object_size: int = field(default=16, metadata=_range(2, 4096))
+    train_resolution: whole(8, 4096) = 32
+    object_size: whole(2, 4096) = 16
     # Test canvases: each gives a scale k = R / train_resolution and the paired sets (a) (b) (c) at it.
-    eval_resolutions: tuple[int, ...] = field(default=(48, 64), metadata=_range(8, 4096))
-    camera_distance: float = field(default=2.5, metadata=_range(1.05, 100.0))
-    camera_azimuth_deg: float = field(default=-60.0, metadata=_range(-360.0, 360.0))
-    camera_elevation_deg: float = field(default=25.0, metadata=_range(-89.0, 89.0))
-    fov_deg: float = field(default=50.0, metadata=_range(1.0, 170.0))
+    eval_resolutions: listed(whole(8, 4096)) = (48, 64)
+    camera_distance: number(1.05, 100.0) = 2.5
+    camera_azimuth_deg: number(-360.0, 360.0) = -60.0
+    camera_elevation_deg: number(-89.0, 89.0) = 25.0
+    fov_deg: number(1.0, 170.0) = 50.0
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -87,31 +147,27 @@ class ImagesConfig:
         return tuple(sorted({self.train_resolution, *self.eval_resolutions}))
 
 
-@dataclass(frozen=True)
-class ProximityConfig:
+class ProximityConfig(Section):
     """Stage `prepare-proximity`: claim 1's image task, whose label depends on 2D adjacency alone
     (perception.data.proximity: every segment solid, or every one broken by a one-pixel gap)."""
 
     task: Literal["gap", "orientation"] = "gap"
-    size: int = field(default=16, metadata=_range(8, 64, "canvas side in pixels"))
+    size: whole(8, 64, "canvas side in pixels") = 16
     # One token per pixel: with 2-px patches the patch embedding alone sees a gap and order cannot matter.
-    patch_size: int = field(default=1, metadata=_range(1, 64))
-    segments: int = field(default=8, metadata=_range(1, 1000))
-    segment_length: int = field(default=4, metadata=_range(2, 63))
-    distractors: int = field(default=4, metadata=_range(0, 10_000))
-    noise_std: float = field(default=0.0, metadata=_range(0.0, 0.99))
-    train_count: int = field(
-        default=500, metadata=_range(2, 10_000_000, "images, train.val_fraction held out")
-    )
-    test_count: int = field(default=500, metadata=_range(2, 10_000_000))
+    patch_size: whole(1, 64) = 1
+    segments: whole(1, 1000) = 8
+    segment_length: whole(2, 63) = 4
+    distractors: whole(0, 10_000) = 4
+    noise_std: number(0.0, 0.99) = 0.0
+    train_count: whole(2, 10_000_000, "images, train.val_fraction held out") = 500
+    test_count: whole(2, 10_000_000) = 500
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(Section):
     """How the stages run; outputs never depend on these, so dvc.yaml does not track them."""
 
-    workers: int = field(default=0, metadata=_range(0, 1024, "0 means one per CPU core"))
-    progress: bool = True
+    workers: whole(0, 1024, "0 means one per CPU core") = 0
+    progress: Flag = True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,8 +217,6 @@ def _parse_value(key: str, value: Any) -> Any:
                 f"{key} = {value!r} is not allowed: a list must say what it is, e.g. "
                 f"{{grid: {value!r}}} (one trial per value) or {{choice: {value!r}}} (sampled)"
             )
-        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
-            return float(value)
         if value is None or not isinstance(value, int | float | str | bool):
             raise ConfigError(f"{key} = {value!r} is not allowed: expected a number, a string or a search")
         return value
@@ -234,106 +288,141 @@ DEFAULT_MODELS = parse_models(
 )
 
 
-@dataclass(frozen=True)
-class FaultConfig:
+# What editors are told of `train.models` (its grammar is parse_models'; pydantic does not re-check it).
+_SEARCH = {
+    "oneOf": [
+        {"type": ["number", "string", "boolean"]},
+        {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "propertyNames": {"enum": list(DOMAIN_KINDS)},
+            "additionalProperties": {"type": "array", "minItems": 1},
+        },
+    ]
+}
+MODELS_SCHEMA = {
+    "type": "object",
+    "minProperties": 1,
+    "description": "name -> {family, <setting>: a value, or {grid|choice|uniform|loguniform|randint: [...]}}",
+    "propertyNames": {"pattern": "^[A-Za-z][A-Za-z0-9_-]*$"},
+    "additionalProperties": {
+        "type": ["object", "null"],
+        "properties": {"family": {"type": "string"}},
+        "additionalProperties": _SEARCH,
+    },
+}
+
+
+def _as_written(entries: tuple[ModelEntry, ...]) -> dict[str, dict[str, Any]]:
+    """`train.models` in params.yaml's own form: name -> {family, setting: value or {kind: [values]}}."""
+    return {
+        entry.name: {
+            "family": entry.family,
+            **{k: {v.kind: list(v.values)} if isinstance(v, Domain) else v for k, v in entry.settings},
+        }
+        for entry in entries
+    }
+
+
+Models = Annotated[
+    tuple[ModelEntry, ...],
+    PlainValidator(lambda data: parse_models("train.models", data)),
+    PlainSerializer(_as_written),
+    WithJsonSchema(MODELS_SCHEMA),
+]
+
+
+class FaultConfig(Section):
     """Test-only: the first attempt of trials of model `model` fails at epoch `epoch` (0 = never), with an
     injected error (`error`) or as if the GPU ran out of memory there (`oom`)."""
 
-    model: str = field(default="", metadata={"empty": True})
-    epoch: int = field(default=0, metadata=_range(0, 100_000))
+    model: Text = ""
+    epoch: whole(0, 100_000) = 0
     kind: Literal["error", "oom"] = "error"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Stage `train`: one Ray Tune run over every entry of `models`."""
 
     # name -> {family, size, augment, lr, ..., family hparams}; values fixed or searched (DOMAIN_KINDS).
-    models: tuple[ModelEntry, ...] = field(default=DEFAULT_MODELS, metadata={"parser": parse_models})
+    models: Models = DEFAULT_MODELS
     # True: every registered family that no entry names is trained too, with its defaults (so a new family
     # needs one file and one registry entry, nothing here).
-    all_families: bool = True
-    size: str = "tiny"  # every family's named size unless an entry sets its own
-    epochs: int = field(default=8, metadata=_range(1, 100_000))
-    batch_size: int = field(default=32, metadata=_range(1, 65_536))
-    lr: float = field(default=2e-3, metadata=_range(1e-8, 10.0))
-    weight_decay: float = field(default=0.01, metadata=_range(0.0, 10.0))
+    all_families: Flag = True
+    size: Name = "tiny"  # every family's named size unless an entry sets its own
+    epochs: whole(1, 100_000) = 8
+    batch_size: whole(1, 65_536) = 32
+    lr: number(1e-8, 10.0) = 2e-3
+    weight_decay: number(0.0, 10.0) = 0.01
     # Fraction of every class of the train split held out to validate on (and to pick the best epoch).
-    val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    val_fraction: number(0.0, 0.9) = 0.2
     # Point models see a random subset of this many points of each cloud per step; 0 keeps all.
-    points_per_cloud: int = field(default=0, metadata=_range(0, 1_000_000))
+    points_per_cloud: whole(0, 1_000_000) = 0
     # Epochs of linear warmup before the cosine schedule (0 = none), and the gradient-norm clip (0 = none):
     # a ViT trained from scratch can collapse to a constant prediction in its first epochs without them.
-    warmup_epochs: int = field(default=0, metadata=_range(0, 100_000))
-    grad_clip: float = field(default=0.0, metadata=_range(0.0, 1e6, "0 means no clipping"))
-    num_samples: int = field(default=1, metadata=_range(1, 100_000, "trials per grid point"))
+    warmup_epochs: whole(0, 100_000) = 0
+    grad_clip: number(0.0, 1e6, "0 means no clipping") = 0.0
+    num_samples: whole(1, 100_000, "trials per grid point") = 1
     # auto: ASHA early stopping when a search is configured (a sampled value or num_samples > 1).
     scheduler: Literal["auto", "none", "asha"] = "auto"
-    grace_period: int = field(default=2, metadata=_range(1, 100_000, "epochs before ASHA may stop a trial"))
-    cpus_per_trial: float = field(default=1.0, metadata=_range(0.1, 1024.0))
+    grace_period: whole(1, 100_000, "epochs before ASHA may stop a trial") = 2
+    cpus_per_trial: number(0.1, 1024.0) = 1.0
     # Ray shares a GPU between trials by fractions up to 1; above 1 a trial takes whole GPUs.
-    gpus_per_trial: float = field(
-        default=0.0, metadata=_range(0.0, 64.0, "a fraction up to 1, or a whole number of GPUs")
-    )
-    max_concurrent_trials: int = field(default=0, metadata=_range(0, 100_000, "0: as resources allow"))
-    max_failures: int = field(default=2, metadata=_range(0, 1000, "retries of a failed trial"))
-    bf16: bool = False  # bfloat16 autocast in training and validation
+    gpus_per_trial: number(0.0, 64.0, "a fraction up to 1, or a whole number of GPUs") = 0.0
+    max_concurrent_trials: whole(0, 100_000, "0: as resources allow") = 0
+    max_failures: whole(0, 1000, "retries of a failed trial") = 2
+    bf16: Flag = False  # bfloat16 autocast in training and validation
     fault: FaultConfig = FaultConfig()
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Section):
     """Stage `evaluate`: the claims measured on the trained models."""
 
-    rotation_draws: int = field(default=2, metadata=_range(1, 1000, "rotations per test sample and mode"))
-    invariance_clouds: int = field(default=16, metadata=_range(1, 100_000))
-    batch_size: int = field(default=64, metadata=_range(1, 65_536))
+    rotation_draws: whole(1, 1000, "rotations per test sample and mode") = 2
+    invariance_clouds: whole(1, 100_000) = 16
+    batch_size: whole(1, 65_536) = 64
     # The cost sweep: ViT, Mamba-hybrid and pure Mamba at one width and depth, over these resolutions.
-    cost_resolutions: tuple[int, ...] = field(default=(128, 224, 384, 512, 1024), metadata=_range(16, 8192))
-    cost_patch_size: int = field(default=16, metadata=_range(1, 1024))
-    cost_dim: int = field(default=192, metadata=_range(8, 8192))
-    cost_depth: int = field(
-        default=4, metadata=_range(2, 1000, "the hybrid needs a Mamba and an attention block")
-    )
-    cost_heads: int = field(default=3, metadata=_range(1, 256))
+    cost_resolutions: listed(whole(16, 8192)) = (128, 224, 384, 512, 1024)
+    cost_patch_size: whole(1, 1024) = 16
+    cost_dim: whole(8, 8192) = 192
+    cost_depth: whole(2, 1000, "the hybrid needs a Mamba and an attention block") = 4
+    cost_heads: whole(1, 256) = 3
     # Timing: torch.utils.benchmark blocks until this many seconds are spent on a point (at least
     # cost_min_blocks blocks); exponents are fitted over token counts >= cost_fit_min_tokens.
-    cost_min_run_time: float = field(default=0.5, metadata=_range(0.001, 3600.0, "seconds per point"))
-    cost_min_blocks: int = field(default=7, metadata=_range(2, 10_000, "timed blocks per point"))
-    cost_fit_min_tokens: int = field(default=576, metadata=_range(1, 10_000_000))
+    cost_min_run_time: number(0.001, 3600.0, "seconds per point") = 0.5
+    cost_min_blocks: whole(2, 10_000, "timed blocks per point") = 7
+    cost_fit_min_tokens: whole(1, 10_000_000) = 576
     # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many
     # resamples, drawn from a generator seeded with bootstrap_seed.
-    bootstrap_resamples: int = field(default=2000, metadata=_range(100, 1_000_000))
-    bootstrap_seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    bootstrap_resamples: whole(100, 1_000_000) = 2000
+    bootstrap_seed: whole(0, 2**32 - 1) = 0
 
 
-@dataclass(frozen=True)
-class RayConfig:
+class RayConfig(Section):
     """Where trials run. Not tracked by DVC: results do not depend on where they ran."""
 
     # "" starts Ray in-process with this machine's CPUs; an address (or RAY_ADDRESS) joins a cluster.
-    address: str = field(default="", metadata={"empty": True})
+    address: Text = ""
     # Trial checkpoints and results; "" is data/ray_results. On a multi-node cluster: a shared path or URI.
-    storage: str = field(default="", metadata={"empty": True})
+    storage: Text = ""
 
 
-@dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(Section):
     # "" uses MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db.
-    tracking_uri: str = field(default="", metadata={"empty": True})
-    experiment: str = "perception-study"
+    tracking_uri: Text = ""
+    experiment: Name = "perception-study"
     # How long the end of a stage keeps retrying an unreachable tracking server before it reports what was
     # not logged (trial results stay on disk; a rerun logs them without training again).
-    wait_seconds: float = field(default=120.0, metadata=_range(0.0, 86_400.0))
+    wait_seconds: number(0.0, 86_400.0) = 120.0
 
 
-@dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(Section):
     # The data seed: every dataset instance's generator derives from it.
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    seed: whole(0, 2**32 - 1) = 0
     # Training seeds: every variant trains once per seed (initialisation, batch order, augmentation), so
     # the evaluation's intervals cover the spread between training runs as well as the test samples.
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_range(0, 2**31 - 1))
+    seeds: listed(whole(0, 2**31 - 1)) = (0, 1, 2)
     points: PointsConfig = PointsConfig()
     images: ImagesConfig = ImagesConfig()
     proximity: ProximityConfig = ProximityConfig()
@@ -345,123 +434,103 @@ class StudyConfig:
 
     def flat(self) -> dict[str, Any]:
         """One flat dict, `section.key: value`, lists for tuples: for Ray Tune, MLflow and checkpoints."""
-        return _flatten(dataclasses.asdict(self))
+        return _flatten(self)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key == "models" and isinstance(value, tuple):  # train.models: name -> its settings, as written
-            for entry in value:
-                flat[f"{prefix}models.{entry['name']}.family"] = entry["family"]
-                for setting, v in entry["settings"]:
-                    key = f"{prefix}models.{entry['name']}.{setting}"
-                    if isinstance(v, dict):  # a Domain: `...scan_order.grid: [rowmajor, snake]`
-                        flat[f"{key}.{v['kind']}"] = list(v["values"])
-                    else:
-                        flat[key] = v
-        elif isinstance(value, dict):
+    for key in type(section).model_fields:
+        value = getattr(section, key)
+        if isinstance(value, BaseModel):
             flat.update(_flatten(value, f"{prefix}{key}."))
+        elif key == "models":  # train.models: name -> its settings, as written
+            for entry in value:
+                flat[f"{prefix}models.{entry.name}.family"] = entry.family
+                for setting, v in entry.settings:
+                    name = f"{prefix}models.{entry.name}.{setting}"
+                    if isinstance(v, Domain):  # `...scan_order.grid: [rowmajor, snake]`
+                        flat[f"{name}.{v.kind}"] = list(v.values)
+                    else:
+                        flat[name] = v
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
 
 
+def params_schema() -> dict[str, Any]:
+    """The JSON Schema of params.yaml (draft 2020-12), for editors and `params.schema.json`."""
+    schema = StudyConfig.model_json_schema()
+    # pydantic writes a default as the Python value; the entries' default, as params.yaml writes it:
+    schema["$defs"]["TrainConfig"]["properties"]["models"]["default"] = _as_written(DEFAULT_MODELS)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "params.yaml"}
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Validation: a small typed reader; every message names the key, the value and what is allowed.
+# pydantic's findings in the project's words: the key, the value, what is allowed.
 
 
-def _describe(tp: Any, meta: dict) -> str:
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    """`Annotated[T, m1, m2]` -> (T, [m1, m2]), nested Annotated flattened."""
+    metadata: list[Any] = []
+    while typing.get_origin(tp) is Annotated:
+        tp, *extra = typing.get_args(tp)
+        metadata = extra + metadata
+    return tp, metadata
+
+
+def _describe(tp: Any, metadata: list[Any]) -> str:
+    tp, inner = _unwrap(tp)
+    metadata = inner + metadata
+    lo = next((m.ge for m in metadata if isinstance(m, Ge)), None)
+    hi = next((m.le for m in metadata if isinstance(m, Le)), None)
+    help = next((m.description for m in metadata if getattr(m, "description", None)), "")
+    bounds = (
+        f" from {lo} to {hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+    )
     origin = typing.get_origin(tp)
-    lo, hi = meta.get("min"), meta.get("max")
-    bounds = ""
-    if lo is not None and hi is not None:
-        bounds = f" from {lo} to {hi}"
-    elif lo is not None:
-        bounds = f" >= {lo}"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
-        inner = typing.get_args(tp)[0]
-        if "choices" in meta:
-            return "a list of names from: " + ", ".join(meta["choices"])
-        return f"a non-empty list, each {_describe(inner, {})}{bounds}"
+        item, _ = _unwrap(typing.get_args(tp)[0])
+        if typing.get_origin(item) is Literal:
+            return "a list of names from: " + ", ".join(typing.get_args(item))
+        return f"a non-empty list, each {_describe(typing.get_args(tp)[0], [])}"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping of keys to values"
     name = {int: "an integer", float: "a number", bool: "a boolean (true or false)", str: "a string"}[tp]
-    extra = f" ({meta['help']})" if meta.get("help") else ""
-    return f"{name}{bounds}{extra}"
+    return f"{name}{bounds}" + (f" ({help})" if help else "")
 
 
-def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
-    def bad(why: str = "") -> ConfigError:
-        allowed = _describe(tp, meta)
-        return ConfigError(f"{key} = {value!r} is not allowed: expected {allowed}{why}")
-
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad()
-        return value
-    if origin is tuple:
-        inner = typing.get_args(tp)[0]
-        if not isinstance(value, list | tuple) or not value:
-            raise bad()
-        items = tuple(
-            _convert(f"{key}[{i}]", v, inner, {**meta, "choices": None}) for i, v in enumerate(value)
-        )
-        choices = meta.get("choices")
-        for item in items:
-            if choices and item not in choices:
-                raise ConfigError(f"{key}: unknown name {item!r}; allowed: {', '.join(choices)}")
-        if len(set(items)) != len(items):
-            raise bad(", without repeats")
-        return items
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-    elif tp is float:
-        # YAML 1.1 reads `1e-3` (no dot) as a string: accept a numeric literal written that way.
-        if isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise bad()
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str) or (not value and not meta.get("empty")):
-            raise bad()
-        return value
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad()
-    return value
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "params"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} = {data!r} is not allowed: expected a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key; allowed in {where}: {', '.join(known)}")
-    kwargs = {}
-    for name, f in known.items():
-        if name not in data:
-            continue
-        tp = hints[name]
-        if "parser" in f.metadata:
-            kwargs[name] = f.metadata["parser"](f"{prefix}{name}", data[name])
-        elif dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+def _field_at(loc: tuple) -> tuple[Any, list[Any]]:
+    """The annotation and metadata (bounds, the field's help) of the value at pydantic's error location."""
+    tp: Any = StudyConfig
+    metadata: list[Any] = []
+    for part in loc:
+        base = _unwrap(tp)[0]
+        if isinstance(part, int):  # an item of a list: its own annotation carries its bounds
+            tp, metadata = typing.get_args(base)[0], []
         else:
-            kwargs[name] = _convert(f"{prefix}{name}", data[name], tp, dict(f.metadata))
-    return cls(**kwargs)
+            field = base.model_fields[part]
+            tp, metadata = field.annotation, [*field.metadata, field]
+    return tp, metadata
+
+
+def _one_line(error: dict) -> str:
+    loc = tuple(error["loc"])
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    value = error["input"]
+    if error["type"] == "value_error" and isinstance(error.get("ctx", {}).get("error"), ConfigError):
+        return str(error["ctx"]["error"])  # train.models' own grammar said it already
+    if error["type"] == "extra_forbidden":
+        where = "".join(f".{p}" for p in loc[:-1]).lstrip(".") or "params"
+        section = _unwrap(_field_at(loc[:-1])[0])[0]
+        return f"{key}: unknown key; allowed in {where}: {', '.join(section.model_fields)}"
+    tp, metadata = _field_at(loc)
+    if loc and isinstance(loc[-1], int) and typing.get_origin(_unwrap(tp)[0]) is Literal:
+        names = ", ".join(typing.get_args(_unwrap(tp)[0]))
+        return f"{key.rsplit('[', 1)[0]}: unknown name {value!r}; allowed: {names}"
+    why = ", without repeats" if error["type"] == "repeats" else ""
+    return f"{key or 'params'} = {value!r} is not allowed: expected {_describe(tp, metadata)}{why}"
 
 
 def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
@@ -563,9 +632,21 @@ def resolve_path(path: str, base_dir: Path) -> Path:
 
 def parse_config(data: Any, base_dir: Path | str = ".") -> StudyConfig:
     """Validate a params mapping (as read from YAML) into a StudyConfig, or raise ConfigError."""
-    config = _build(StudyConfig, data, "")
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0])) from None
     _check_cross_fields(config, Path(base_dir))
     return config
+
+
+class _Yaml12Floats(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string; YAML 1.2 (and DVC) read it as a number, as here."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
 
 
 def load_config(path: Path | str = "params.yaml") -> StudyConfig:
@@ -576,7 +657,7 @@ def load_config(path: Path | str = "params.yaml") -> StudyConfig:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the params file ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506 (a SafeLoader with one more resolver)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -6,18 +6,21 @@ indices for every model in a comparison (paired: all models were trained on the 
 the same samples and rotations). Rotation draws of one sample are averaged, never resampled: they are not
 independent units.
 
-Pure: arrays and settings in, plain dicts and `pipeline.verdicts` evidence out; no I/O.
+Pure: arrays and settings in, plain dicts and `pipeline.verdicts` evidence out (which `pipeline.results`
+validates into the typed results); no I/O.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from perception.evaluation.intervals import BootstrapSettings, Estimate, linear_effect
+from perception.ops.serialization import SCAN_ORDERS, locality_stats, scan_directions
+from perception.rotations import MODES as ROTATION_MODES
+from pipeline import review
 from pipeline.verdicts import (
     LOCALITY_PRESERVING,
     CostEvidence,
@@ -27,12 +30,13 @@ from pipeline.verdicts import (
     SerialisationEvidence,
 )
 
-ROTATION_MODES = ("none", "z", "so3")
+if TYPE_CHECKING:  # the trained models: a type only (measurements loads every model family)
+    from pipeline.measurements import Checkpoint
 
 
 @dataclass(frozen=True)
 class VariantInfo:
-    """What the evaluation needs to know of a trained variant (from its checkpoints' flat config)."""
+    """What the evaluation needs to know of a trained variant (from its checkpoints' config and training)."""
 
     name: str
     family: str
@@ -51,6 +55,35 @@ class VariantInfo:
                 self.pos_embed or "", "structural"
             )
         return "structural"
+
+
+def variant_infos(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[str, VariantInfo]:
+    """variant -> what the evaluation needs to know of it, from its first checkpoint's config and training."""
+    infos = {}
+    for variant, by_seed in checkpoints.items():
+        first = next(iter(by_seed.values()))
+        config, family = first.config, first.family
+        infos[variant] = VariantInfo(
+            variant,
+            family,
+            first.training.get("augment", "none"),
+            config["scan_order"] if family == "mamba_hybrid" else None,
+            config["attn_layers"] if family == "mamba_hybrid" else None,
+            config["pos_embed"] if family == "vit" else None,
+            first.dataset,
+        )
+    return infos
+
+
+def trained_points(checkpoints: dict[str, dict[int, Checkpoint]], num_points: int) -> int:
+    """The point count the point models trained on (`points_per_cloud`, 0 = every point of the cloud)."""
+    counts = set()
+    for by_seed in checkpoints.values():
+        for ckpt in by_seed.values():
+            if ckpt.input_kind == "points":
+                per_cloud = int(ckpt.training["points_per_cloud"])
+                counts.add(per_cloud if 0 < per_cloud < num_points else num_points)
+    return min(counts) if counts else num_points
 
 
 def per_sample(correct: np.ndarray) -> np.ndarray:
@@ -267,6 +300,17 @@ def resolution_evidence(
     )
 
 
+def scan_locality(task_grid: int) -> dict[str, Any]:
+    """How each order keeps 2D grid neighbours together in 1D, on the proximity task's grid (tokens per side)
+    and the essay's largest (1024 px at patch 16). A property of the order by construction: context, never a
+    verdict."""
+    grids = (task_grid, 1024 // 16)
+    return {
+        order: {f"locality_{g}x{g}": locality_stats(scan_directions(order, g, g), g, g) for g in grids}
+        for order in SCAN_ORDERS
+    }
+
+
 ORIENTATIONS = ("horizontal", "vertical")  # the proximity task's segment axes (test_orientation 0, 1)
 
 
@@ -360,48 +404,21 @@ def cost_evidence(cost: dict[str, Any]) -> CostEvidence:
     )
 
 
-# ------------------------------------------------------------------------------------ to and from JSON
-
-EVIDENCE_TYPES = {
-    "serialisation": SerialisationEvidence,
-    "position_embedding": ResolutionEvidence,
-    "cost": CostEvidence,
-    "rotation": RotationEvidence,
-}
-
-
-def evidence_dict(evidence: Any) -> dict[str, Any]:
-    """A claim's evidence as plain JSON (estimates as {value, lo, hi})."""
-    return dataclasses.asdict(evidence)
-
-
-def fit_dict(fit: ModelFit) -> dict[str, Any]:
-    return {**dataclasses.asdict(fit), "floor": fit.floor}
-
-
-def _estimate(d: dict[str, float] | None) -> Estimate | None:
-    return None if d is None else Estimate(float(d["value"]), float(d["lo"]), float(d["hi"]))
-
-
-def _fit(d: dict[str, Any]) -> ModelFit:
-    return ModelFit(d["name"], _estimate(d["accuracy"]), float(d["chance"]), d.get("required"))
-
-
-def load_evidence(name: str, d: dict[str, Any]) -> Any:
-    """The typed evidence of one claim from `results.json` (`evidence.<name>`)."""
-    cls = EVIDENCE_TYPES[name]
-    kwargs: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        value = d[field.name]
-        if field.name == "models":
-            value = tuple(_fit(m) for m in value)
-        elif isinstance(value, dict) and set(value) == {"value", "lo", "hi"}:
-            value = _estimate(value)
-        elif (
-            isinstance(value, dict)
-            and value
-            and all(isinstance(v, dict) and set(v) == {"value", "lo", "hi"} for v in value.values())
-        ):
-            value = {k: _estimate(v) for k, v in value.items()}
-        kwargs[field.name] = value
-    return cls(**kwargs)
+def per_model_test_metrics(
+    checkpoints: dict[str, dict[int, Checkpoint]],
+    correct_by_kind: list[dict[str, dict[str, np.ndarray]]],
+    settings: BootstrapSettings,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """variant -> seed -> its test accuracies (percent, with intervals over test samples) under the names
+    every model shares (`pipeline.review.test_metric_name`), from the rotation, canvas and proximity
+    arrays."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for correct in correct_by_kind:
+        for variant, by_set in correct.items():
+            seeds = list(checkpoints[variant])  # the arrays' seed axis, in this order
+            dataset = next(iter(checkpoints[variant].values())).dataset
+            for index, seed in enumerate(seeds):
+                out.setdefault(variant, {}).setdefault(seed, {}).update(
+                    review.trial_test_metrics(by_set, dataset, index, lambda c: accuracy(c, settings))
+                )
+    return out

@@ -1,9 +1,8 @@
-"""The evaluation's figures (PNG), drawn from `results.json` alone, for MLflow and the report."""
+"""The evaluation's figures (PNG), drawn from `pipeline.results.Results` alone, for MLflow and the report."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -11,7 +10,9 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-MODES = ("none", "z", "so3")
+from perception.evaluation.intervals import Estimate  # noqa: E402
+from perception.rotations import MODES  # noqa: E402
+from pipeline.results import CostTable, Results, RotationRow  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -22,24 +23,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _errors(estimates: list[dict[str, float]]) -> list[list[float]]:
-    """matplotlib's asymmetric yerr, [[below...], [above...]], from {value, lo, hi} estimates."""
+def _errors(estimates: list[Estimate]) -> list[list[float]]:
+    """matplotlib's asymmetric yerr, [[below...], [above...]], from estimates."""
     return [
-        [max(0.0, e["value"] - e["lo"]) for e in estimates],
-        [max(0.0, e["hi"] - e["value"]) for e in estimates],
+        [max(0.0, e.value - e.lo) for e in estimates],
+        [max(0.0, e.hi - e.value) for e in estimates],
     ]
 
 
-def rotation_figure(rotation: dict[str, Any], path: Path) -> Path:
+def rotation_figure(rotation: dict[str, RotationRow], path: Path) -> Path:
     fig, (bars, angles) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(rotation)
     width = 0.8 / len(MODES)
     for i, mode in enumerate(MODES):
-        estimates = [rotation[n]["accuracy"][mode] for n in names]
+        estimates = [rotation[n].accuracy[mode] for n in names]
         xs = [j + (i - 1) * width for j in range(len(names))]
         bars.bar(
             xs,
-            [e["value"] for e in estimates],
+            [e.value for e in estimates],
             width,
             yerr=_errors(estimates),
             capsize=3,
@@ -51,11 +52,11 @@ def rotation_figure(rotation: dict[str, Any], path: Path) -> Path:
     bars.set_title("Point models under rotation (95% intervals over seeds and clouds)", fontsize=10)
     bars.legend(fontsize=8)
     for name in names:
-        bins = [b for b in rotation[name]["angle_bins"]["so3"] if "value" in b]
-        centres = [(b["low_deg"] + b["high_deg"]) / 2 for b in bins]
-        line = angles.plot(centres, [b["value"] for b in bins], marker="o", label=name)[0]
+        bins = [b for b in rotation[name].angle_bins["so3"] if b.value is not None]
+        centres = [(b.low_deg + b.high_deg) / 2 for b in bins]
+        line = angles.plot(centres, [b.value for b in bins], marker="o", label=name)[0]
         angles.fill_between(
-            centres, [b["lo"] for b in bins], [b["hi"] for b in bins], color=line.get_color(), alpha=0.15
+            centres, [b.lo for b in bins], [b.hi for b in bins], color=line.get_color(), alpha=0.15
         )
     angles.set_xlabel("rotation angle (degrees, 15-degree bins)")
     angles.set_ylabel("accuracy under SO(3)")
@@ -68,21 +69,21 @@ def rotation_figure(rotation: dict[str, Any], path: Path) -> Path:
 PARTS = (("a", "(a) same field of view"), ("b", "(b) larger canvas"), ("c", "(c) object scaled"))
 
 
-def resolution_figure(results: dict[str, Any], path: Path) -> Path:
+def resolution_figure(results: Results, path: Path) -> Path:
     """Left: each variant's drop on (a), (b), (c) and (b)+(c) at the largest canvas. Right: accuracy on
     every test set against the scale."""
-    resolution, canvas = results["resolution"], results["canvas"]
-    largest = str(max(canvas["canvases"]))
+    resolution, canvas = results.resolution, results.canvas
+    largest = str(max(canvas.canvases))
     fig, (drops_ax, acc_ax) = plt.subplots(1, 2, figsize=(14, 4.8))
     names = list(resolution)
     keys = [*PARTS, ("b_plus_c", "(b) + (c)")]
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
-        estimates = [resolution[n]["drops"][largest][key] for n in names]
+        estimates = [getattr(resolution[n].drops[largest], key) for n in names]
         xs = [j + (i - 1.5) * width for j in range(len(names))]
         drops_ax.bar(
             xs,
-            [e["value"] for e in estimates],
+            [e.value for e in estimates],
             width,
             yerr=_errors(estimates),
             capsize=2,
@@ -93,7 +94,7 @@ def resolution_figure(results: dict[str, Any], path: Path) -> Path:
     drops_ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
     drops_ax.set_ylabel("accuracy drop from the training distribution")
     drops_ax.set_title(
-        f"Drops at {canvas['train_resolution']} -> {largest} px: does (a) = (b) + (c)? (95% intervals)",
+        f"Drops at {canvas.train_resolution} -> {largest} px: does (a) = (b) + (c)? (95% intervals)",
         fontsize=10,
     )
     drops_ax.legend(fontsize=7)
@@ -109,11 +110,9 @@ def resolution_figure(results: dict[str, Any], path: Path) -> Path:
     ]
     width = 0.8 / len(sets)
     for i, (key, label) in enumerate(sets):
-        estimates = [resolution[n]["accuracy"][key] for n in names]
+        estimates = [resolution[n].accuracy[key] for n in names]
         xs = [j + (i - (len(sets) - 1) / 2) * width for j in range(len(names))]
-        acc_ax.bar(
-            xs, [e["value"] for e in estimates], width, yerr=_errors(estimates), capsize=2, label=label
-        )
+        acc_ax.bar(xs, [e.value for e in estimates], width, yerr=_errors(estimates), capsize=2, label=label)
     acc_ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
     acc_ax.set_ylabel("test accuracy")
     acc_ax.set_ylim(0, 1.05)
@@ -122,57 +121,58 @@ def resolution_figure(results: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def cost_figure(cost: dict[str, Any], path: Path) -> Path:
+def cost_figure(cost: CostTable, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     keys = (
         ("latency_ms", "latency", "forward latency (ms), median and IQR"),
         ("peak_memory_mb", "memory", "peak memory (MB)"),
         ("flops_total", "flops", "FLOPs (counted: context)"),
     )
-    models = list(dict.fromkeys(r["model"] for r in cost["rows"]))
+    models = list(dict.fromkeys(r.model for r in cost.rows))
     for ax, (key, fit_key, label) in zip(axes, keys, strict=True):
         for model in models:
-            rows = sorted((r for r in cost["rows"] if r["model"] == model), key=lambda r: r["tokens"])
-            tokens = [r["tokens"] for r in rows]
-            fit = cost["fits"][model][fit_key]
-            name = f"{model} (k={fit['value']:.2f} [{fit['lo']:.2f}, {fit['hi']:.2f}])"
+            rows = sorted((r for r in cost.rows if r.model == model), key=lambda r: r.tokens)
+            tokens = [r.tokens for r in rows]
+            fit = getattr(cost.fits[model], fit_key)
+            name = f"{model} (k={fit.value:.2f} [{fit.lo:.2f}, {fit.hi:.2f}])"
+            values = [getattr(r, key) for r in rows]
             if key == "latency_ms":
                 spread = [
-                    [r["latency_ms"] - r["latency_ms_q25"] for r in rows],
-                    [r["latency_ms_q75"] - r["latency_ms"] for r in rows],
+                    [r.latency_ms - r.latency_ms_q25 for r in rows],
+                    [r.latency_ms_q75 - r.latency_ms for r in rows],
                 ]
-                ax.errorbar(tokens, [r[key] for r in rows], yerr=spread, marker="o", capsize=3, label=name)
+                ax.errorbar(tokens, values, yerr=spread, marker="o", capsize=3, label=name)
             else:
-                ax.plot(tokens, [r[key] for r in rows], marker="o", label=f"{model} (k={fit['value']:.2f})")
+                ax.plot(tokens, values, marker="o", label=f"{model} (k={fit.value:.2f})")
         # Reference slopes 1 and 2 through the first point of the first model.
-        first = sorted((r for r in cost["rows"] if r["model"] == models[0]), key=lambda r: r["tokens"])
-        t0, y0 = first[0]["tokens"], max(first[0][key], 1e-12)
-        span = [t0, first[-1]["tokens"]]
+        first = sorted((r for r in cost.rows if r.model == models[0]), key=lambda r: r.tokens)
+        t0, y0 = first[0].tokens, max(getattr(first[0], key), 1e-12)
+        span = [t0, first[-1].tokens]
         for slope, style in ((1, "--"), (2, ":")):
             ax.plot(span, [y0 * (t / t0) ** slope for t in span], style, color="grey", label=f"slope {slope}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         # Label the measured token counts themselves; log-scale minor labels overlap.
-        all_tokens = sorted({r["tokens"] for r in cost["rows"]})
+        all_tokens = sorted({r.tokens for r in cost.rows})
         ax.set_xticks(all_tokens, [str(t) for t in all_tokens])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("tokens")
         ax.set_ylabel(label)
         ax.legend(fontsize=6)
-    crossover = cost.get("crossover_tokens")
+    crossover = cost.crossover_tokens
     fig.suptitle(
         "Cost against tokens (log-log; k: exponent fitted from "
-        f"{cost['setting'].get('fit_min_tokens', '?')} tokens up, 95% interval); pure Mamba faster than ViT "
+        f"{cost.setting.get('fit_min_tokens', '?')} tokens up, 95% interval); pure Mamba faster than ViT "
         + (f"from {crossover} tokens" if crossover else "nowhere in the sweep")
     )
     return _save(fig, path)
 
 
-def serialisation_figure(results: dict[str, Any], path: Path) -> Path:
+def serialisation_figure(results: Results, path: Path) -> Path:
     """Left: accuracy on the proximity task per scan order (and the attention reference). Right: accuracy
     against each order's locality statistic on the task's grid."""
     fig, (acc_ax, loc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    models = results["serialisation"]["models"]
+    models = results.serialisation.models
     names = list(models)
     groups = [
         ("all test images", None),
@@ -181,17 +181,13 @@ def serialisation_figure(results: dict[str, Any], path: Path) -> Path:
     ]
     width = 0.8 / len(groups)
     for i, (label, key) in enumerate(groups):
-        if key is not None and not all(key in models[n].get("by_orientation", {}) for n in names):
+        if key is not None and not all(key in models[n].by_orientation for n in names):
             continue
-        estimates = [
-            models[n]["accuracy"] if key is None else models[n]["by_orientation"][key] for n in names
-        ]
+        estimates = [models[n].accuracy if key is None else models[n].by_orientation[key] for n in names]
         xs = [j + (i - 1) * width for j in range(len(names))]
-        acc_ax.bar(
-            xs, [e["value"] for e in estimates], width, yerr=_errors(estimates), capsize=2, label=label
-        )
+        acc_ax.bar(xs, [e.value for e in estimates], width, yerr=_errors(estimates), capsize=2, label=label)
     acc_ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8, label="chance")
-    labels = [n if models[n]["scan_order"] else f"{n} (attention)" for n in names]
+    labels = [n if models[n].scan_order else f"{n} (attention)" for n in names]
     acc_ax.set_xticks(range(len(names)), labels, rotation=25, ha="right", fontsize=8)
     acc_ax.set_ylim(0, 1.05)
     acc_ax.set_ylabel("proximity-task test accuracy")
@@ -199,15 +195,13 @@ def serialisation_figure(results: dict[str, Any], path: Path) -> Path:
     acc_ax.legend(fontsize=7)
     for name in names:
         row = models[name]
-        if row["locality"] is None:
+        if row.locality is None:
             continue
-        x = row["locality"]["grid_nbr_within_window_frac"]
-        e = row["accuracy"]
-        loc_ax.errorbar([x], [e["value"]], yerr=_errors([e]), marker="o", capsize=3)
-        loc_ax.annotate(
-            row["scan_order"], (x, e["value"]), textcoords="offset points", xytext=(5, 5), fontsize=8
-        )
-    grid = results["serialisation"]["task_grid"].replace("locality_", "")
+        x = row.locality.grid_nbr_within_window_frac
+        e = row.accuracy
+        loc_ax.errorbar([x], [e.value], yerr=_errors([e]), marker="o", capsize=3)
+        loc_ax.annotate(row.scan_order, (x, e.value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    grid = results.serialisation.task_grid.replace("locality_", "")
     loc_ax.set_xlabel(f"2D neighbours within 4 tokens in the sequence (fraction, {grid} grid)")
     loc_ax.set_ylabel("test accuracy")
     loc_ax.set_ylim(0, 1.05)
@@ -216,15 +210,15 @@ def serialisation_figure(results: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def draw_figures(results: dict[str, Any], folder: Path) -> list[Path]:
+def draw_figures(results: Results, folder: Path) -> list[Path]:
     folder = Path(folder)
     figures = []
-    if results.get("rotation"):
-        figures.append(rotation_figure(results["rotation"], folder / "rotation.png"))
-    if results.get("resolution"):
+    if results.rotation:
+        figures.append(rotation_figure(results.rotation, folder / "rotation.png"))
+    if results.resolution:
         figures.append(resolution_figure(results, folder / "resolution_accuracy.png"))
-    if results.get("cost", {}).get("rows"):
-        figures.append(cost_figure(results["cost"], folder / "cost_vs_tokens.png"))
-    if results.get("serialisation", {}).get("models"):
+    if results.cost.rows:
+        figures.append(cost_figure(results.cost, folder / "cost_vs_tokens.png"))
+    if results.serialisation.models:
         figures.append(serialisation_figure(results, folder / "serialisation.png"))
     return figures

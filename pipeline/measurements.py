@@ -14,7 +14,7 @@ Arrays (numpy, bool or float):
 
 from __future__ import annotations
 
-import pickle
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from perception.data.arrays import DatasetError
-from perception.models import FAMILIES
+from perception.models.checkpoint import CheckpointError, ModelCheckpoint, build_float64, load_checkpoint
 from perception.training import predict, subsample_points
 
 
@@ -33,57 +33,58 @@ class Checkpoint:
 
     variant: str
     seed: int
-    family: str
-    flat: dict[str, Any]  # the trial's flat resolved config
-    state_dict: dict[str, torch.Tensor]
+    saved: ModelCheckpoint  # family, model config, weights, training settings
     model: torch.nn.Module
 
     @property
+    def family(self) -> str:
+        return self.saved.family
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.saved.config
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.saved.training
+
+    @property
     def input_kind(self) -> str:
-        return FAMILIES[self.family].input_kind
+        return self.saved.input_kind
 
     @property
     def dataset(self) -> str:
         """What the variant trained and is tested on: points, images (the shape renders) or proximity."""
-        from pipeline.training.space import dataset_of
-
-        return dataset_of(self.input_kind, self.flat.get("trial.task", "shapes"))
+        return self.training["dataset"]
 
 
 def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
     """variant -> seed -> Checkpoint, from `<train_dir>/models/<variant>/seed-<seed>.pt`."""
-    from pipeline.training.trainable import build_model
-
     folder = train_dir / "models"
     if not folder.is_dir():
         raise DatasetError(f"{folder}: missing; run the train stage first (dvc repro train)")
     found: dict[str, dict[int, Checkpoint]] = {}
     for path in sorted(folder.glob("*/*.pt")):
         try:
-            # weights_only: a checkpoint carrying arbitrary pickled objects is refused, never run.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model = build_model(state["config"])
-            model.load_state_dict(state["state_dict"])
-            flat = state["config"]
-            variant, seed = flat["trial.name"], int(flat["trial.seed"])
+            saved = load_checkpoint(path, retrain_hint="retrain: `dvc repro -f train`")
+            model = saved.build()
+            training = saved.training
+            variant, seed, _dataset = training["variant"], int(training["seed"]), training["dataset"]
+        except CheckpointError as err:
+            raise DatasetError(str(err)) from None
         except (
-            OSError,
-            EOFError,
             RuntimeError,
             KeyError,
             TypeError,
             ValueError,  # hparams the family's config refuses (ModelConfigError), e.g. an unknown size
-            pickle.UnpicklingError,
         ) as err:
             # load_state_dict puts the first mismatch ("size mismatch for head.weight: ...") on line two.
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             reason = " ".join(lines[:2])[:300] if lines else type(err).__name__
             raise DatasetError(
-                f"{path}: not a usable checkpoint of the train stage ({reason}); rerun `dvc repro -f train`"
+                f"{path}: not a usable checkpoint ({reason}); retrain: `dvc repro -f train`"
             ) from None
-        found.setdefault(variant, {})[seed] = Checkpoint(
-            variant, seed, flat["trial.family"], flat, state["state_dict"], model.eval()
-        )
+        found.setdefault(variant, {})[seed] = Checkpoint(variant, seed, saved, model)
     if not found:
         raise DatasetError(
             f"{folder}: holds no checkpoints (<variant>/seed-<seed>.pt); rerun the train stage"
@@ -96,61 +97,26 @@ def with_unhelped_tables(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[
     as `learned_fixed`, the same trained weights with the table kept at its own grid positions instead of
     bicubic-resampled (claim 2's "learned, without help"). The two readings differ only where the grid
     differs from the training grid, so one training serves both and their comparison is paired down to the
-    weights. The derived variant is `<variant>` with `learned` replaced by `learned_fixed`, and its flat
-    config records `trial.read_from`; a variant trained as `learned_fixed` itself is kept as it is."""
-    from pipeline.training.trainable import build_model
-
+    weights. The derived variant is `<variant>` with `learned` replaced by `learned_fixed`, and its training
+    record names the variant it reads (`read_from`); a variant trained as `learned_fixed` is kept as it is."""
     out = dict(checkpoints)
     for variant, by_seed in checkpoints.items():
         first = next(iter(by_seed.values()))
-        learned = first.flat.get("trial.pos_embed", "learned") == "learned"
-        if first.family != "vit" or not learned or first.dataset != "images":  # claim 2's renders only
-            continue
+        if first.family != "vit" or first.config["pos_embed"] != "learned" or first.dataset != "images":
+            continue  # claim 2's renders only
         name = variant.replace("learned", "learned_fixed") if "learned" in variant else f"{variant}-fixed"
         if name in out:
             continue
         derived = {}
         for seed, ckpt in by_seed.items():
-            flat = {
-                **ckpt.flat,
-                "trial.pos_embed": "learned_fixed",
-                "trial.name": name,
-                "trial.read_from": variant,
-            }
-            model = build_model(flat)
-            model.load_state_dict(ckpt.state_dict)
-            derived[seed] = Checkpoint(name, seed, ckpt.family, flat, ckpt.state_dict, model.eval())
+            saved = dataclasses.replace(
+                ckpt.saved,
+                config={**ckpt.config, "pos_embed": "learned_fixed"},
+                training={**ckpt.training, "variant": name, "read_from": variant},
+            )
+            derived[seed] = Checkpoint(name, seed, saved, saved.build())
         out[name] = derived
     return dict(sorted(out.items()))
-
-
-def float64_model(flat: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The trained model rebuilt in float64 throughout.
-
-    `.double()` alone leaves constants that e3nn computes at build time (change-of-basis and Clebsch-Gordan
-    tensors) in float32, which caps a measured invariance error near 1e-10; building under a float64
-    default dtype measures the model's own error.
-    """
-    from pipeline.training.trainable import build_model
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = build_model(flat)
-    finally:
-        torch.set_default_dtype(default)
-    # Constant buffers (e3nn's Clebsch-Gordan and basis tensors) were saved in float32: keep the float64
-    # ones built here where they agree to float32 precision; load every trained value.
-    built = dict(model.named_buffers())
-    trained = {
-        key: value
-        for key, value in state.items()
-        if not (
-            key in built and built[key].is_floating_point() and torch.equal(built[key].to(value.dtype), value)
-        )
-    }
-    model.load_state_dict(trained, strict=False)  # float32 values are copied into float64 tensors
-    return model.eval()
 
 
 def stratified_subset(labels: np.ndarray, count: int) -> np.ndarray:
@@ -213,9 +179,7 @@ def measure_rotation(
             for mode, result in results.items():
                 per_mode.setdefault(mode, []).append(result.correct.numpy())
                 out.angles.setdefault(mode, result.angles_deg.numpy())
-            error = invariance_error(
-                float64_model(ckpt.flat, ckpt.state_dict), clouds[subset], rotations=2, seed=data_seed
-            )
+            error = invariance_error(build_float64(ckpt.saved), clouds[subset], rotations=2, seed=data_seed)
             worst = max(worst, error)
             shown = "  ".join(f"{m} {float(r.correct.double().mean()):.3f}" for m, r in results.items())
             progress(f"evaluate: {variant:22s} seed {seed}  {shown}  invariance error {error:.1e}")

@@ -501,27 +501,34 @@ def test_corrupted_prepared_data_fails_naming_the_file(
 
 
 def _checkpoint_config(repo: Path) -> dict:
-    """The flat config a pointnet trial of the study repo would save (what `build_model` reads)."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    images = params["images"]
-    return {
-        "trial.name": "pointnet",
-        "trial.seed": 0,
-        "trial.family": "pointnet",
-        "trial.size": "tiny",
-        "data.num_classes": len(params["points"]["classes"]),
-        "data.in_channels": 4,
-        "images.patch_size": images["patch_size"],
-        "images.train_resolution": images["train_resolution"],
-        "train.gpus_per_trial": 0,
+    """What a pointnet trial of the study repo exports, but its weights: perception.models.checkpoint's
+    family, model config and training record."""
+    from perception.models import build
+    from perception.models.checkpoint import model_config
+
+    classes = yaml.safe_load((repo / "params.yaml").read_text())["points"]["classes"]
+    training = {
+        "variant": "pointnet",
+        "seed": 0,
+        "dataset": "points",
+        "augment": "none",
+        "points_per_cloud": 0,
     }
+    return {"family": "pointnet", "config": model_config(build("pointnet", num_classes=len(classes))),
+            "training": training}  # fmt: skip
 
 
-def _checkpoint(flat: dict, **replace: object) -> dict:
+def _checkpoint(parts: dict, **replace: object) -> dict:
     """A checkpoint as the train stage exports it, with any of its entries replaced."""
-    from pipeline.training.trainable import build_model
+    from perception.models.checkpoint import FORMAT
 
-    return {"state_dict": build_model(flat).state_dict(), "config": flat, "epoch": 1, **replace}
+    return {"format": FORMAT, **parts, "state_dict": _weights(parts), "metrics": {}, **replace}
+
+
+def _weights(parts: dict, **hparams: object) -> dict:
+    from perception.models import build
+
+    return build(parts["family"], **{**parts["config"], **hparams}).state_dict()
 
 
 def _truncated(config: dict) -> bytes:
@@ -536,17 +543,26 @@ def _saved(obj: object) -> bytes:
     return buffer.getvalue()
 
 
-# case -> (checkpoint bytes from a sound flat config, part of the reason in the message)
+# case -> (checkpoint bytes from a sound checkpoint's parts, part of the reason in the message)
 BAD_CHECKPOINTS: dict[str, tuple[Callable[[dict], bytes], str]] = {
     "truncated": (_truncated, "failed reading zip archive"),
-    "a list, not a dict": (lambda c: _saved([1, 2, 3]), "list indices"),
-    "no state_dict": (lambda c: _saved({"config": c}), "'state_dict'"),
-    "no config": (lambda c: _saved({"state_dict": {}}), "'config'"),
+    "a list, not a dict": (lambda c: _saved([1, 2, 3]), "holds a list"),
+    "no state_dict": (lambda c: _saved({"format": 2, **c}), "no 'state_dict'"),
+    "no config": (lambda c: _saved({k: v for k, v in _checkpoint(c).items() if k != "config"}), "'config'"),
     "wrong tensor shapes": (
-        lambda c: _saved(_checkpoint(c, state_dict=_checkpoint({**c, "data.num_classes": 7})["state_dict"])),
-        "size mismatch for",
+        lambda c: _saved(_checkpoint(c, state_dict=_weights(c, num_classes=7))),
+        "size mismatch",
     ),
-    "a size no family has": (lambda c: _saved(_checkpoint(c, config={**c, "trial.size": "huge"})), "'huge'"),
+    "an hparam no family has": (
+        lambda c: _saved(_checkpoint(c, config={**c["config"], "wdith": 3})),
+        "PointNetConfig.wdith: unknown hparam",
+    ),
+    "the old flat-config format": (
+        lambda c: _saved(
+            {"state_dict": _weights(c), "config": {"trial.family": "pointnet", "trial.size": "tiny"}}
+        ),
+        "an older checkpoint",
+    ),
 }
 
 
@@ -564,6 +580,6 @@ def test_corrupted_checkpoint_fails_the_evaluate_stage_naming_the_file(
     (models / "pointnet" / "seed-0.pt").write_bytes(make(config))
     argv = stage_argv(study, "evaluate", study / "params.yaml", train=tmp_path / "train")
     line = assert_fails_cleanly(
-        study, lambda: run_in_process(argv, capfd), ["not a usable checkpoint", reason]
+        study, lambda: run_in_process(argv, capfd), ["not a usable checkpoint", reason, "retrain"]
     )
     assert line.startswith(f"error: {models / 'pointnet' / 'seed-0.pt'}: "), line

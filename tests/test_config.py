@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
+import pydantic
 import pytest
 
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config
@@ -23,7 +23,7 @@ def test_repo_params_file_is_valid_and_complete():
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
     for section in ("points", "images", "proximity", "train", "ray", "mlflow", "runtime"):
-        fields = {f.name for f in dataclasses.fields(getattr(config, section))}
+        fields = set(type(getattr(config, section)).model_fields)
         assert fields == set(written[section]), section
 
 
@@ -35,9 +35,7 @@ def test_the_gpu_profile_is_a_complete_valid_params_file():
     config = load_config(REPO / "profiles/gpu.yaml")
     written = yaml.safe_load((REPO / "profiles/gpu.yaml").read_text())
     for section in ("points", "images", "proximity", "train", "ray", "mlflow", "runtime"):
-        assert {f.name for f in dataclasses.fields(getattr(config, section))} == set(written[section]), (
-            section
-        )
+        assert set(type(getattr(config, section)).model_fields) == set(written[section]), section
     assert config.train.size == "small" and config.images.train_resolution == 224
     assert config.points.num_points == 1024 and config.train.gpus_per_trial > 0
     space.check(config, space.expand(config), num_classes=10, in_channels=4)
@@ -45,7 +43,7 @@ def test_the_gpu_profile_is_a_complete_valid_params_file():
 
 def test_config_is_frozen():
     config = parse_config({})
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.points.num_points = 3  # type: ignore[misc]
 
 
@@ -138,3 +136,44 @@ def test_stage_command_fails_fast_with_one_line_and_writes_nothing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "points.num_points = -5" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_published_json_schema_is_the_models_schema():
+    import json
+
+    from pipeline.config import params_schema
+
+    published = json.loads((REPO / "params.schema.json").read_text())
+    assert published == params_schema(), "params.schema.json is stale: run `python -m pipeline schema`"
+    assert "yaml-language-server: $schema=params.schema.json" in (REPO / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/gpu.yaml"])
+def test_the_params_files_satisfy_the_json_schema(path):
+    import jsonschema
+    import yaml
+
+    from pipeline.config import params_schema
+
+    jsonschema.validate(yaml.safe_load((REPO / path).read_text()), params_schema())
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"points": {"num_points": -5}},
+        {"pionts": {}},
+        {"train": {"bf16": "yes"}},
+        {"train": {"models": {"vit": 3}}},
+    ],
+    ids=str,
+)
+def test_the_json_schema_refuses_what_the_config_refuses(override, tmp_path):
+    import jsonschema
+
+    from pipeline.config import params_schema
+
+    with pytest.raises(ConfigError):
+        parse_config(merge(TINY_PARAMS, override), tmp_path)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(merge(TINY_PARAMS, override), params_schema())

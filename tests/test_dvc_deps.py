@@ -112,6 +112,20 @@ def test_a_stage_depends_on_every_project_module_it_imports(stage: str) -> None:
 
 
 @pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_a_stage_lists_no_project_code_it_does_not_import(stage: str) -> None:
+    """An extra dep reruns the stage for edits that cannot change its outputs."""
+    closure = import_closure(["pipeline.__main__", STAGE_MODULES[stage]])
+    code = [d for d in stages()[stage]["deps"] if d.split("/")[0] in PACKAGES]
+    extra = [d for d in code if not any(covered(p, [d]) for p in closure)]
+    assert not extra, f"dvc.yaml stage {stage} lists code it never imports: {extra}"
+
+
+def test_evaluation_rebuilds_models_without_the_trainer() -> None:
+    closure = import_closure(["pipeline.stages.evaluate"])
+    assert not [p for p in closure if REPO / "pipeline" / "training" in p.parents]
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
 def test_a_stage_declares_every_params_section_it_reads(stage: str) -> None:
     closure = import_closure(["pipeline.__main__", STAGE_MODULES[stage]])
     own = import_closure([STAGE_MODULES[stage]]) - import_closure(["pipeline.__main__"])

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
 from e3nn import o3
 from e3nn.util.test import assert_equivariant
 
+from perception.evaluation.rotation import invariance_error
 from perception.models.equivariant import (
     SIZES,
     E3nnConfig,
@@ -19,8 +18,10 @@ from perception.models.equivariant import (
     PointConvolution,
 )
 from perception.models.registry import ModelConfigError
+from perception.precision import default_dtype
 
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the logits' magnitude
+# Relative to the logits' magnitude: `invariance_error` divides each cloud's change by its logits' norm.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def _clouds(batch: int, num_points: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -33,41 +34,11 @@ def _clouds(batch: int, num_points: int, dtype: torch.dtype, seed: int = 0) -> t
     return (directions * scales + noise).to(dtype)
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    # e3nn computes its Clebsch-Gordan constants at construction in the default dtype: a float64 model must be
-    # built under float64, or `.double()` keeps float32-accurate constants (errors ~1e-9 instead of ~1e-15).
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _model(dtype: torch.dtype, seed: int = 0, **overrides: object) -> E3nnNet:
     torch.manual_seed(seed)
-    with _default_dtype(dtype):
+    # e3nn computes its Clebsch-Gordan constants at construction in the default dtype: build in `dtype`.
+    with default_dtype(dtype):
         return E3nnNet(E3nnConfig(**{**SIZES["tiny"], **overrides}))
-
-
-def _rotation_error(model: E3nnNet, pos: torch.Tensor, trials: int = 3) -> float:
-    """Largest change of the logits under random rotations, relative to the logits' magnitude."""
-    generator = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        logits = model(pos)
-        worst = 0.0
-        for _ in range(trials):
-            rotation = _rand_rotation(generator, pos.dtype)
-            change = (model(pos @ rotation.T) - logits).abs().max() / logits.abs().max()
-            worst = max(worst, float(change))
-    return worst
-
-
-def _rand_rotation(generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    # o3.rand_matrix draws from the global generator: seed it from ours so each test is reproducible.
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    return o3.rand_matrix(dtype=torch.float64).to(dtype)
 
 
 def _train_a_little(model: E3nnNet, dtype: torch.dtype, steps: int = 5) -> None:
@@ -87,7 +58,7 @@ def test_convolution_layers_are_equivariant(layer_cls: type, bipartite: bool | s
     torch.manual_seed(0)
     irreps_in, irreps_sh = o3.Irreps("4x0e + 2x1o + 2x2e"), o3.Irreps.spherical_harmonics(2)
     irreps_dst = o3.Irreps("3x0e + 1x1o + 1x2e") if bipartite == "own target irreps" else irreps_in
-    with _default_dtype(torch.float64):
+    with default_dtype(torch.float64):
         layer = layer_cls(
             irreps_in,
             irreps_sh,
@@ -111,7 +82,7 @@ def test_convolution_layers_are_equivariant(layer_cls: type, bipartite: bool | s
         irreps.append(irreps_dst)
     assert layer.irreps_in == irreps_in and layer.irreps_dst == irreps_dst
     assert layer(*args).shape == (num_targets, layer.irreps_out.dim)
-    with _default_dtype(torch.float64):  # e3nn builds the Wigner D matrices in the default dtype
+    with default_dtype(torch.float64):  # e3nn builds the Wigner D matrices in the default dtype
         errors = assert_equivariant(
             layer, args_in=args, irreps_in=irreps, irreps_out=[layer.irreps_out], tolerance=1e-10
         )
@@ -131,9 +102,9 @@ def test_model_passes_e3nn_assert_equivariant() -> None:
 def test_logits_are_rotation_invariant_untrained_and_trained(dtype: torch.dtype) -> None:
     model = _model(dtype)
     pos = _clouds(4, 256, dtype, seed=1)
-    assert _rotation_error(model, pos) < TOLERANCE[dtype]
+    assert invariance_error(model, pos, rotations=3, dtype=dtype) < TOLERANCE[dtype]
     _train_a_little(model, dtype)
-    assert _rotation_error(model, pos) < TOLERANCE[dtype]
+    assert invariance_error(model, pos, rotations=3, dtype=dtype) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("local_shape", [False, True])
@@ -145,7 +116,8 @@ def test_float64_invariance_with_and_without_the_invariant_inputs(
     model = _model(
         torch.float64, local_shape=local_shape, global_invariants=global_invariants, global_frame=global_frame
     )
-    assert _rotation_error(model, _clouds(3, 256, torch.float64, seed=7)) < TOLERANCE[torch.float64]
+    pos = _clouds(3, 256, torch.float64, seed=7)
+    assert invariance_error(model, pos, rotations=3) < TOLERANCE[torch.float64]
     head_in = model.head[0].in_features
     assert head_in == 2 * model.config.dim + (3 + 2 * model.config.num_basis) * global_invariants
 

@@ -10,17 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from perception.evaluation.rotation import (
-    MODES,
     NUM_BINS,
     RotationResult,
     _angle_bins,
     evaluate_rotations,
-    geodesic_angle_deg,
     invariance_error,
-    rotation_draws,
 )
 from perception.models import build
-from perception.training import rotations_about_z
+from perception.precision import default_dtype
+from perception.rotations import MODES, geodesic_angle_deg, rotation_draws, rotations_about_z
 
 NUM_CLOUDS, NUM_POINTS = 6, 64
 
@@ -169,12 +167,8 @@ def test_invariance_error_separates_e3nn_from_pointnet() -> None:
     points = _clouds()
     torch.manual_seed(0)
     # e3nn computes its constants in the default dtype at construction: build in float64 for ~1e-15 errors.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         e3nn = build("e3nn", num_classes=3)
-    finally:
-        torch.set_default_dtype(old)
     pointnet = build("pointnet", num_classes=3)
     before = {k: v.clone() for k, v in pointnet.state_dict().items()}
     assert invariance_error(e3nn, points, rotations=3) < 1e-9

@@ -159,24 +159,25 @@ def test_the_decomposition_is_the_arithmetic_of_the_test_sets():
 
 
 def test_the_unhelped_reading_is_the_same_checkpoint_with_the_table_at_its_own_positions():
+    import dataclasses
+
     import torch
 
     from perception.models import build
+    from perception.models.checkpoint import ModelCheckpoint, model_config
     from pipeline.measurements import Checkpoint, with_unhelped_tables
 
     torch.manual_seed(0)
     model = build("vit", "tiny", num_classes=3, in_channels=4, patch_size=4, image_size=16)
-    flat = {
-        "trial.name": "vit-learned", "trial.model": "vit", "trial.family": "vit", "trial.size": "tiny",
-        "trial.pos_embed": "learned", "trial.seed": 0, "data.num_classes": 3, "data.in_channels": 4,
-        "images.patch_size": 4, "images.train_resolution": 16,
-    }  # fmt: skip
     state = model.state_dict()
-    checkpoints = {"vit-learned": {0: Checkpoint("vit-learned", 0, "vit", flat, state, model.eval())}}
+    training = {"variant": "vit-learned", "seed": 0, "dataset": "images"}
+    saved = ModelCheckpoint("vit", model_config(model), state, training)
+    checkpoints = {"vit-learned": {0: Checkpoint("vit-learned", 0, saved, model.eval())}}
     out = with_unhelped_tables(checkpoints)
     assert set(out) == {"vit-learned", "vit-learned_fixed"}
     fixed = out["vit-learned_fixed"][0]
-    assert fixed.flat["trial.pos_embed"] == "learned_fixed" and fixed.flat["trial.read_from"] == "vit-learned"
+    assert fixed.config["pos_embed"] == "learned_fixed" and fixed.training["read_from"] == "vit-learned"
+    assert fixed.training["variant"] == "vit-learned_fixed" and fixed.saved.state_dict is state
     small, large = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 32, 32)
     with torch.no_grad():
         assert torch.equal(fixed.model(small), model(small))  # the training grid: one and the same model
@@ -186,13 +187,10 @@ def test_the_unhelped_reading_is_the_same_checkpoint_with_the_table_at_its_own_p
         reference.load_state_dict(state)
         assert torch.equal(fixed.model.eval()(large), reference.eval()(large))
     # the proximity task's ViT (claim 1's reference) is not read a second way: it is tested on one grid
-    proximity = {**flat, "trial.name": "proximity_vit", "trial.task": "proximity"}
-    reference_only = {"proximity_vit": {0: Checkpoint("proximity_vit", 0, "vit", proximity, state, model)}}
+    proximity = dataclasses.replace(saved, training={**training, "dataset": "proximity"})
+    reference_only = {"proximity_vit": {0: Checkpoint("proximity_vit", 0, proximity, model)}}
     assert set(with_unhelped_tables(reference_only)) == {"proximity_vit"}
     # a variant trained as learned_fixed itself is kept, not overwritten
-    trained = {
-        0: Checkpoint(
-            "vit-learned_fixed", 0, "vit", {**flat, "trial.pos_embed": "learned_fixed"}, state, model
-        )
-    }
+    own = dataclasses.replace(saved, config={**saved.config, "pos_embed": "learned_fixed"})
+    trained = {0: Checkpoint("vit-learned_fixed", 0, own, model)}
     assert with_unhelped_tables({**checkpoints, "vit-learned_fixed": trained})["vit-learned_fixed"] is trained

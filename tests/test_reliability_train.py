@@ -286,8 +286,8 @@ def test_a_trial_out_of_gpu_memory_fails_with_one_line_in_the_table_and_mlflow(
 LISTENERS = """
 import json, pathlib, psutil, ray
 from pipeline.config import StudyConfig
-from pipeline.stages.train import _connect_ray
-_connect_ray(StudyConfig(), pathlib.Path("."))
+from pipeline.training.session import connect_ray
+connect_ray(StudyConfig(), pathlib.Path("."))
 ray.get(ray.remote(lambda: 1).remote())  # a worker process too
 ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
 print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections("inet")
@@ -313,12 +313,12 @@ def test_the_ray_instance_the_stage_starts_listens_on_loopback_only():
 
 def test_a_tune_run_others_can_write_is_not_restored(tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.stages.train import _check_trusted
+    from pipeline.training.session import check_trusted
 
     experiment = tmp_path / "train-abc"
     experiment.mkdir()
     (experiment / "tuner.pkl").write_bytes(b"not read")
-    _check_trusted(experiment)  # this user's, not writable by others: fine
+    check_trusted(experiment)  # this user's, not writable by others: fine
     experiment.chmod(0o777)
     with pytest.raises(ConfigError, match="not restoring a Tune run"):
-        _check_trusted(experiment)
+        check_trusted(experiment)

@@ -24,7 +24,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need
 
 
 def _scan(chunk: int):
-    from perception.ops.scan_triton import selective_scan_triton
+    from perception.ops.scan.triton_kernels import selective_scan_triton
 
     return lambda **kw: selective_scan_triton(**kw, chunk=chunk)
 
@@ -85,7 +85,7 @@ def test_the_backend_by_name_and_auto_on_cpu_is_unchanged():
 
 
 def test_backward_keeps_one_chunk_of_states_not_the_sequence():
-    from perception.ops.scan_triton import _block_d
+    from perception.ops.scan.triton_kernels import _block_d
 
     # A block of channels never straddles two groups; memory is chunk-start states plus one chunk.
     assert _block_d(768, 1) == 64 and _block_d(6, 3) == 2 and _block_d(5, 1) == 1

@@ -10,15 +10,15 @@ import csv
 import json
 import shutil
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from tests.conftest import MlflowServer, make_study_repo, run_command
+from tests.conftest import REPO, MlflowServer, make_study_repo, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -92,28 +92,43 @@ def test_a_failed_trial_is_retried_from_its_checkpoint_and_the_retry_is_recorded
     assert "retrying from its last checkpoint" in result.stdout
 
 
-def test_best_checkpoints_load_safely_and_rebuild_their_model(trained):
-    from pipeline.training.trainable import build_model
+# Run in a fresh interpreter: args {root, variants, seeds}; prints "rebuilt <count>".
+REBUILD_SCRIPT = """
+import json, sys, numpy, torch
+from perception.models.checkpoint import load_checkpoint
+args = json.loads(sys.argv[1])
+prepared = args["root"] + "/data/prepared"
+inputs = {
+    "points": torch.from_numpy(numpy.load(prepared + "/points/test_points.npy"))[:3],
+    "images": torch.from_numpy(numpy.load(prepared + "/images/test_r16.npy"))[:3],
+    "proximity": torch.from_numpy(numpy.load(prepared + "/proximity/test_r12.npy"))[:3],
+}
+count = 0
+for name in args["variants"]:
+    for seed in args["seeds"]:
+        saved = load_checkpoint(args["root"] + f"/data/train/models/{name}/seed-{seed}.pt")
+        assert saved.training["variant"] == name and saved.training["seed"] == seed, saved.training
+        assert saved.training["data_seed"] == 7 and saved.metrics["epoch"] >= 1, saved.metrics
+        classes = 2 if saved.training["dataset"] == "proximity" else 4  # the tiny shapes; the binary task
+        with torch.no_grad():
+            assert saved.build()(inputs[saved.training["dataset"]]).shape == (3, classes)
+        count += 1
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"pipeline", "ray", "mlflow", "dvc"})
+assert not loaded, loaded
+print("rebuilt", count)
+"""
 
+
+def test_best_checkpoints_rebuild_with_perception_alone(trained):
+    """Every exported checkpoint is `{format, family, config, state_dict, training, metrics}` and rebuilds
+    in a fresh interpreter that imports nothing from `pipeline` (nor Ray, MLflow or DVC)."""
     root, _ = trained
-    points = torch.from_numpy(__import__("numpy").load(root / "data/prepared/points/test_points.npy"))
-    images = torch.from_numpy(__import__("numpy").load(root / "data/prepared/images/test_r16.npy"))
-    proximity = torch.from_numpy(__import__("numpy").load(root / "data/prepared/proximity/test_r12.npy"))
-    for name in VARIANTS:
-        for seed in SEEDS:
-            state = torch.load(root / f"data/train/models/{name}/seed-{seed}.pt", weights_only=True)
-            model = build_model(state["config"])
-            model.load_state_dict(state["state_dict"])
-            model.eval()
-            family, task = state["config"]["trial.family"], state["config"].get("trial.task", "shapes")
-            inputs = images[:3] if family in ("vit", "mamba_hybrid") else points[:3]
-            classes = 4  # the tiny shape classes; the proximity task is binary, on its own 12 px images
-            if task == "proximity":
-                inputs, classes = proximity[:3], 2
-            with torch.no_grad():
-                assert model(inputs).shape == (3, classes)
-            assert state["config"]["trial.name"] == name and state["config"]["seed"] == 7
-            assert state["config"]["trial.seed"] == seed
+    args = json.dumps({"root": str(root), "variants": list(VARIANTS), "seeds": list(SEEDS)})
+    result = subprocess.run(
+        [sys.executable, "-c", REBUILD_SCRIPT, args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"rebuilt {len(VARIANTS) * len(SEEDS)}" in result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from perception.models import build
+from perception.rotations import random_rotations, rotations_about_z
 from perception.training import (
     StepSettings,
     accuracy,
     augment_points,
-    random_rotations,
     random_state,
     restore_random_state,
-    rotations_about_z,
     stratified_split,
     train_one_epoch,
     warmup_cosine,
@@ -341,14 +340,14 @@ def test_an_unreachable_cluster_address_fails_in_seconds_naming_it():
     import socket
 
     from pipeline.config import ConfigError
-    from pipeline.stages.train import _check_reachable
+    from pipeline.training.session import check_reachable
 
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(ConfigError, match=rf"RAY_ADDRESS = '127.0.0.1:{port}': no Ray cluster answers there"):
-        _check_reachable(f"127.0.0.1:{port}")
-    _check_reachable("auto")  # resolved by Ray itself
+        check_reachable(f"127.0.0.1:{port}")
+    check_reachable("auto")  # resolved by Ray itself
 
 
 # --- checkpoints the evaluation refuses -------------------------------------------------------------------
@@ -383,9 +382,9 @@ def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path,
         torch.save({"state_dict": {}, "config": _Payload(str(marker))}, path)
     else:
         torch.save({"weights": torch.zeros(3)}, path)
-    with pytest.raises(DatasetError, match=rf"^{path}: not a usable checkpoint of the train stage") as err:
+    with pytest.raises(DatasetError, match=rf"^{path}: not a usable checkpoint \(") as err:
         load_checkpoints(tmp_path / "train")
-    assert "\n" not in str(err.value) and "dvc repro -f train" in str(err.value)
+    assert "\n" not in str(err.value) and "retrain: `dvc repro -f train`" in str(err.value)
     assert not marker.exists()
 
 

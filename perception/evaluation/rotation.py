@@ -1,9 +1,10 @@
 """Rotation robustness of point-cloud classifiers: accuracy under random rotations, and measured invariance.
 
 `evaluate_rotations` rotates every test cloud by its own seeded random rotation (none, about the up axis
-+z, or anywhere in SO(3)), several draws per mode, and reports accuracy per draw and per rotation angle.
-`invariance_error` measures how far a model's logits move under rotations, in float64 so that rounding
-does not hide (or fake) invariance. Plain torch: seeded `torch.Generator`s, no orchestration.
++z, or anywhere in SO(3): `perception.rotations`), several draws per mode, and reports accuracy per draw
+and per rotation angle. `invariance_error` measures how far a model's logits move under rotations, in
+float64 by default so that rounding does not hide (or fake) invariance. Plain torch: seeded
+`torch.Generator`s, no orchestration.
 """
 
 from __future__ import annotations
@@ -15,41 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from perception.training import predict, sample_rotations
+from perception.rotations import MODES, check_mode, geodesic_angle_deg, rotation_draws
+from perception.training import predict
 
-MODES: tuple[str, ...] = ("none", "z", "so3")
 BIN_WIDTH_DEG = 15.0
 NUM_BINS = 12  # 12 x 15 degrees cover [0, 180]; 180 itself goes in the last bin
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"rotation mode {mode!r} is not allowed: expected one of {', '.join(MODES)}")
-
-
-def rotation_draws(count: int, draws: int, mode: str, seed: int) -> Tensor:
-    """One rotation per sample per draw: float64[draws, count, 3, 3].
-
-    `none` gives identities, `z` uniform angles in [0, 2 pi) about +z, `so3` Haar-uniform rotations. The
-    generator is seeded with `seed * len(MODES) + index of mode`, so each (seed, mode) has its own stream
-    and the same arguments give the same rotations byte for byte.
-    """
-    _check_mode(mode)
-    if count < 0 or draws < 0:
-        raise ValueError(f"count and draws must be >= 0, got count={count}, draws={draws}")
-    generator = torch.Generator().manual_seed(seed * len(MODES) + MODES.index(mode))
-    flat = sample_rotations(draws * count, mode, generator, torch.float64)
-    # [draws * count, 3, 3] -> [draws, count, 3, 3]: draw-major, matching the order of the draws above.
-    return flat.reshape(draws, count, 3, 3)
-
-
-def geodesic_angle_deg(rotations: Tensor) -> Tensor:
-    """Rotation angle in degrees of float[..., 3, 3] rotation matrices: float[...], in [0, 180].
-
-    arccos((trace - 1) / 2), with the cosine clamped to [-1, 1] since rounding can push it just outside.
-    """
-    trace = rotations.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # [...]
-    return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -122,7 +93,7 @@ def evaluate_rotations(
     train/eval mode back afterwards. Rotations are drawn by `rotation_draws(N, draws, mode, seed)`.
     """
     for mode in modes:
-        _check_mode(mode)
+        check_mode(mode)
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     if points.ndim != 3 or points.shape[-1] != 3 or len(labels) != len(points):
@@ -165,39 +136,43 @@ def evaluate_rotations(
 
 
 def invariance_error(
-    model: nn.Module, points: Tensor, rotations: int = 4, seed: int = 0, batch_size: int = 16
+    model: nn.Module,
+    points: Tensor,
+    rotations: int = 4,
+    seed: int = 0,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float64,
 ) -> float:
     """Worst relative change of the logits under rotation: max over clouds and draws of
     ||f(x R^T) - f(x)|| / max(||f(x)||, 1e-12), with L2 norms over each cloud's logits.
 
-    Runs a float64 CPU copy of the model (the caller's model is untouched), in eval mode, on clouds
+    Runs a CPU copy of the model in `dtype` (the caller's model is untouched), in eval mode, on clouds
     float[N, P, 3], each rotated by its own Haar-random rotation, `rotations` times (`rotation_draws(N,
-    rotations, "so3", seed)`). About 1e-15 for an exactly invariant model built in float64; a model whose
-    constants were computed in float32 (e3nn builds them in the default dtype) keeps their rounding.
+    rotations, "so3", seed)`). In float64 (the default, so that rounding does not hide or fake invariance)
+    about 1e-15 for an exactly invariant model built in float64; a model whose constants were computed in
+    float32 (e3nn builds them in the default dtype) keeps their rounding. `dtype=torch.float32` measures
+    what float32 inference does.
     """
     if rotations < 1 or len(points) == 0:
         raise ValueError(f"need >= 1 rotation and >= 1 cloud, got {rotations} and {len(points)}")
-    model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
-    clouds = points.detach().to(device="cpu", dtype=torch.float64)
-    draws = rotation_draws(len(clouds), rotations, "so3", seed)  # [R, N, 3, 3]
+    model_copy = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    clouds = points.detach().to(device="cpu", dtype=dtype)
+    draws = rotation_draws(len(clouds), rotations, "so3", seed).to(dtype)  # [R, N, 3, 3]
     worst = 0.0
     with torch.no_grad():
         for start in range(0, len(clouds), batch_size):
             batch = clouds[start : start + batch_size]  # [b, P, 3]
-            logits = model64(batch)  # [b, C]
+            logits = model_copy(batch)  # [b, C]
             scale = logits.norm(dim=-1).clamp_min(1e-12)  # [b]
             for rotation in draws[:, start : start + batch_size]:  # [b, 3, 3]
-                change = (model64(batch @ rotation.transpose(-1, -2)) - logits).norm(dim=-1)  # [b]
+                change = (model_copy(batch @ rotation.transpose(-1, -2)) - logits).norm(dim=-1)  # [b]
                 worst = max(worst, float((change / scale).max()))
     return worst
 
 
 __all__ = [
-    "MODES",
     "AngleBin",
     "RotationResult",
     "evaluate_rotations",
-    "geodesic_angle_deg",
     "invariance_error",
-    "rotation_draws",
 ]

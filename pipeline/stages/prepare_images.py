@@ -12,7 +12,6 @@ test sets at every test canvas R of `eval_resolutions`. Outputs in one folder:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,7 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
         "task": "shapes",
         "format_version": FORMAT_VERSION,
         "seed": config.seed,
-        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(images).items()},
+        "params": images.plain(),
         "classes": points.manifest["classes"],
         "channels": ["depth", "normal_x", "normal_y", "normal_z"],
         "train_resolution": T,

@@ -6,7 +6,6 @@ Outputs in one folder (see perception.data.arrays): `{train,test}_points` float3
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,7 @@ def prepare_points(config: StudyConfig, out: Path, base_dir: Path = Path(".")) -
             if count == 0:
                 print(f"warning: class {name!r} has no usable mesh in {split}/")
 
-    params = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config.points).items()}
+    params = config.points.plain()
     manifest = {
         "kind": "points",
         "format_version": FORMAT_VERSION,

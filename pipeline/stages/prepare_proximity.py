@@ -79,7 +79,7 @@ def prepare_proximity(config: StudyConfig, out: Path) -> dict[str, Any]:
         "task": "proximity",
         "format_version": FORMAT_VERSION,
         "seed": config.seed,
-        "params": dataclasses.asdict(prox),
+        "params": prox.plain(),
         "classes": ["broken", "solid"] if prox.task == "gap" else ["horizontal", "vertical"],
         "channels": list(CHANNELS),
         "train_resolution": prox.size,

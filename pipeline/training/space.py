@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from perception.models import FAMILIES, ModelConfigError
-from perception.training import AUGMENTS
+from perception.rotations import MODES as AUGMENTS
 from pipeline.config import TASKS, TRIAL_KEYS, ConfigError, Domain, ModelEntry, StudyConfig
 
 # Settings a trial reads from `train` unless its model entry overrides them.

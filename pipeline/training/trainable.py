@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from perception.models import FAMILIES, build
+from perception.models.checkpoint import model_config
 from perception.training import (
     StepSettings,
     accuracy,
@@ -32,9 +33,8 @@ from perception.training import (
 from pipeline.training.space import TRAINING_KEYS, model_hparams, resolved, task_data, trial_dataset
 
 CHECKPOINT_FILE = "trial.pt"
-# `trial.*` keys of a flat config that are not the model's hparams (`read_from`: a checkpoint read another
-# way by the evaluation, pipeline.measurements.with_unhelped_tables).
-NOT_HPARAMS = ("trial.name", "trial.model", "trial.family", "trial.seed", "trial.read_from")
+# `trial.*` keys of a flat config that are not the model's hparams.
+NOT_HPARAMS = ("trial.name", "trial.model", "trial.family", "trial.seed")
 
 
 class InjectedFault(RuntimeError):
@@ -59,6 +59,21 @@ def trial_settings(flat: dict[str, Any]) -> dict[str, Any]:
     """epochs, lr, weight_decay, batch_size, points_per_cloud, warmup_epochs, grad_clip: the trial's own
     value, else the study's."""
     return {key: flat.get(f"trial.{key}", flat[f"train.{key}"]) for key in TRAINING_KEYS}
+
+
+def training_record(flat: dict[str, Any]) -> dict[str, Any]:
+    """How a trial trains, in plain values: what its checkpoint keeps beside the model's own config."""
+    return {
+        "variant": flat["trial.name"],
+        "model": flat["trial.model"],
+        "seed": int(flat["trial.seed"]),
+        "data_seed": int(flat["seed"]),
+        "task": flat.get("trial.task", "shapes"),
+        "dataset": trial_dataset(flat),
+        "augment": flat.get("trial.augment", "none"),
+        "bf16": bool(flat["train.bf16"]),
+        **trial_settings(flat),
+    }
 
 
 def build_model(flat: dict[str, Any]) -> torch.nn.Module:
@@ -170,7 +185,9 @@ def run_trial(
                 "random": random_state(generator),
                 "epoch": epoch,
                 "attempt": attempt,
-                "config": flat,
+                "family": flat["trial.family"],
+                "model_config": model_config(model),
+                "training": training_record(flat),
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
             }
             torch.save(state, Path(folder) / CHECKPOINT_FILE)

@@ -1,8 +1,8 @@
 """The selective scan as Triton kernels (backend "triton"): CUDA tensors natively, CPU tensors under
 Triton's interpreter (`TRITON_INTERPRET=1`, which must be set before this module is imported).
 
-Same arguments and result as `perception.ops.scan.selective_scan_ref`; the glossary and shapes are in that
-module's docstring (b batch, d channels, l length, n states, g groups). Two kernels:
+Same arguments and result as `perception.ops.scan.selective_scan_ref`; the glossary and shapes are in the
+package's docstring (b batch, d channels, l length, n states, g groups). Two kernels:
 
 - `_scan_fwd`: one program per (batch, block of BLOCK_D channels). The state h [BLOCK_D, n] lives in
   registers and runs over time; y_t = <h_t, C_t> is written per step, and h is saved at the start of every
@@ -17,8 +17,8 @@ module's docstring (b batch, d channels, l length, n states, g groups). Two kern
   programs: atomic adds.
 
 Everything runs in float32 (bf16 inputs are cast, state and sums stay fp32) and the result comes back in
-u's dtype. delta_bias, softplus, D and the z gate are applied around the kernel in torch (`_prepare`,
-`_finish`), whose autograd differentiates them. B and C go to the kernels time-major, [b, g, l, n], so a
+u's dtype. delta_bias, softplus, D and the z gate are applied around the kernel in torch (`prepare`,
+`finish`), whose autograd differentiates them. B and C go to the kernels time-major, [b, g, l, n], so a
 step's n values are contiguous. A block of channels never straddles two groups (BLOCK_D divides d / g).
 """
 
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from perception.ops.scan import _finish, _prepare
+from perception.ops.scan.common import finish, prepare
 
 CHUNK = 64  # steps whose states backward recomputes at a time: scratch is [CHUNK, BLOCK_D, n] per program
 
@@ -169,25 +169,18 @@ class _TritonScan(torch.autograd.Function):
 
 
 def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    chunk: int = CHUNK,
-) -> torch.Tensor:
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False, chunk: int = CHUNK,
+) -> torch.Tensor:  # fmt: skip
     """The Triton kernels (backend "triton"): same arguments and result as `selective_scan_ref`, [b, d, l].
 
     `chunk` is the backward's recomputation length (memory O(b d n l / chunk) for the chunk-start states).
     """
     dtype_in = u.dtype
-    u, delta, A, B, C = _prepare(
+    u, delta, A, B, C = prepare(
         u.float(), delta.float(), A.float(), B.float(), C.float(), delta_bias, delta_softplus
     )
     Bt, Ct = B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()  # [b, g, l, n]: time-major
     y = _TritonScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(), Bt, Ct, chunk)  # [b, d, l]
-    return _finish(y, u, D, z, dtype_in)
+    return finish(y, u, D, z, dtype_in)

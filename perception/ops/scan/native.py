@@ -1,0 +1,187 @@
+"""The native path (backend "native"): one fused C kernel per channel (`native_scan.c`), via ctypes.
+
+One channel (batch b, channel d) at a time, its N states in one SIMD vector: time runs sequentially, the
+states and channels in parallel (channels split across threads). Forward fuses bias, softplus, the scan,
+D and the gate, and saves nothing but the inputs; backward recomputes the channel's states into a
+per-thread buffer ((L + 1) N floats of h and L N of Ā: 0.5 MiB at L = 4096, N = 16, so it stays in L2)
+and runs the adjoint backwards over it. exp, softplus and sigmoid are branch-free polynomials so the
+compiler vectorises them; exp's argument is clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
+
+The kernel is compiled on first use with the machine's C compiler, per state size N, and cached in a folder
+only this user can write; without a compiler the backend hands its work to `chunked` with a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from perception.ops.scan.chunked import selective_scan_chunked
+from perception.ops.scan.common import check_shapes
+
+_NATIVE_SOURCE = Path(__file__).with_name("native_scan.c").read_text()
+_NATIVE_FLAGS = (
+    "-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
+    "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
+)  # fmt: skip
+_native_libs: dict[int, ctypes.CDLL | None] = {}
+_native_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _native_lib(n: int) -> ctypes.CDLL | None:
+    """The kernel for N = n states, compiled once per machine (cached on disk), or None with no compiler."""
+    global _native_error
+    if n in _native_libs:
+        return _native_libs[n]
+    lib = None
+    try:
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("no C compiler (cc or gcc) on PATH")
+        flags = (*_NATIVE_FLAGS, f"-DNS={n}")
+        # The key covers the source, flags and machine (-march=native code must not cross machines).
+        key = "\n".join((_NATIVE_SOURCE, cc, *flags, platform.node(), platform.machine()))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        # A cache only this user can write: a shared /tmp would let another account plant a library here.
+        default = (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "perception-study" / "scan"
+        )
+        cache = Path(os.environ.get("PERCEPTION_SCAN_CACHE") or default)
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        so = cache / f"scan_n{n}_{digest}.so"
+        if not so.exists():
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src, out = Path(tmp) / "scan.c", Path(tmp) / so.name
+                src.write_text(_NATIVE_SOURCE)
+                subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True)
+                os.replace(out, so)  # atomic: concurrent processes never load a half-written library
+        lib = ctypes.CDLL(str(so))
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        lib.scan_fwd.argtypes = [i64, i64, i64, *[ptr] * 8, i32, ptr, i64, i64]
+        lib.scan_bwd.argtypes = [i64, i64, i64, *[ptr] * 8, i32, *[ptr] * 9, i64, i64]
+        for fn in (lib.scan_fwd, lib.scan_bwd):
+            fn.restype = None
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        _native_error = f"{e} {detail.decode(errors='replace')[:500]}".strip()
+        warnings.warn(f"native selective scan unavailable, using 'chunked': {_native_error}", stacklevel=3)
+    _native_libs[n] = lib
+    return lib
+
+
+def native_available(n: int = 16) -> bool:
+    """Whether the native kernel compiles and loads here (it needs a C compiler)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _native_lib(n) is not None
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def _run_channels(fn, channels: int, args: list, per_part: Callable[[int], list] = lambda i: []) -> int:
+    """Run fn(*args, *per_part(i), c0, c1) over contiguous channel ranges, one per torch thread.
+
+    ctypes drops the GIL during the call, so the parts run in parallel on a small thread pool.
+    Returns the number of parts.
+    """
+    global _pool
+    parts = max(1, min(torch.get_num_threads(), channels))
+    bounds = [channels * i // parts for i in range(parts + 1)]
+    calls = [(*args, *per_part(i), bounds[i], bounds[i + 1]) for i in range(parts)]
+    if parts == 1:
+        fn(*calls[0])
+        return 1
+    if _pool is None or _pool._max_workers < parts - 1:
+        _pool = ThreadPoolExecutor(max_workers=max(parts - 1, os.cpu_count() or 1))
+    futures = [_pool.submit(fn, *call) for call in calls[1:]]
+    fn(*calls[0])
+    for f in futures:
+        f.result()
+    return parts
+
+
+class _NativeScan(torch.autograd.Function):
+    """out = (scan(softplus?(delta + bias)) + D u) * silu(z), all in one kernel. float32, contiguous;
+    u, delta, z [b, d, l]; A [d, n]; B, C [b, g, l, n] (time-major per group); D, bias [d] or None."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias, softplus):
+        b, d, L = u.shape
+        g, n = B.shape[1], A.shape[1]
+        lib = _native_lib(n)
+        out = torch.empty_like(u)
+        head = [ctypes.c_int64(d), ctypes.c_int64(L), ctypes.c_int64(g)]
+        ins = [_ptr(t) for t in (u, delta, A, B, C, D, z, bias)]
+        _run_channels(lib.scan_fwd, b * d, [*head, *ins, ctypes.c_int32(int(softplus)), _ptr(out)])
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias)
+        ctx.softplus = softplus
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout):
+        u, delta, A, B, C, D, z, bias = ctx.saved_tensors
+        b, d, L = u.shape
+        g, n = B.shape[1], A.shape[1]
+        gout = gout.to(torch.float32).contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = torch.empty_like(u) if z is not None else None
+        dA, dD, dbias = u.new_empty(b * d, n), u.new_empty(b * d), u.new_empty(b * d)
+        parts = max(1, min(torch.get_num_threads(), b * d))
+        dBC = u.new_zeros(parts, 2, *B.shape)  # per-part dB, dC: channels of one group share B and C
+        head = [ctypes.c_int64(d), ctypes.c_int64(L), ctypes.c_int64(g)]
+        ins = [_ptr(t) for t in (u, delta, A, B, C, D, z, bias)]
+        args = [*head, *ins, ctypes.c_int32(int(ctx.softplus)), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dA)]
+
+        def per_part(i: int) -> list:
+            return [_ptr(dBC[i, 0]), _ptr(dBC[i, 1]), _ptr(dD), _ptr(dz), _ptr(dbias)]
+
+        _run_channels(_native_lib(n).scan_bwd, b * d, args, per_part)
+        dB, dC = dBC.sum(0).unbind(0)
+        return (
+            du,
+            ddelta,
+            dA.view(b, d, n).sum(0),
+            dB,
+            dC,
+            None if D is None else dD.view(b, d).sum(0),
+            dz,
+            None if bias is None else dbias.view(b, d).sum(0),
+            None,
+        )
+
+
+def selective_scan_native(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """The native fused kernel (backend "native"): same arguments and result as `selective_scan_ref`.
+
+    Runs in float32 on CPU. float64 inputs (kept in double), other devices, or a machine without a C
+    compiler go to `selective_scan_chunked` instead.
+    """
+    check_shapes(u, delta, A, B, C)
+    if u.device.type != "cpu" or u.dtype == torch.float64 or _native_lib(A.shape[1]) is None:
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    f32 = [None if t is None else t.to(torch.float32).contiguous() for t in (u, delta, A, D, z, delta_bias)]
+    u_, delta_, A_, D_, z_, bias_ = f32
+    B_, C_ = ((M if M.dim() == 4 else M.unsqueeze(1)).to(torch.float32) for M in (B, C))
+    B_, C_ = B_.transpose(2, 3).contiguous(), C_.transpose(2, 3).contiguous()  # [b, g, l, n]
+    out = _NativeScan.apply(u_, delta_, A_, B_, C_, D_, z_, bias_, bool(delta_softplus))
+    return out.to(u.dtype)

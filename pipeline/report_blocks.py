@@ -1,0 +1,359 @@
+"""The report's text as blocks, and the blocks as Markdown and as self-contained HTML.
+
+A block is ("h1"|"h2"|"p", text), ("list", items), ("table", header, rows) or ("img", path). `layout` lays
+out the report from the evaluation's `Results` and the verdicts; `render_markdown` and `render_html` write
+it. Pure but for `hardware` (the machine the report runs on) and the figures the HTML inlines.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import platform
+from pathlib import Path
+
+from perception.evaluation.intervals import Estimate
+from pipeline import verdicts as rules
+from pipeline.results import Results
+
+# claim -> the figure shown under its verdict
+FIGURES = {
+    1: "serialisation.png",
+    2: "resolution_accuracy.png",
+    3: "cost_vs_tokens.png",
+    4: "rotation.png",
+}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _pct_interval(estimate: Estimate | None) -> str:
+    if estimate is None:
+        return "n/a"
+    return f"{100 * estimate.value:.1f}% [{100 * estimate.lo:.1f}, {100 * estimate.hi:.1f}]"
+
+
+def hardware() -> list[str]:
+    """The machine the report runs on: platform, Python, torch, cores and GPU."""
+    import torch
+
+    lines = [
+        f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} torch threads",
+    ]
+    lines.append(f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "GPU: none")
+    return lines
+
+
+def layout(
+    results: Results,
+    verdict_list: list[rules.Verdict],
+    train_summary: dict,
+    timings: list[tuple[str, float]],
+    figures: dict[str, Path],
+) -> list[tuple]:
+    """The report as blocks: the verdicts, each claim's rule and numbers, the tables, where and how long."""
+    mlflow = results.mlflow or train_summary.get("mlflow") or {}
+    blocks: list[tuple] = [
+        ("h1", "Vision backbones for robot perception: the four claims, measured"),
+        (
+            "p",
+            f"MLflow run {mlflow.get('parent_run_id', 'n/a')} "
+            f"in experiment {mlflow.get('experiment', 'n/a')} "
+            f"({mlflow.get('tracking_uri', 'n/a')}); data seed {results.seed}, training seeds "
+            f"{', '.join(map(str, results.seeds))}; {results.test_samples.points} test clouds "
+            f"({results.points_per_cloud} points each, as trained), "
+            f"{results.test_samples.images} test images, {results.num_classes} classes.",
+        ),
+        (
+            "p",
+            "How to read it. A verdict judges one effect against a stated threshold: it holds when the whole "
+            "95% interval lies beyond the threshold, does not hold when the whole interval lies within the "
+            "equivalence margin of no effect, and is inconclusive otherwise. Only models that learned their "
+            "task (in-distribution accuracy at least halfway from chance to 100%) may decide. Intervals: "
+            + results.bootstrap.method,
+        ),
+        ("h2", "Verdicts"),
+        (
+            "table",
+            ["claim", "verdict", "effect [95% interval]", "threshold", "margin"],
+            [
+                [
+                    f"{v.claim}. {v.title}",
+                    v.verdict,
+                    rules.render_effect(v),
+                    f"{v.threshold:g}",
+                    f"{v.margin:g}",
+                ]
+                for v in verdict_list
+            ],
+        ),
+    ]
+    for v in verdict_list:
+        items = [
+            f"Effect: {v.effect_name}: {rules.render_effect(v)}",
+            f"Rule: {v.rule}",
+            f"Decided on: {', '.join(v.models_used) or 'no trained models'}",
+        ]
+        if v.excluded:
+            items.append(f"Undertrained, so not allowed to decide: {'; '.join(v.excluded)}")
+        items.append(f"What would change it: {v.would_change}")
+        blocks += [("h2", f"{v.claim}. {v.title}: {v.verdict}"), ("list", items)]
+        if v.measured:
+            blocks.append(("list", list(v.measured)))
+        if FIGURES[v.claim] in figures:
+            blocks.append(("img", figures[FIGURES[v.claim]]))
+    rotation = results.rotation
+    blocks += [
+        ("h2", "Rotation: accuracy by training augmentation and test rotation"),
+        (
+            "p",
+            "The columns of Vector Neurons' Table 1 (train/test: z/z, z/SO(3), SO(3)/SO(3)) are the rows "
+            "trained with z or so3 augmentation; every cell is the accuracy over seeds and test clouds with "
+            "its 95% interval. The float64 invariance error is measured on a class-stratified subset.",
+        ),
+        (
+            "table",
+            ["variant", "trained with", "test: none", "test: z", "test: SO(3)", "invariance error"],
+            [
+                [
+                    name,
+                    row.augment,
+                    *(_pct_interval(row.accuracy[m]) for m in ("none", "z", "so3")),
+                    f"{row.invariance_error_float64:.1e}",
+                ]
+                for name, row in rotation.items()
+            ],
+        ),
+    ]
+    blocks += _resolution_blocks(results) + _proximity_blocks(results)
+    cost_rows = [
+        [
+            r.model,
+            r.resolution,
+            r.tokens,
+            f"{r.latency_ms:.1f} [{r.latency_ms_lo:.1f}, {r.latency_ms_hi:.1f}]",
+            f"{r.peak_memory_mb:.1f}",
+            f"{r.flops_total:.3g}",
+            f"{r.attention_entries:,}",
+        ]
+        for r in results.cost.rows
+    ]
+    blocks += [
+        ("h2", "Cost sweep"),
+        (
+            "p",
+            "Setting: "
+            + ", ".join(f"{k} {v}" for k, v in results.cost.setting.items())
+            + f". Peak memory: {results.cost.rows[0].memory_method}.",
+        ),
+        (
+            "table",
+            [
+                "model",
+                "px",
+                "tokens",
+                "latency ms, median [IQR]",
+                "peak MB",
+                "FLOPs (counted)",
+                "attention entries",
+            ],
+            cost_rows,
+        ),
+        ("p", "The essay's table beside the exact numbers:"),
+        (
+            "table",
+            [
+                "px",
+                "tokens",
+                "attention entries",
+                "essay's entries",
+                "relative cost",
+                "essay's relative cost",
+            ],
+            [
+                [
+                    r.resolution,
+                    r.tokens,
+                    f"{r.attention_entries:,}",
+                    f"{r.attention_entries_essay:,.0f}",
+                    f"{r.relative_cost:.1f}x",
+                    f"{r.relative_cost_essay:g}x",
+                ]
+                for r in results.cost.essay
+            ],
+        ),
+        ("h2", "Training"),
+        (
+            "table",
+            ["variant", "best validation accuracy per seed"],
+            [
+                [
+                    name,
+                    ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
+                ]
+                for name, by_seed in sorted(train_summary.get("variants", {}).items())
+            ],
+        ),
+        ("h2", "Where and how long"),
+        ("list", hardware()),
+        ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
+    ]
+    return blocks
+
+
+def _points_interval(estimate: Estimate) -> str:
+    return f"{100 * estimate.value:+.1f} [{100 * estimate.lo:.1f}, {100 * estimate.hi:.1f}]"
+
+
+def _resolution_blocks(results: Results) -> list[tuple]:
+    """Claim 2's tables: accuracy on every test set, and the (a) / (b) / (c) decomposition of the drops."""
+    canvas = results.canvas
+    resolution = results.resolution
+    if not resolution:
+        return []
+    sets = canvas.test_sets  # in, (a) (b) (c)
+    train_res = canvas.train_resolution
+    blocks: list[tuple] = [
+        ("h2", "Resolution: the paired test sets"),
+        (
+            "p",
+            f"Objects rendered at {canvas.object_size} px, placed at random positions on the "
+            f"{train_res} px training canvas (`in`). At every test canvas R, from the same test instances: "
+            "(a) `fov_R` the same field of view with R / "
+            f"{train_res} times the pixels; (b) `centre_R`, `corner_R` the object at its training pixel size "
+            "on the larger canvas (new grid positions only); (c) `scaled_R` the object scaled by the same "
+            f"factor on the {train_res} px canvas (apparent scale only). Accuracy with 95% intervals.",
+        ),
+        (
+            "table",
+            ["variant", *sets],
+            [[name, *(_pct_interval(row.accuracy[k]) for k in sets)] for name, row in resolution.items()],
+        ),
+    ]
+    for canvas_px in canvas.canvases:
+        key = str(canvas_px)
+        blocks += [
+            ("p", f"Accuracy drops from `in` at {canvas_px} px, points [95% interval]: is (a) = (b) + (c)?"),
+            (
+                "table",
+                [
+                    "variant",
+                    "encoding",
+                    "(a) fov",
+                    "(b) canvas",
+                    "(c) scaled",
+                    "(b) + (c)",
+                    "(a) - ((b) + (c))",
+                ],
+                [
+                    [name, row.encoding] + [_points_interval(d) for _, d in row.drops[key]]
+                    for name, row in resolution.items()
+                ],
+            ),
+        ]
+    return blocks
+
+
+def _proximity_blocks(results: Results) -> list[tuple]:
+    """Claim 1's table: every proximity-task model with its scan order's locality."""
+    models = results.serialisation.models
+    if not models:
+        return []
+    task = results.serialisation.task
+    return [
+        ("h2", "Serialisation: the proximity task"),
+        (
+            "p",
+            f"Task {task.get('task')!r} on {task.get('size')}x{task.get('size')} px, one token per pixel: "
+            f"{task.get('segments')} segments of {task.get('segment_length')} px, all solid (label 1) or all "
+            f"broken by a one-pixel gap (label 0), all horizontal or all vertical, and "
+            f"{task.get('distractors')} isolated pixels; {results.test_samples.proximity} test "
+            "images. Locality: the fraction of 2D-neighbour pairs within 4 tokens (one conv1d window) in "
+            "the order's closest direction, and their geometric-mean distance in the sequence. Accuracy "
+            "is also split by the segments' axis: row-major order keeps horizontal neighbours together, not "
+            "vertical ones, so a task that measures 2D proximity shows the difference there.",
+        ),
+        (
+            "table",
+            [
+                "variant",
+                "scan order",
+                "accuracy [95% interval]",
+                "horizontal segments",
+                "vertical segments",
+                "neighbours within 4",
+                "geo-mean gap",
+            ],
+            [
+                [
+                    name,
+                    row.scan_order or "attention (no order)",
+                    _pct_interval(row.accuracy),
+                    _pct_interval(row.by_orientation.get("horizontal")),
+                    _pct_interval(row.by_orientation.get("vertical")),
+                    f"{row.locality.grid_nbr_within_window_frac:.3f}" if row.locality else "n/a",
+                    f"{row.locality.grid_nbr_seq_dist_geomean:.2f}" if row.locality else "n/a",
+                ]
+                for name, row in models.items()
+            ],
+        ),
+    ]
+
+
+def render_markdown(blocks: list[tuple], relative_to: Path) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h1":
+            out.append(f"# {block[1]}\n")
+        elif kind == "h2":
+            out.append(f"## {block[1]}\n")
+        elif kind == "p":
+            out.append(block[1] + "\n")
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in block[1]) + "\n")
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+            out.append("\n".join(lines) + "\n")
+        elif kind == "img":
+            path = Path(block[1])
+            out.append(f"![{path.stem}]({os.path.relpath(path, relative_to)})\n")
+    return "\n".join(out)
+
+
+def render_html(blocks: list[tuple]) -> str:
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{html.escape(str(i))}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2]
+            )
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(block[1]).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(Path(block[1]).stem)}" src="data:image/png;base64,{data}">')
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "img{max-width:100%}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Study report</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

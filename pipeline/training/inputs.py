@@ -1,0 +1,85 @@
+"""What the trials train on: each prepared dataset's train split, split again into train and validation,
+with the datasets' hashes and their MLflow dataset inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from perception.data.arrays import open_dataset
+from perception.training import stratified_split
+from pipeline import review
+from pipeline.config import StudyConfig
+from pipeline.training.trainable import TrialData
+
+
+def split_data(config: StudyConfig, inputs: np.ndarray, labels: np.ndarray) -> TrialData:
+    train_idx, val_idx = stratified_split(labels, config.train.val_fraction, config.seed)
+    return TrialData(
+        np.ascontiguousarray(inputs[train_idx]),
+        labels[train_idx],
+        np.ascontiguousarray(inputs[val_idx]),
+        labels[val_idx],
+    )
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """The arrays each dataset's trials see, what they are (hashes), and their MLflow dataset inputs."""
+
+    data: dict[str, TrialData | None]  # "points", "images", "proximity" -> its split (None: unused)
+    num_classes: int  # of the shape datasets (the proximity task is binary)
+    in_channels: int  # of the shape renders
+    hashes: dict[str, str]  # dataset -> its manifest's sha256 ("" where unused)
+    mlflow_inputs: dict[str, list]  # dataset -> its train, validation and test inputs
+
+
+def open_inputs(config: StudyConfig, datasets: set[str], folders: dict[str, Path]) -> tuple[dict, int, int]:
+    """The prepared datasets the variants need ({"points", ...} -> PreparedDataset or None), checked
+    before any work, with the shape data's class and channel counts."""
+    points = open_dataset(folders["points"], "points")
+    images = open_dataset(folders["images"], "images") if "images" in datasets else None
+    proximity = open_dataset(folders["proximity"], "images") if "proximity" in datasets else None
+    in_channels = len(images.manifest["channels"]) if images else 4
+    prepared = {"points": points, "images": images, "proximity": proximity}
+    return prepared, len(points.manifest["classes"]), in_channels
+
+
+def training_inputs(
+    config: StudyConfig,
+    datasets: set[str],
+    folders: dict[str, Path],
+    prepared: dict,
+    classes: int,
+    channels: int,
+) -> TrainingInputs:
+    """Each needed dataset's train split, split into train and validation (stratified, seeded)."""
+    stems = {
+        "points": "points",
+        "images": f"r{config.images.train_resolution}",
+        "proximity": f"r{config.proximity.size}",
+    }
+    data: dict[str, TrialData | None] = {}
+    mlflow_inputs = {}
+    for kind, stem in stems.items():
+        dataset = prepared[kind]
+        if dataset is None or kind not in datasets:
+            data[kind] = None
+            continue
+        split = data[kind] = split_data(config, dataset.array(f"train_{stem}"), dataset.array("train_labels"))
+        test = (dataset.array(f"test_{stem}", mmap=True), dataset.array("test_labels"))
+        # What the runs trained and were validated and tested on, as MLflow dataset inputs.
+        mlflow_inputs[kind] = [
+            review.dataset_input(
+                kind, context, x, y, Path(folders[kind]) / f"{file}_{stem}.npy", dataset.manifest_sha256
+            )
+            for context, file, (x, y) in (
+                ("train", "train", (split.train_inputs, split.train_labels)),
+                ("validation", "train", (split.val_inputs, split.val_labels)),
+                ("test", "test", test),
+            )
+        ]
+    hashes = {kind: dataset.manifest_sha256 if dataset else "" for kind, dataset in prepared.items()}
+    return TrainingInputs(data, classes, channels, hashes, mlflow_inputs)
