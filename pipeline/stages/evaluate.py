@@ -162,7 +162,7 @@ def evaluate(
     results = Results(
         seed=config.seed,
         seeds=sorted({s for by_seed in checkpoints.values() for s in by_seed}),
-        evaluate=dict(vars(ev)),
+        evaluate=ev.plain(),
         num_classes=num_classes,
         test_samples={
             "points": int(len(points.array("test_labels"))),
@@ -188,7 +188,7 @@ def evaluate(
         serialisation={
             "orders": locality,
             "task_grid": task_grid,
-            "task": dict(vars(config.proximity)),
+            "task": config.proximity.plain(),
             "models": proximity_table,
         },
         cost=cost,

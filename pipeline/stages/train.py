@@ -76,7 +76,7 @@ def train(
     from pipeline.training.status import LiveStatus
     from pipeline.training.tracking import MlflowTrials, git_commit
 
-    inputs = training_inputs(config, datasets, folders, prepared, num_classes, in_channels)
+    inputs = training_inputs(config, datasets, folders, prepared)
     storage = session.storage_path(config, repo)
     name = session.experiment_name(config, inputs.hashes)
     experiment = f"{storage.rstrip('/')}/{name}"

@@ -30,8 +30,6 @@ class TrainingInputs:
     """The arrays each dataset's trials see, what they are (hashes), and their MLflow dataset inputs."""
 
     data: dict[str, TrialData | None]  # "points", "images", "proximity" -> its split (None: unused)
-    num_classes: int  # of the shape datasets (the proximity task is binary)
-    in_channels: int  # of the shape renders
     hashes: dict[str, str]  # dataset -> its manifest's sha256 ("" where unused)
     mlflow_inputs: dict[str, list]  # dataset -> its train, validation and test inputs
 
@@ -52,8 +50,6 @@ def training_inputs(
     datasets: set[str],
     folders: dict[str, Path],
     prepared: dict,
-    classes: int,
-    channels: int,
 ) -> TrainingInputs:
     """Each needed dataset's train split, split into train and validation (stratified, seeded)."""
     stems = {
@@ -82,4 +78,4 @@ def training_inputs(
             )
         ]
     hashes = {kind: dataset.manifest_sha256 if dataset else "" for kind, dataset in prepared.items()}
-    return TrainingInputs(data, classes, channels, hashes, mlflow_inputs)
+    return TrainingInputs(data, hashes, mlflow_inputs)
