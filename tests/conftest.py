@@ -20,12 +20,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import StudyConfig, parse_config
+if TYPE_CHECKING:  # the GPU machine's tests run without pydantic: pipeline is imported where it is used
+    from pipeline.config import StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,8 @@ def merge(base: dict, override: dict) -> dict:
 
 @pytest.fixture
 def tiny_config(tmp_path: Path):
+    from pipeline.config import parse_config
+
     def make(**sections) -> StudyConfig:
         return parse_config(merge(TINY_PARAMS, sections), tmp_path)
 

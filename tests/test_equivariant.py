@@ -10,6 +10,7 @@ from e3nn import o3
 from e3nn.util.test import assert_equivariant
 
 from perception.evaluation.rotation import invariance_error
+from perception.models import build
 from perception.models.equivariant import (
     SIZES,
     E3nnConfig,
@@ -256,3 +257,15 @@ def test_bad_config_values_raise_one_line_errors(key: str, value: object) -> Non
     with pytest.raises(ModelConfigError, match=f"E3nnConfig.{key} = ") as info:
         E3nnConfig(**{key: value})
     assert "\n" not in str(info.value)
+
+
+def test_bf16_autocast_leaves_the_model_in_float32():
+    """Its invariants need float32: under autocast it computes exactly what it computes without."""
+    torch.manual_seed(0)
+    model = build("e3nn", num_classes=3).eval()
+    clouds = torch.randn(2, 64, 3)
+    with torch.no_grad():
+        plain = model(clouds)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            mixed = model(clouds)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)

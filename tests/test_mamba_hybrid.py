@@ -229,3 +229,14 @@ def test_blocks_are_mamba_first_then_attention():
     kinds = [type(b) for b in model.blocks]
     assert kinds == [MambaBlock, MambaBlock, TransformerBlock, TransformerBlock]
     assert all(type(b) is MambaBlock for b in make(depth=3, attn_layers=0).blocks)
+
+
+def test_a_grid_first_seen_in_inference_mode_still_trains():
+    """The scan paths are cached per grid and device: a cache filled under inference_mode must not hand
+    an inference tensor to a later training step."""
+    model = make(scan_order="snake", attn_layers=0)
+    x = torch.randn(1, 4, 40, 72)  # a 5x9 grid no other test uses
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -272,7 +272,8 @@ class E3nnNet(nn.Module):
     distribution). Each convolution is a tensor product of neighbour features with the spherical harmonics (up
     to `lmax`) of the edge vector, weighted by a radial network on the edge length, then `e3nn.nn.Gate`. Every
     step is equivariant and the graphs depend only on distances, so the logits are invariant to rotations,
-    reflections, translations and point order, up to rounding (and exact distance ties).
+    reflections, translations and point order, up to rounding (and exact distance ties). It computes in
+    float32 (or float64) even under bf16 autocast.
     """
 
     def __init__(self, config: E3nnConfig) -> None:
@@ -406,6 +407,13 @@ class E3nnNet(nn.Module):
         return torch.cat([eigen, radial, d2], dim=1)
 
     def forward(self, pos: Tensor) -> Tensor:
+        # Always float32, also under bf16 autocast: bf16's 3 significant digits would break the invariance
+        # that claim 4 measures, autocast has no bf16 eigvalsh, and on CPU e3nn's tensordot would meet
+        # bf16 weights with float32 features.
+        with torch.autocast(device_type=pos.device.type, enabled=False):
+            return self._forward(pos.to(torch.promote_types(pos.dtype, torch.float32)))
+
+    def _forward(self, pos: Tensor) -> Tensor:
         graph = self.preprocess(pos)
         batch, num_centres, _ = graph.centres.shape
         points = graph.points.reshape(-1, 3)  # [B*N, 3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,15 @@ SIZES: dict[str, dict] = {
 }
 
 
+@lru_cache(maxsize=64)
+def _paths_on(scan_order: str, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """scan_directions on `device`, copied there once per grid: a copy from host memory in every forward
+    would wait for the GPU each time and could not be captured in a CUDA graph. Read-only; made outside
+    inference mode, so a grid first seen by an evaluation can still be trained on."""
+    with torch.inference_mode(False):
+        return scan_directions(scan_order, height, width).to(device)
+
+
 class MambaHybrid(nn.Module):
     """Vision Mamba (Vim; Zhu et al. 2024, https://arxiv.org/abs/2401.09417) with MambaVision's layout.
 
@@ -193,7 +203,7 @@ class MambaHybrid(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """float32[B, C, H, W] -> normalised tokens (B, H/p * W/p, dim), back in row-major grid order."""
         x, (h, w) = self.patch_embed(x)  # (B, h*w, dim), row-major
-        paths = scan_directions(self.config.scan_order, h, w).to(x.device)  # (k, h*w) position -> token
+        paths = _paths_on(self.config.scan_order, h, w, x.device)  # (k, h*w) position -> token
         for block in self.blocks[: self.num_mamba]:
             x = block(x, paths)  # (B, h*w, dim), row-major
         for block in self.blocks[self.num_mamba :]:

@@ -62,6 +62,29 @@ def triton_available() -> bool:
     return True
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels with the installed packages, or None.
+
+    Triton 3.6's interpreter turns a scalar kernel argument into a 1-element numpy array and takes int()
+    of it, which numpy 2.4 and newer refuse ("only 0-dimensional arrays can be converted to Python
+    scalars"); 3.7 fixed it. Compiled kernels on a GPU are not affected. (The GPU machine this project
+    is checked on has Triton 3.6 and numpy 2.5.)
+    """
+    import numpy as np
+    import triton
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+        return major, minor
+
+    if version(triton.__version__) < (3, 7) and version(np.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__} (it needs "
+            "Triton >= 3.7 or numpy < 2.4); on a GPU the compiled kernels are unaffected"
+        )
+    return None
+
+
 def selective_scan_triton(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
@@ -79,6 +102,8 @@ def selective_scan_triton(
             "scan backend 'triton' runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 "
             "before perception.ops.scan.triton_kernels is imported, or use a CUDA tensor"
         )
+    if u.device.type == "cpu" and (problem := interpreter_problem()):
+        raise RuntimeError(f"scan backend 'triton' on CPU tensors: {problem}")
     from perception.ops.scan.triton_kernels import selective_scan_triton as run
 
     return run(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -122,7 +147,7 @@ def selective_scan(
 
 
 __all__ = [
-    "BACKEND_NAMES", "SCAN_BACKENDS", "native_available", "resolve_backend", "selective_scan",
-    "selective_scan_chunked", "selective_scan_native", "selective_scan_ref", "selective_scan_triton",
-    "triton_available",
+    "BACKEND_NAMES", "SCAN_BACKENDS", "interpreter_problem", "native_available", "resolve_backend",
+    "selective_scan", "selective_scan_chunked", "selective_scan_native", "selective_scan_ref",
+    "selective_scan_triton", "triton_available",
 ]  # fmt: skip

@@ -1,0 +1,169 @@
+"""Unit tests of the training loop in perception.training: rotations, splits, deterministic resumable
+epochs, weight decay, and an epoch on CUDA. Only perception is imported: the GPU machine runs this file
+without pydantic, Ray or MLflow (benchmarks.gpu_check)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from perception.models import build
+from perception.rotations import random_rotations, rotations_about_z
+from perception.training import (
+    StepSettings,
+    accuracy,
+    augment_points,
+    random_state,
+    restore_random_state,
+    stratified_split,
+    train_one_epoch,
+    warmup_cosine,
+)
+
+# --- rotations, splits --------------------------------------------------------------------------------------
+
+
+def test_random_rotations_are_proper_rotations_and_cover_so3():
+    rotations = random_rotations(2000, torch.Generator().manual_seed(0), torch.float64)
+    eye = torch.eye(3, dtype=torch.float64).expand(2000, 3, 3)
+    assert torch.allclose(rotations @ rotations.transpose(1, 2), eye, atol=1e-12)
+    assert torch.allclose(torch.linalg.det(rotations), torch.ones(2000, dtype=torch.float64))
+    # Haar measure: a rotated fixed axis is uniform on the sphere, so its mean is near 0 and E[z^2] = 1/3.
+    z = rotations[:, :, 2]
+    assert z.mean(0).abs().max() < 0.05 and abs(z[:, 2].square().mean() - 1 / 3) < 0.03
+
+
+def test_z_rotations_keep_the_up_axis_and_so3_moves_it():
+    points = torch.randn(64, 50, 3)
+    gen = torch.Generator().manual_seed(1)
+    about_z = augment_points(points, "z", gen)
+    assert torch.allclose(about_z[..., 2], points[..., 2], atol=1e-6)
+    assert torch.allclose(about_z.norm(dim=-1), points.norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(augment_points(points, "so3", gen)[..., 2], points[..., 2], atol=1e-2)
+    assert augment_points(points, "none", gen) is points
+    quarter = rotations_about_z(torch.tensor([torch.pi / 2]))
+    assert torch.allclose(quarter[0] @ torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]), atol=1e-6)
+
+
+def test_stratified_split_holds_out_every_class_and_is_seeded():
+    labels = np.repeat(np.arange(4), [10, 5, 2, 1])
+    train, held = stratified_split(labels, 0.2, seed=3)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(len(labels)))
+    assert np.bincount(labels[held], minlength=4).tolist() == [2, 1, 1, 0]  # a class of one stays in train
+    again = stratified_split(labels, 0.2, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip((train, held), again, strict=True))
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=4)[1], held)
+
+
+# --- epochs: deterministic, and resumable to the same numbers -----------------------------------------------
+
+
+def _fit(epochs: int, state: dict | None = None):
+    torch.manual_seed(0)
+    model = build("pointnet", num_classes=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(5)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_random_state(generator, state["random"])
+    data = torch.Generator().manual_seed(9)
+    x, y = torch.randn(24, 64, 3, generator=data), torch.randint(0, 3, (24,), generator=data)
+    settings = StepSettings(batch_size=8, augment="so3", points_per_cloud=32)
+    losses = [
+        train_one_epoch(model, optimizer, x, y, settings, generator, torch.device("cpu"))
+        for _ in range(epochs)
+    ]
+    return model, optimizer, generator, losses, (x, y)
+
+
+def test_warmup_then_cosine_and_without_warmup_the_plain_cosine():
+    plain = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), T_max=8)
+    expected = []
+    for _ in range(8):
+        expected.append(plain.get_last_lr()[0])
+        plain.optimizer.step()
+        plain.step()
+    assert [warmup_cosine(8)(e) for e in range(8)] == pytest.approx(expected)
+    ramp = warmup_cosine(10, 2)
+    assert [ramp(e) for e in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])  # up, then the full rate
+    assert all(ramp(e) > ramp(e + 1) for e in range(2, 9)) and ramp(9) > 0
+
+
+def test_gradient_clipping_bounds_the_step():
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)) * 100, torch.arange(16) % 3
+    steps = {}
+    for clip in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # one plain step: the step is the gradient
+        settings = StepSettings(batch_size=16, grad_clip=clip)
+        train_one_epoch(
+            model, optimizer, x, y, settings, torch.Generator().manual_seed(0), torch.device("cpu")
+        )
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        steps[clip] = (after - before).norm().item()
+    assert steps[0.0] > 1.0  # unclipped: large inputs, a large gradient
+    assert steps[0.5] == pytest.approx(0.5, rel=1e-4)  # clipped to the norm exactly
+
+
+def test_training_is_deterministic_on_cpu():
+    _, _, _, first, _ = _fit(2)
+    _, _, _, second, _ = _fit(2)
+    assert first == second
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_numbers_as_training_straight_through():
+    model, _, _, straight, (x, y) = _fit(2)
+    half, optimizer, generator, first_epoch, _ = _fit(1)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": half.state_dict(), "optimizer": optimizer.state_dict(), "random": random_state(generator)},
+        buffer,
+    )
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed, _, _, second_epoch, _ = _fit(1, state)
+    assert first_epoch + second_epoch == straight
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert accuracy(model, x, y, 8, torch.device("cpu")) == accuracy(resumed, x, y, 8, torch.device("cpu"))
+
+
+ON_CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("name", ["vit", "mamba_hybrid", "e3nn", "dgcnn"])
+def test_an_epoch_with_bf16_autocast(name, device):
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = build(name, num_classes=3).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    is_image = name in ("vit", "mamba_hybrid")
+    x = torch.randn(8, 4, 32, 32) if is_image else torch.randn(8, 256, 3)
+    y = torch.randint(0, 3, (8,))
+    settings = StepSettings(batch_size=4, augment="none" if is_image else "so3", bf16=True)
+    loss = train_one_epoch(model, optimizer, x, y, settings, torch.Generator().manual_seed(0), device)
+    assert np.isfinite(loss)
+    assert 0.0 <= accuracy(model, x, y, 4, device, bf16=True) <= 1.0
+
+
+def test_mambas_time_scales_are_not_decayed():
+    from perception.training import NO_WEIGHT_DECAY, parameter_groups
+
+    model = build("mamba_hybrid", num_classes=3, in_channels=4, patch_size=4)
+    decay, keep = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and keep["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)].rsplit(".", 1)[-1] for p in keep["params"]}
+    assert kept == set(NO_WEIGHT_DECAY)
+    assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
+    assert len(parameter_groups(build("vit", num_classes=3), 0.05)) == 1  # nothing to keep
