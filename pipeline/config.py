@@ -10,6 +10,7 @@ to Ray Tune, MLflow and checkpoints. `params_schema()` is the JSON Schema editor
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -628,6 +629,23 @@ def proximity_params(proximity: ProximityConfig):
 def resolve_path(path: str, base_dir: Path) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base_dir / p)
+
+
+def home_repo(repo: Path) -> Path:
+    """The repository the user runs DVC in, where what outlives an experiment goes (the MLflow store, Ray's
+    trial folders).
+
+    A queued (`dvc exp run --queue`, then `dvc queue start`) or `--temp` experiment runs its stages in a
+    temporary clone, `<repository>/.dvc/tmp/exps/[standalone/]tmpXXXX`, that DVC deletes when it ends. DVC
+    names the repository it was started in as DVC_ROOT in every stage's environment; when `repo` lies in
+    that repository's experiment folder, that repository is home. Otherwise (`dvc repro`, a plain
+    `dvc exp run`, the stage run by hand) `repo` is.
+    """
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        return repo
+    root_path, here = Path(root).resolve(), repo.resolve()
+    return root_path if (root_path / ".dvc" / "tmp" / "exps") in here.parents else repo
 
 
 def parse_config(data: Any, base_dir: Path | str = ".") -> StudyConfig:

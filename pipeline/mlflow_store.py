@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, home_repo
+from pipeline.parallel import locked
 
 T = TypeVar("T")
 
@@ -33,12 +34,19 @@ class TrackingUnavailable(RuntimeError):
 
 
 def tracking_uri(param: str, repo: Path) -> str:
-    """`mlflow.tracking_uri` from params, else MLFLOW_TRACKING_URI, else the repo's SQLite store."""
+    """`mlflow.tracking_uri` from params, else MLFLOW_TRACKING_URI, else the SQLite store of the repository
+    the user runs DVC in (`home_repo`: not a queued experiment's temporary clone, which DVC deletes)."""
     if param:
         return param
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(repo / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(home_repo(repo) / 'mlflow.db').resolve()}"
+
+
+def artifact_root(uri: str, repo: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store in the user's repository
+    (`mlartifacts/`); a server's own default otherwise."""
+    return (home_repo(repo) / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
 
 
 def uri_source(param: str) -> str:
@@ -84,13 +92,20 @@ def check_reachable(uri: str, source: str) -> None:
     """Fail in seconds, before any work, when the tracking store does not answer (one cheap request).
     From here on this process's MLflow requests fail fast (`fail_fast_requests`)."""
     fail_fast_requests()
-    if uri.startswith("sqlite:///"):
-        # A local file: its folder must be writable (the store itself is created when first used).
-        folder = Path(uri[len("sqlite:///") :]).parent
-        if not (folder.is_dir() and os.access(folder, os.W_OK)):
-            raise ConfigError(f"{source} = {uri!r}: {folder} is not a writable folder for the SQLite store")
-        return
     from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        # A local file: its folder must be writable. The store is created (its tables, by a migration
+        # that takes seconds) by one process at a time: two queued experiments starting together would
+        # otherwise both migrate it and one would fail with "database is locked" or "table exists".
+        store = Path(uri[len("sqlite:///") :])
+        if not (store.parent.is_dir() and os.access(store.parent, os.W_OK)):
+            raise ConfigError(
+                f"{source} = {uri!r}: {store.parent} is not a writable folder for the SQLite store"
+            )
+        with locked(store.with_name(store.name + ".lock")):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return
 
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)

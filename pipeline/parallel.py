@@ -1,12 +1,20 @@
-"""Run independent work items over processes, in order, with a progress bar."""
+"""Work over several processes: independent work items in order with a progress bar (`parallel_map`),
+and what the processes of one machine share: file locks (`locked`, `in_use`) and its CPU cores
+(`cpu_slots`), so that studies run side by side (`dvc queue start -j N`) never train on more cores than
+the machine has."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import math
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -43,3 +51,88 @@ def parallel_map(
             for result in pool.map(fn, items, chunksize=chunksize):
                 bar.update()
                 yield result
+
+
+# --- what the processes of one machine share ------------------------------------------------------------
+
+
+def _try_lock(handle: IO) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block; while another process holds
+    it, call `waiting()` once and wait. The kernel releases the lock when the holder exits, however it
+    ends (a SIGKILLed driver leaves no stale lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if not _try_lock(handle):
+            if waiting is not None:
+                waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def in_use(path: Path) -> bool:
+    """Whether another process holds the lock on `path` right now."""
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        if _try_lock(handle):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    return True
+
+
+def slots_folder() -> Path:
+    """This user's CPU slots on this machine: one lock file per core, shared by every study run here."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "perception-study" / "cpu-slots"
+
+
+@contextlib.contextmanager
+def cpu_slots(cpus: float, folder: Path | None = None, poll_s: float = 0.5) -> Iterator[float]:
+    """Hold ceil(cpus) of this machine's cores for the block, waiting while other processes hold them;
+    yields the seconds waited.
+
+    Each core is a lock file; a holder takes all its cores or none, so two holders never wait on each
+    other's half. Ray in-process sizes itself to every core, so two studies side by side (a DVC queue
+    with -j 2) would each train as many trials as there are cores; with every trial holding its cores
+    here, the trials of all the studies on this machine together use no more cores than it has. The
+    kernel frees a killed holder's cores.
+    """
+    folder = folder or slots_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    wanted = min(cores, max(1, math.ceil(cpus)))
+    began = time.monotonic()
+    first = os.getpid() % cores  # holders spread over the files instead of all trying core 0 first
+    order = [(first + i) % cores for i in range(cores)]
+    while True:
+        held: list[IO] = []
+        for index in order:
+            handle = open(folder / f"core-{index}", "a")  # closed below, or when the block ends
+            if _try_lock(handle):
+                held.append(handle)
+                if len(held) == wanted:
+                    break
+            else:
+                handle.close()
+        if len(held) == wanted:
+            break
+        for handle in held:
+            handle.close()  # closing releases the lock
+        time.sleep(poll_s)
+    try:
+        yield time.monotonic() - began
+    finally:
+        for handle in held:
+            handle.close()

@@ -28,8 +28,9 @@ from pipeline.config import ConfigError, StudyConfig
 from pipeline.errors import TrainingError
 from pipeline.mlflow_store import TrackingUnavailable, check_reachable, retrying, tracking_uri, uri_source
 from pipeline.outputs import atomic_output_dir, write_json_atomic
+from pipeline.parallel import slots_folder
 from pipeline.training import session, space, table
-from pipeline.training.inputs import open_inputs, training_inputs
+from pipeline.training.inputs import TrainingInputs, open_inputs, training_inputs
 from pipeline.training.trainable import run_trial
 
 
@@ -69,6 +70,29 @@ def train(
     uri = tracking_uri(config.mlflow.tracking_uri, repo)
     check_reachable(uri, uri_source(config.mlflow.tracking_uri))
 
+    inputs = training_inputs(config, datasets, folders, prepared)
+    storage = session.storage_path(config, repo)
+    name = session.experiment_name(config, inputs.hashes)
+    experiment = f"{storage.rstrip('/')}/{name}"
+    with session.holding(experiment):
+        return _fit_and_export(
+            config, variants, inputs, (num_classes, in_channels), uri, experiment, out, metrics_out, repo
+        )
+
+
+def _fit_and_export(
+    config: StudyConfig,
+    variants: list[space.Variant],
+    inputs: TrainingInputs,
+    data_facts: tuple[int, int],
+    uri: str,
+    experiment: str,
+    out: Path,
+    metrics_out: Path,
+    repo: Path,
+) -> dict[str, Any]:
+    """The Tune run in `experiment` (restored if it was cut short), held by this driver; then its results
+    to MLflow, the checkpoints and tables to `out` and the metrics to `metrics_out`."""
     from mlflow import MlflowClient
     from ray import tune
 
@@ -76,10 +100,8 @@ def train(
     from pipeline.training.status import LiveStatus
     from pipeline.training.tracking import MlflowTrials, git_commit
 
-    inputs = training_inputs(config, datasets, folders, prepared)
-    storage = session.storage_path(config, repo)
-    name = session.experiment_name(config, inputs.hashes)
-    experiment = f"{storage.rstrip('/')}/{name}"
+    storage, name = experiment.rsplit("/", 1)
+    num_classes, in_channels = data_facts
     previous = session.read_state(experiment)
     restoring = previous.get("status") == "running" and tune.Tuner.can_restore(experiment)
     if "://" not in storage:
@@ -113,7 +135,11 @@ def train(
         resources = {"cpu": config.train.cpus_per_trial, "gpu": config.train.gpus_per_trial}
         source = review.source_tags("train", commit)  # the Source column of every trial's run
         mlflow_callback = MlflowTrials(client, parent_id, inputs=inputs.mlflow_inputs, tags=source)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, **inputs.data), resources)
+        # In-process, every trial holds its cores among the studies on this machine (a DVC queue's -j N).
+        slots = str(slots_folder()) if started_here else None
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, **inputs.data, cpu_slots_folder=slots), resources
+        )
         done_before = 0
         if restoring:
             # resume_errored: trials that failed for good last time get their retries again.

@@ -12,6 +12,7 @@ import torch
 
 from pipeline import review
 from pipeline.config import StudyConfig
+from pipeline.mlflow_store import artifact_root
 
 
 def reopen_parent(client, run_id: str) -> str | None:
@@ -87,8 +88,7 @@ def open_parent(
         "mlflow.note.content": "Training. The verdicts appear here once the report stage has run.",
         **review.source_tags("train", commit),
     }
-    # With a SQLite store, artifacts go beside it wherever the stage runs from.
-    artifacts = (repo / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+    artifacts = artifact_root(uri, repo)  # beside a SQLite store, wherever the stage runs from
     run_name = time.strftime("study %Y-%m-%d %H:%M:%S")
     parent_id = start_parent(client, config.mlflow.experiment, run_name, tags, config.flat(), artifacts)
     review.mark_experiment(client, client.get_run(parent_id).info.experiment_id)

@@ -2,11 +2,15 @@
 
 A study's Tune run lives in `<storage>/train-<hash>`, the hash of what its trials depend on, beside
 `study-run.json`: which MLflow parent run it belongs to and whether it finished. The next run of the same
-params restores a run that did not finish (`Tuner.restore`), and starts afresh otherwise.
+params restores a run that did not finish (`Tuner.restore`), and starts afresh otherwise. The default
+storage is in the repository the user runs DVC in (`home_repo`), so that a queued experiment's run
+outlives DVC's temporary clone. While a driver trains, it holds `<storage>/train-<hash>.lock`: studies
+side by side never remove a folder another one is training in, and two of the same hash take turns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,22 +18,45 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, StudyConfig, resolve_path
+from pipeline.config import ConfigError, StudyConfig, home_repo, resolve_path
 from pipeline.outputs import write_json_atomic
+from pipeline.parallel import in_use, locked
 from pipeline.training import space
 
 METRIC, MODE = "val_accuracy", "max"
 
 
 def storage_path(config: StudyConfig, repo: Path) -> str:
-    """Trial storage: a URI as given, a path made absolute (trials run with their own working folders)."""
+    """Trial storage: a URI as given, a path made absolute (trials run with their own working folders),
+    relative ones from the repository the user runs DVC in, not from a queued experiment's clone."""
     storage = config.ray.storage
     if "://" in storage:
         return storage
-    return str(resolve_path(storage or "data/ray_results", repo).resolve())
+    return str(resolve_path(storage or "data/ray_results", home_repo(repo)).resolve())
+
+
+def lock_path(experiment: str) -> Path:
+    """The lock a driver holds while it trains in the local Tune run folder `experiment`."""
+    return Path(experiment + ".lock")
+
+
+@contextlib.contextmanager
+def holding(experiment: str) -> Iterator[None]:
+    """Hold the Tune run folder `experiment` for this driver (nothing to hold in remote storage): another
+    study of the same trials, beside this one, waits for it to finish."""
+    if "://" in experiment:
+        yield
+        return
+
+    def waiting() -> None:
+        print(f"train: another study is training the same trials in {experiment}; waiting for it", flush=True)
+
+    with locked(lock_path(experiment), waiting):
+        yield
 
 
 def check_reachable(address: str) -> None:
@@ -145,10 +172,11 @@ def check_trusted(experiment: Path) -> None:
 
 
 def clear_local_runs(storage: str, keep: str | None) -> None:
-    """Remove local Tune runs but `keep` (the one being restored): a finished run of the same params is
-    trained again, and old runs' checkpoints would pile up in data/ray_results."""
+    """Remove local Tune runs but `keep` (the one being restored) and those another driver is training in
+    (a study beside this one): a finished run of the same params is trained again, and old runs'
+    checkpoints would pile up in data/ray_results."""
     for old in Path(storage).glob("train-*"):
-        if old.name != keep:
+        if old.is_dir() and old.name != keep and not in_use(lock_path(str(old))):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -58,12 +58,19 @@ def start_parent(
     artifact_location: str | None = None,
 ) -> str:
     """The study's parent run, in `experiment` (created, with `artifact_location`, if it is new)."""
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(experiment)
-    experiment_id = (
-        found.experiment_id
-        if found
-        else client.create_experiment(experiment, artifact_location=artifact_location)
-    )
+    if found:
+        experiment_id = found.experiment_id
+    else:
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        except MlflowException:  # a study beside this one (a DVC queue) created it a moment ago
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     log_params(client, run.info.run_id, flat)
     return run.info.run_id

@@ -30,6 +30,7 @@ from perception.training import (
     train_one_epoch,
     warmup_cosine,
 )
+from pipeline.parallel import cpu_slots
 from pipeline.training.space import TRAINING_KEYS, model_hparams, resolved, task_data, trial_dataset
 
 CHECKPOINT_FILE = "trial.pt"
@@ -98,13 +99,28 @@ def run_trial(
     images: TrialData | None,
     points: TrialData | None,
     proximity: TrialData | None = None,
+    cpu_slots_folder: str | None = None,
 ) -> None:
-    """The Tune function trainable (wrapped by `tune.with_parameters` so the arrays travel once)."""
+    """The Tune function trainable (wrapped by `tune.with_parameters` so the arrays travel once).
+
+    With `cpu_slots_folder` (Ray in-process) the trial trains while it holds its cores among every study
+    on this machine (`pipeline.parallel.cpu_slots`); on a cluster Ray's own accounting is enough.
+    """
+    flat = resolved(trial_config)
+    slots = (
+        cpu_slots(flat["train.cpus_per_trial"], Path(cpu_slots_folder))
+        if cpu_slots_folder
+        else contextlib.nullcontext(0.0)
+    )
+    with slots as waited:
+        held = {"cpu_wait_seconds": waited, "cores_held_since": time.time()}
+        _train_trial(flat, {"points": points, "images": images, "proximity": proximity}, held)
+
+
+def _train_trial(flat: dict[str, Any], data_by_kind: dict[str, TrialData | None], held: dict) -> None:
     from ray import tune
 
-    flat = resolved(trial_config)
-    dataset = trial_dataset(flat)
-    data = {"points": points, "images": images, "proximity": proximity}[dataset]
+    data = data_by_kind[trial_dataset(flat)]
     torch.set_num_threads(max(1, int(flat["train.cpus_per_trial"])))
     device = _device(flat)
     share = float(flat["train.gpus_per_trial"])
@@ -174,6 +190,8 @@ def run_trial(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
             "retries": attempt,
+            **held,  # how long it waited for cores other studies on this machine held, and since when
+            "reported_at": time.time(),
             **system_metrics(process, device),
             **context,
         }

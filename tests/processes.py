@@ -1,0 +1,28 @@
+"""Work for the processes tests/test_side_by_side.py spawns: only pipeline.parallel is imported, so that a
+spawned process starts in a fraction of a second."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.parallel import cpu_slots, locked
+
+
+def hold(path: str, seconds: float) -> None:
+    with locked(Path(path)):
+        time.sleep(seconds)
+
+
+def trial(folder: str, log: str, seconds: float) -> None:
+    with cpu_slots(1, Path(folder), poll_s=0.02):
+        began = time.monotonic()
+        time.sleep(seconds)
+        with open(log, "a") as handle:
+            handle.write(f"{began} {time.monotonic()}\n")
+
+
+def take(folder: str, cores: int, log: str) -> None:
+    Path(log + ".asking").touch()
+    with cpu_slots(cores, Path(folder), poll_s=0.01) as waited:
+        Path(log).write_text(str(waited))
