@@ -389,10 +389,11 @@ class EvaluateConfig(Section):
     cost_dim: whole(8, 8192) = 192
     cost_depth: whole(2, 1000, "the hybrid needs a Mamba and an attention block") = 4
     cost_heads: whole(1, 256) = 3
-    # Timing: torch.utils.benchmark blocks until this many seconds are spent on a point (at least
-    # cost_min_blocks blocks); exponents are fitted over token counts >= cost_fit_min_tokens.
-    cost_min_run_time: number(0.001, 3600.0, "seconds per point") = 0.5
-    cost_min_blocks: whole(2, 10_000, "timed blocks per point") = 7
+    # Timing: at each point the models alternate in short blocks, round after round, until every model has
+    # spent this many seconds (and there are at least cost_min_blocks rounds); exponents are fitted over
+    # token counts >= cost_fit_min_tokens.
+    cost_min_run_time: number(0.001, 3600.0, "seconds per model and point") = 0.5
+    cost_min_blocks: whole(2, 10_000, "rounds of timed blocks per point") = 7
     cost_fit_min_tokens: whole(1, 10_000_000) = 576
     # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many
     # resamples, drawn from a generator seeded with bootstrap_seed.

@@ -386,7 +386,8 @@ def serialisation_evidence(
 def cost_evidence(cost: dict[str, Any]) -> CostEvidence:
     """Claim 3 from the measured cost sweep (`perception.evaluation.cost.CostStudy.as_dict()`): latency
     exponents over the upper sweep with bootstrap intervals over timing repeats, their ViT - Mamba gap, the
-    peak-memory exponents of fused and explicit attention and of Mamba (context), and the crossover."""
+    peak-memory exponents of fused and explicit attention and of Mamba (context), the crossover, and how
+    busy the machine was while the fitted rows were timed (the busy gate)."""
 
     def estimate(d: dict[str, Any] | None) -> Estimate | None:
         return None if d is None else Estimate(float(d["value"]), float(d["lo"]), float(d["hi"]))
@@ -395,12 +396,16 @@ def cost_evidence(cost: dict[str, Any]) -> CostEvidence:
     memory = {
         name: estimate(fits[name]["memory"]) for name in ("vit", "vit_explicit", "mamba") if name in fits
     }
+    busiest = cost.get("busiest")
     return CostEvidence(
         latency_exponent_gap=estimate(cost.get("latency_gap")),
         vit_latency_exponent=estimate(fits.get("vit", {}).get("latency")),
         mamba_latency_exponent=estimate(fits.get("mamba", {}).get("latency")),
         memory_exponents=memory,
         crossover_tokens=cost.get("crossover_tokens"),
+        others_cpu=None if busiest is None else float(busiest["others_cpu"]),
+        busiest_row="" if busiest is None else f"{busiest['model']} at {busiest['tokens']} tokens",
+        gpu_other_processes=None if busiest is None else busiest["gpu_other_processes"],
     )
 
 

@@ -124,7 +124,7 @@ def resolution_figure(results: Results, path: Path) -> Path:
 def cost_figure(cost: CostTable, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     keys = (
-        ("latency_ms", "latency", "forward latency (ms), median and IQR"),
+        ("latency_ms", "latency", "forward latency (ms), 20th percentile of blocks, 95% CI"),
         ("peak_memory_mb", "memory", "peak memory (MB)"),
         ("flops_total", "flops", "FLOPs (counted: context)"),
     )
@@ -138,8 +138,8 @@ def cost_figure(cost: CostTable, path: Path) -> Path:
             values = [getattr(r, key) for r in rows]
             if key == "latency_ms":
                 spread = [
-                    [r.latency_ms - r.latency_ms_q25 for r in rows],
-                    [r.latency_ms_q75 - r.latency_ms for r in rows],
+                    [r.latency_ms - r.latency_ms_lo for r in rows],
+                    [r.latency_ms_hi - r.latency_ms for r in rows],
                 ]
                 ax.errorbar(tokens, values, yerr=spread, marker="o", capsize=3, label=name)
             else:

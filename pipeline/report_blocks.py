@@ -16,7 +16,7 @@ from pathlib import Path
 
 from perception.evaluation.intervals import Estimate
 from pipeline import verdicts as rules
-from pipeline.results import Results
+from pipeline.results import Busiest, Results
 
 # claim -> the figure shown under its verdict
 FIGURES = {
@@ -29,6 +29,12 @@ FIGURES = {
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _busiest_text(busiest: Busiest) -> str:
+    gpu = "" if busiest.gpu_other_processes is None else f", {busiest.gpu_other_processes} other on the GPU"
+    row = f"{busiest.model} at {busiest.tokens} tokens"
+    return f"{busiest.others_cpu:.1%} of the CPUs while {row} was timed{gpu}"
 
 
 def _pct_interval(estimate: Estimate | None) -> str:
@@ -138,6 +144,10 @@ def layout(
             r.resolution,
             r.tokens,
             f"{r.latency_ms:.1f} [{r.latency_ms_lo:.1f}, {r.latency_ms_hi:.1f}]",
+            f"{r.latency_ms_median:.1f} [{r.latency_ms_q25:.1f}, {r.latency_ms_q75:.1f}]",
+            f"{r.others_cpu:.1%}"
+            + ("" if r.gpu_other_processes is None else f", GPU {r.gpu_other_processes}"),
+            f"{r.own_cpu:.0%}",
             f"{r.peak_memory_mb:.1f}",
             f"{r.flops_total:.3g}",
             f"{r.attention_entries:,}",
@@ -153,12 +163,29 @@ def layout(
             + f". Peak memory: {results.cost.rows[0].memory_method}.",
         ),
         (
+            "p",
+            "At each resolution the models were timed together in alternating short blocks, one block each "
+            "per round in a seeded random order, so that load that comes and goes hits them alike. The "
+            "latency that decides is the 20th percentile of a row's blocks, with a bootstrap interval: load "
+            "from other processes only ever lengthens a block, so the fastest blocks are the least "
+            "disturbed (the median and quartiles show the spread). ViT's and Mamba's exponent gap is fitted "
+            "from their per-round latency ratios, in which a slowdown shared by a round cancels. Contention "
+            "is what else the machine did meanwhile: the share of its CPU time other processes used (and, "
+            "on a GPU, the other processes on it), and this process's share of what its threads could use. "
+            "Claim 3 is inconclusive when other processes used more than "
+            f"{rules.BUSY_CPU_THRESHOLD:.0%} of the CPUs while a fitted row was timed. Busiest here: "
+            f"{_busiest_text(results.cost.busiest)}.",
+        ),
+        (
             "table",
             [
                 "model",
                 "px",
                 "tokens",
-                "latency ms, median [IQR]",
+                "latency ms, 20th pct [95% CI]",
+                "median [IQR]",
+                "other processes' CPU",
+                "own CPU",
                 "peak MB",
                 "FLOPs (counted)",
                 "attention entries",

@@ -31,7 +31,9 @@ from perception.evaluation.intervals import Estimate
 from pipeline.outputs import read_json
 from pipeline.verdicts import CostEvidence, ResolutionEvidence, RotationEvidence, SerialisationEvidence
 
-RESULTS_VERSION = 3  # 3: the typed contract of this module; 2: the hand-written dict before it
+# 4: cost rows timed in alternating blocks, with contention; 3: the typed contract of this module; 2: the
+# hand-written dict before it
+RESULTS_VERSION = 4
 VERDICTS_VERSION = 1
 
 
@@ -149,13 +151,17 @@ class CostRow(Contract):
     resolution: int
     tokens: int
     batch: int
-    latency_ms: float  # median of the blocks, with quartiles and the median's bootstrap interval
-    latency_ms_q25: float
-    latency_ms_q75: float
+    latency_ms: float  # the 20th percentile of the blocks (it decides), with its bootstrap interval
     latency_ms_lo: float | None
     latency_ms_hi: float | None
-    latency_ms_blocks: list[float]
+    latency_ms_median: float  # the blocks' median and quartiles: their spread
+    latency_ms_q25: float
+    latency_ms_q75: float
+    latency_ms_blocks: list[float]  # in round order: block j of every model was timed in round j
     forwards_per_block: int
+    others_cpu: float  # other processes' CPU use during the row's blocks, share of the machine
+    own_cpu: float  # this process's CPU use during them, share of what its threads could use
+    gpu_other_processes: int | None  # other processes on the GPU (NVML), None where unknown
     peak_memory_mb: float
     memory_method: str
     flops_counted: int
@@ -192,6 +198,15 @@ class Crossover(Contract):
     tokens_with_intervals: int | None
 
 
+class Busiest(Contract):
+    """The busiest the machine was while the fitted rows were timed."""
+
+    others_cpu: float
+    model: str
+    tokens: int
+    gpu_other_processes: int | None
+
+
 class EssayRow(Contract):
     """The essay's table (`_essay`: its rounded numbers) beside the exact ones."""
 
@@ -211,10 +226,11 @@ class CostTable(Contract):
     setting: JsonObject
     rows: list[CostRow]
     fits: dict[str, CostFit]  # by model
-    latency_gap: Exponent  # ViT (fused) - pure Mamba
+    latency_gap: Exponent  # ViT (fused) - pure Mamba, from their per-round latency ratios
     latency_gaps: dict[str, Exponent]
     crossover: Crossover
     crossover_tokens: int | None
+    busiest: Busiest
     essay: list[EssayRow]
     wall_s: float
 
@@ -271,7 +287,7 @@ class Results(Contract):
     """`data/evaluation/results.json`: everything the evaluate stage measured, for the report, the figures
     and the DVC metrics and plots."""
 
-    schema_version: Literal[3] = RESULTS_VERSION
+    schema_version: Literal[4] = RESULTS_VERSION
     seed: int  # the data seed
     seeds: list[int]  # the training seeds
     evaluate: JsonObject  # the params' evaluate section, as the config resolved it

@@ -149,6 +149,7 @@ def plot_tables(results: Results) -> dict[str, list[dict[str, Any]]]:
             "latency_ms": row.latency_ms,
             "latency_ms_lo": row.latency_ms_lo,
             "latency_ms_hi": row.latency_ms_hi,
+            "others_cpu": row.others_cpu,
             "peak_memory_mb": row.peak_memory_mb,
             "flops_total": row.flops_total,
         }

@@ -57,6 +57,11 @@ COST_GAP_THRESHOLD = 0.3
 COST_GAP_MARGIN = 0.1  # exponents within 0.1 of each other: the same scaling, within timing noise
 COST_LINEAR_CEILING = 1.3  # "linear": pure Mamba's latency exponent interval must lie below this
 MEMORY_SUPERLINEAR = 1.2  # context only: a memory exponent whose lower end exceeds this grows superlinearly
+# The busy gate, beside the adequacy gate: timings decide only if, while any fitted row was timed, other
+# processes used at most a fifth of the machine's CPU time (a quiet machine shows a few percent; a second
+# job on a laptop's cores, half or more), and no other process was on the GPU. Timings alternate the models
+# in short blocks, so load that hits them alike cancels; load this heavy does not hit them alike.
+BUSY_CPU_THRESHOLD = 0.2
 
 # Claim 4, points. "Fail to generalise" is a large loss: the weakest un-augmented baseline must lose 10
 # points more than e3nn under SO(3) rotations.
@@ -153,6 +158,10 @@ class CostEvidence:
     mamba_latency_exponent: Estimate | None
     memory_exponents: dict[str, Estimate] = field(default_factory=dict)  # e.g. vit_fused, vit_explicit
     crossover_tokens: int | None = None  # context: tokens from which pure Mamba is faster than ViT
+    # The busiest the machine was while the fitted rows were timed (None: not measured).
+    others_cpu: float | None = None  # other processes' share of the machine's CPU time, 0..1
+    busiest_row: str = ""  # which row that was, e.g. "mamba at 4096 tokens"
+    gpu_other_processes: int | None = None  # other processes on the GPU (NVML); None where unknown
 
 
 @dataclass(frozen=True)
@@ -370,17 +379,36 @@ def claim_position_embedding(ev: ResolutionEvidence) -> Verdict:
     )
 
 
+def busy(ev: CostEvidence) -> str | None:
+    """Why the timings cannot decide (the machine was busy while they ran), or None."""
+    reasons = []
+    if ev.others_cpu is not None and ev.others_cpu > BUSY_CPU_THRESHOLD:
+        reasons.append(
+            f"other processes used {ev.others_cpu:.0%} of the CPUs while {ev.busiest_row} was timed, "
+            f"above {BUSY_CPU_THRESHOLD:.0%}"
+        )
+    if ev.gpu_other_processes:
+        reasons.append(f"{ev.gpu_other_processes} other process(es) were on the GPU")
+    return f"the machine was busy during timing ({'; '.join(reasons)})" if reasons else None
+
+
 def claim_cost(ev: CostEvidence) -> Verdict:
     """Claim 3: ViT's latency grows faster with tokens than pure Mamba's, and Mamba's is about linear.
 
-    No trained model decides it, so there is no adequacy gate. Memory exponents are context."""
+    No trained model decides it, so there is no adequacy gate; the busy gate stands in its place: timings
+    taken while other processes loaded the machine decide nothing. Memory exponents are context."""
     t, m, ceiling = COST_GAP_THRESHOLD, COST_GAP_MARGIN, COST_LINEAR_CEILING
     gap, mamba = ev.latency_exponent_gap, ev.mamba_latency_exponent
     rule = (
         "Holds when the whole interval of the latency exponent gap (ViT - pure Mamba, log-log slope over "
         f"the upper token range) lies above +{t:g} and the whole interval of pure Mamba's latency exponent "
         f"lies below {ceiling:g} (about linear); does not hold when the gap's interval lies within +/-{m:g}; "
-        "inconclusive otherwise. No trained models, so no adequacy gate; memory is context."
+        "inconclusive otherwise. The gap is fitted from the per-round ratios of ViT's and Mamba's block "
+        "times (timed back to back, so shared load cancels), each model's exponent from the 20th percentile "
+        "of its block times (added load only lengthens a block). The busy gate: if other processes used "
+        f"more than {BUSY_CPU_THRESHOLD:.0%} of the CPUs while any fitted row was timed, or another process "
+        "was on the GPU, the verdict is inconclusive. No trained models, so no adequacy gate; memory is "
+        "context."
     )
     gap_outcome = judge(gap, t, m) if gap is not None else INCONCLUSIVE
     mamba_linear = mamba is not None and mamba.hi < ceiling
@@ -413,7 +441,19 @@ def claim_cost(ev: CostEvidence) -> Verdict:
         if ev.crossover_tokens is not None
         else "latency crossover: none within the measured token range"
     )
-    return _verdict(
+    if ev.others_cpu is not None:
+        gpu = "" if ev.gpu_other_processes is None else f"; other GPU processes: {ev.gpu_other_processes}"
+        measured.append(
+            f"contention: other processes used at most {ev.others_cpu:.1%} of the CPUs while a fitted row "
+            f"was timed ({ev.busiest_row}; the busy gate's threshold is {BUSY_CPU_THRESHOLD:.0%}){gpu}"
+        )
+    reason = busy(ev)
+    if reason is not None:
+        # The rule never hands down an effect it could not measure: an effect timed on a busy machine is
+        # reported, but decides nothing.
+        outcome = INCONCLUSIVE
+        would_change = f"Timing on a quiet machine: {reason}."
+    verdict = _verdict(
         claim=3,
         rule=rule,
         outcome=outcome,
@@ -426,6 +466,7 @@ def claim_cost(ev: CostEvidence) -> Verdict:
         measured=measured,
         unit="",
     )
+    return verdict if reason is None else dataclasses.replace(verdict, excluded=(f"timings: {reason}",))
 
 
 def claim_rotation(ev: RotationEvidence) -> Verdict:

@@ -19,6 +19,7 @@ from perception.evaluation.cost import (
     CostStudy,
     Crossover,
     attention_entries,
+    busiest,
     cost_study,
     count_flops,
     default_cost_models,
@@ -26,14 +27,17 @@ from perception.evaluation.cost import (
     find_crossover,
     fit_exponent,
     latency_exponent,
+    latency_ratio_exponent,
     loglog_slopes,
-    measure_point,
+    measure_resolution,
     model_flops,
     peak_memory_mb,
     resample_medians,
+    resample_quantiles,
     scan_flops,
     study_input,
     summarise,
+    time_interleaved,
 )
 from perception.layers.attention import set_fused_attention
 from perception.models import build
@@ -115,12 +119,16 @@ def _row(model: str, tokens: int, median: float, lo: float, hi: float) -> CostRo
         tokens=tokens,
         batch=1,
         latency_ms=median,
-        latency_ms_q25=lo,
-        latency_ms_q75=hi,
         latency_ms_lo=lo,
         latency_ms_hi=hi,
+        latency_ms_median=median,
+        latency_ms_q25=lo,
+        latency_ms_q75=hi,
         latency_ms_blocks=(lo, median, hi),
         forwards_per_block=1,
+        others_cpu=0.01,
+        own_cpu=0.9,
+        gpu_other_processes=None,
         peak_memory_mb=1.0,
         memory_method="synthetic",
         flops_counted=1,
@@ -171,17 +179,24 @@ def test_crossover_needs_both_models_at_the_same_token_counts():
         find_crossover(rows)
 
 
-def _timed_rows(model: str, scale: float, exponent: float, rng: np.random.Generator) -> list[CostRow]:
-    """Rows whose 20 block times are scale * tokens^exponent with 10% lognormal noise."""
+TOKENS = (64, 196, 576, 1024, 4096)
+
+
+def _timed_rows(
+    model: str, scale: float, exponent: float, rng: np.random.Generator, load: np.ndarray | None = None
+) -> list[CostRow]:
+    """Rows whose 20 block times are scale * tokens^exponent with 10% lognormal noise, each block
+    multiplied by `load` [token counts, rounds] (the machine's slowdown in that round; none by default)."""
     rows = []
-    for t in (64, 196, 576, 1024, 4096):
-        times = tuple(scale * t**exponent * rng.lognormal(0.0, 0.1, size=20))
-        row = _row(model, t, float(np.median(times)), 0.0, 0.0)
+    for i, t in enumerate(TOKENS):
+        slowdown = np.ones(20) if load is None else load[i]
+        times = tuple(scale * t**exponent * rng.lognormal(0.0, 0.1, size=20) * slowdown)
+        row = _row(model, t, float(np.quantile(times, 0.2)), 0.0, 0.0)
         rows.append(replace(row, latency_ms_blocks=times, peak_memory_mb=1e-3 * t**exponent))
     return rows
 
 
-def test_summarise_fits_each_model_and_pairs_the_gap_by_resample():
+def test_summarise_fits_each_model_and_the_gap_from_per_round_ratios():
     rng = np.random.default_rng(4)
     vit, mamba = _timed_rows("vit", 1e-4, 2.0, rng), _timed_rows("mamba", 1e-2, 1.0, rng)
     study = summarise(vit + mamba, {}, bootstrap_seed=0, resamples=500)
@@ -190,15 +205,56 @@ def test_summarise_fits_each_model_and_pairs_the_gap_by_resample():
     assert fits["mamba"].latency.lo <= 1.0 <= fits["mamba"].latency.hi
     assert fits["vit"].memory.value == pytest.approx(2.0) == fits["vit"].memory.hi  # the point
     gap = study.latency_gap
-    assert gap.lo <= 1.0 <= gap.hi and gap.value == pytest.approx(
-        fits["vit"].latency.value - fits["mamba"].latency.value
-    )
+    assert gap.lo <= 1.0 <= gap.hi and "per-round latency ratio vit / mamba" in gap.interval
+    assert gap == latency_ratio_exponent(study.rows, "vit", "mamba", 0, 500)
+    for row in study.rows:  # a row's latency is the 20th percentile of its blocks, with its interval
+        assert row.latency_ms == pytest.approx(np.quantile(row.latency_ms_blocks, 0.2))
+        assert row.latency_ms_lo <= row.latency_ms <= row.latency_ms_hi
     # 1e-2 t < 1e-4 t^2 from t = 100: from 196 tokens on, far beyond the noise
     assert study.crossover == Crossover("mamba", "vit", 196, True, 196)
     # A model's intervals do not depend on the other models in the rows.
     other = _timed_rows("vit_explicit", 1e-4, 2.0, rng)
     again = summarise(vit + other + mamba, {}, bootstrap_seed=0, resamples=500)
     assert again.fits["mamba"] == fits["mamba"] and again.latency_gaps["vit"] == gap
+
+
+def test_a_slowdown_shared_by_a_round_cancels_in_the_ratio_but_bends_each_models_fit():
+    """The failure the alternating blocks answer: load that grows from one token count to the next (a
+    second job starting mid-sweep) hits both models of a round alike. Each model's own fit bends with it;
+    their ratio does not."""
+    rng = np.random.default_rng(5)
+    load = np.stack([np.full(20, 1.0 + 0.8 * i) for i in range(len(TOKENS))])  # 1x .. 4.2x, by token count
+    load *= rng.uniform(1.0, 1.5, size=load.shape)  # and it comes and goes within a token count
+    vit = _timed_rows("vit", 1e-4, 2.0, np.random.default_rng(6), load)
+    mamba = _timed_rows("mamba", 1e-2, 1.0, np.random.default_rng(7), load)
+    study = summarise(vit + mamba, {}, bootstrap_seed=0, resamples=500)
+    assert study.fits["mamba"].latency.lo > 1.1  # Mamba looks superlinear: the load grew with tokens
+    gap = study.latency_gap
+    assert gap.lo <= 1.0 <= gap.hi and gap.hi - gap.lo < 0.2  # the ratio still sees the true gap of 1
+
+
+def test_the_ratio_gap_needs_blocks_timed_in_the_same_rounds():
+    rng = np.random.default_rng(8)
+    vit, mamba = _timed_rows("vit", 1e-4, 2.0, rng), _timed_rows("mamba", 1e-2, 1.0, rng)
+    mamba[0] = replace(mamba[0], latency_ms_blocks=mamba[0].latency_ms_blocks[:-1])
+    with pytest.raises(ValueError, match="same rounds"):
+        latency_ratio_exponent(vit + mamba, "vit", "mamba", 0, 10)
+
+
+def test_resample_quantiles_at_the_median_is_resample_medians():
+    groups = [[1.0, 2.0, 3.0, 10.0], [5.0, 6.0]]
+    a = resample_quantiles(groups, 0.5, 30, np.random.default_rng(2))
+    assert np.array_equal(a, resample_medians(groups, 30, np.random.default_rng(2)))
+    low = resample_quantiles(groups, 0.2, 30, np.random.default_rng(2))
+    assert (low <= a).all()  # the same draws, a lower quantile
+
+
+def test_the_busiest_row_among_the_fitted_ones():
+    rows = _rows(VIT, VIT)
+    rows[0] = replace(rows[0], others_cpu=0.9)  # 64 tokens: below the fit, does not count
+    rows[7] = replace(rows[7], others_cpu=0.4, gpu_other_processes=1)
+    worst = busiest(rows, fit_min_tokens=196)
+    assert (worst.others_cpu, worst.model, worst.tokens, worst.gpu_other_processes) == (0.4, "mamba", 576, 1)
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -314,13 +370,19 @@ def small_study() -> CostStudy:
 
 def test_study_rows_cover_every_model_and_resolution_with_intervals(small_study):
     rows = small_study.rows
-    assert [r.tokens for r in rows] == [16] * 4 + [64] * 4 + [256] * 4  # interleaved by resolution
+    assert [r.tokens for r in rows] == [16] * 4 + [64] * 4 + [256] * 4  # by resolution
     assert {r.model for r in rows} == {"vit", "vit_explicit", "mamba_hybrid", "mamba"}
     for r in rows:
         assert len(r.latency_ms_blocks) >= 3 and r.forwards_per_block >= 1
         assert r.latency_ms_lo <= r.latency_ms <= r.latency_ms_hi
-        assert r.latency_ms_q25 <= r.latency_ms <= r.latency_ms_q75
+        assert (
+            r.latency_ms <= r.latency_ms_median
+            and r.latency_ms_q25 <= r.latency_ms_median <= r.latency_ms_q75
+        )
+        assert 0 <= r.others_cpu <= 1.0 and 0 < r.own_cpu <= 1.5 and r.gpu_other_processes is None
         assert r.peak_memory_mb > 0 and r.flops_total > 0 and r.memory_method.startswith("cpu")
+    for t in (16, 64, 256):  # every model at a token count was timed in the same rounds
+        assert len({len(r.latency_ms_blocks) for r in rows if r.tokens == t}) == 1
 
 
 def test_study_fits_gaps_and_crossover_are_consistent(small_study):
@@ -330,9 +392,7 @@ def test_study_fits_gaps_and_crossover_are_consistent(small_study):
         assert fit.memory.lo == fit.memory.value == fit.memory.hi  # deterministic: the point
         assert len(fit.latency_slopes) == len(fit.memory_slopes) == 2
     gap = small_study.latency_gap
-    assert gap.value == pytest.approx(
-        small_study.fits["vit"].latency.value - small_study.fits["mamba"].latency.value
-    )
+    assert gap.lo <= gap.value <= gap.hi and gap.tokens == (64, 256)
     assert set(small_study.latency_gaps) == {"vit", "vit_explicit", "mamba_hybrid"}
     assert small_study.crossover_tokens in (None, 16, 64, 256)
     assert small_study.setting["threads"] == 1 and small_study.setting["resolutions"] == [32, 64, 128]
@@ -341,13 +401,15 @@ def test_study_fits_gaps_and_crossover_are_consistent(small_study):
 def test_study_as_dict_is_json(small_study):
     d = json.loads(json.dumps(small_study.as_dict(), allow_nan=False))
     assert set(d) >= {"setting", "rows", "fits", "latency_gap", "crossover", "crossover_tokens", "essay"}
+    assert set(d["busiest"]) == {"others_cpu", "model", "tokens", "gpu_other_processes"}
     assert set(d["fits"]["vit"]) >= {"latency", "memory", "latency_full", "memory_full"}
     assert set(d["latency_gap"]) == {"value", "lo", "hi", "tokens", "interval"}
 
 
 def test_study_and_measurement_reject_bad_settings():
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        measure_point("vit", _models()["vit"](), resolution=60, patch_size=PATCH)
+        vit = _models()["vit"]()
+        measure_resolution({"vit": vit}, resolution=60, patch_size=PATCH, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="fit_min_tokens"):
         cost_study(DIM, DEPTH, HEADS, PATCH, (32, 64), CPU, 0, 10, fit_min_tokens=576)
 
@@ -375,3 +437,32 @@ def test_the_study_measures_the_gpu_with_its_allocator():
         assert "cuda" in row.memory_method and row.peak_memory_mb > 0
         assert row.latency_ms_lo <= row.latency_ms <= row.latency_ms_hi
     assert study.setting["scan_backend"] == resolve_backend("auto", "cuda")  # triton where it imports
+
+
+# ------------------------------------------------------------------------------ alternating blocks
+
+
+def test_models_are_timed_in_alternating_rounds_in_a_seeded_random_order():
+    order: list[str] = []
+
+    def forward(name: str):
+        return lambda: order.append(name)
+
+    names = ["vit", "vit_explicit", "mamba_hybrid", "mamba"]
+
+    def run(seed: int) -> tuple[list[str], object]:
+        order.clear()
+        timed = time_interleaved(
+            {n: forward(n) for n in names}, CPU, 1e-12, 6, 1, np.random.default_rng(seed), block_s=1e-9
+        )
+        return list(order), timed
+
+    first, timed = run(3)
+    warmups, rounds = first[:4], first[4:]
+    assert warmups == names  # one untimed forward each, then the rounds
+    assert all(timed.forwards_per_block[n] == 1 for n in names)
+    blocks = [rounds[i : i + 4] for i in range(0, len(rounds), 4)]
+    assert all(sorted(b) == sorted(names) for b in blocks)  # every model once per round
+    assert len({tuple(b) for b in blocks}) > 1  # in an order drawn anew for each round
+    assert all(len(timed.times[n]) == len(blocks) == 6 for n in names)
+    assert run(3)[0] == first and run(4)[0] != first  # seeded

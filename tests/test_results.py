@@ -16,7 +16,7 @@ import pytest
 from perception.data.arrays import DatasetError
 from pipeline.__main__ import main
 from pipeline.config import parse_config
-from pipeline.results import Results, read_results, read_verdicts, to_json
+from pipeline.results import RESULTS_VERSION, Results, read_results, read_verdicts, to_json
 from tests.conftest import TINY_EVALUATE, TINY_PARAMS, merge
 
 # variant -> (family, dataset, augment, hparams beyond the data's): one decisive pair per claim
@@ -91,7 +91,8 @@ def test_results_json_reads_back_as_the_same_results_byte_for_byte(evaluated):
     assert again == results
     assert to_json(again, sort_keys=True) == text
     data = json.loads(text)
-    assert data["schema_version"] == 3 and list(data) == sorted(data)  # keys sorted, as before
+    assert data["schema_version"] == RESULTS_VERSION == 4
+    assert list(data) == sorted(data)  # keys sorted, as before
     assert set(data["evidence"]) == {"serialisation", "position_embedding", "cost", "rotation"}
     assert again.evidence.rotation.models[0].accuracy.lo <= again.evidence.rotation.models[0].accuracy.value
 
@@ -148,8 +149,8 @@ MALFORMED = {
         ["evidence.rotation.models.0.chance: Input should be a valid number"],
     ),
     "an unknown field": (_set("canvas.pixels", 3), ["canvas.pixels: Extra inputs are not permitted"]),
-    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 3"]),
-    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 3"]),
+    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 4"]),
+    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 4"]),
 }
 
 

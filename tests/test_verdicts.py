@@ -179,7 +179,13 @@ MEMORY = {
 }
 
 
-def cost(gap: Estimate, mamba: Estimate = LINEAR, crossover: int | None = 1024) -> CostEvidence:
+def cost(
+    gap: Estimate,
+    mamba: Estimate = LINEAR,
+    crossover: int | None = 1024,
+    others_cpu: float | None = 0.02,
+    gpu_other_processes: int | None = None,
+) -> CostEvidence:
     vit = est(mamba.value + gap.value, mamba.lo + gap.lo, mamba.hi + gap.hi)
     return CostEvidence(
         latency_exponent_gap=gap,
@@ -187,6 +193,9 @@ def cost(gap: Estimate, mamba: Estimate = LINEAR, crossover: int | None = 1024) 
         mamba_latency_exponent=mamba,
         memory_exponents=MEMORY,
         crossover_tokens=crossover,
+        others_cpu=others_cpu,
+        busiest_row="mamba at 4096 tokens",
+        gpu_other_processes=gpu_other_processes,
     )
 
 
@@ -219,6 +228,41 @@ def test_cost_context_says_which_memory_path_grows_superlinearly():
     mamba = next(line for line in lines if "memory exponent, mamba" in line)
     assert "superlinearly" in explicit and "about linear" in fused and "neither clearly" in mamba
     assert any("crossover: none" in line for line in lines)
+
+
+BUSY_CASES = [
+    (est(0.6, 0.45, 0.75), LINEAR),  # would hold
+    (est(0.0, -0.05, 0.08), LINEAR),  # would not hold
+    (est(-0.27, -0.38, -0.02), LINEAR),  # a reversed effect, as a busy laptop once gave
+    (est(0.2, 0.05, 0.35), LINEAR),  # inconclusive anyway
+]
+
+
+@pytest.mark.parametrize("gap, mamba", BUSY_CASES)
+def test_a_busy_machine_makes_every_cost_verdict_inconclusive_and_says_why(gap, mamba):
+    verdict = v.claim_cost(cost(gap, mamba, others_cpu=0.63))
+    assert verdict.verdict == INCONCLUSIVE
+    (reason,) = verdict.excluded
+    assert "the machine was busy during timing" in reason and "63%" in reason and "mamba at 4096" in reason
+    assert "quiet machine" in verdict.would_change
+    assert verdict.effect == gap  # still reported, deciding nothing
+    assert any("contention" in line and "63.0%" in line for line in verdict.measured)
+
+
+@pytest.mark.parametrize("gap, mamba", BUSY_CASES)
+def test_another_process_on_the_gpu_makes_the_cost_verdict_inconclusive(gap, mamba):
+    verdict = v.claim_cost(cost(gap, mamba, gpu_other_processes=2))
+    assert verdict.verdict == INCONCLUSIVE and "2 other process(es) were on the GPU" in verdict.excluded[0]
+
+
+@pytest.mark.parametrize(
+    "others, gpu, busy",
+    [(0.02, None, False), (0.2, 0, False), (0.21, None, True), (None, None, False), (0.0, 1, True)],
+)
+def test_the_busy_gate_at_its_threshold(others, gpu, busy):
+    evidence = cost(est(0.6, 0.45, 0.75), others_cpu=others, gpu_other_processes=gpu)
+    assert (v.busy(evidence) is not None) == busy
+    assert v.claim_cost(evidence).verdict == (INCONCLUSIVE if busy else HOLDS)
 
 
 def test_cost_without_a_gap_is_inconclusive():

@@ -16,10 +16,17 @@ Models (`default_cost_models`), all at one width and depth, batch 1:
   - mamba:         pure Mamba (attn_layers=0).
 
 What each number is:
-  - latency: wall time of one forward under `torch.inference_mode`, timed by `torch.utils.benchmark.Timer`
-    (`blocked_autorange`: its own warm-up and block size, then blocks until a per-point time budget is
-    spent), after one untimed warm-up forward of ours. Every block's time per forward is kept; the row's
-    latency is their median, with the quartiles (spread) and a bootstrap interval of the median.
+  - latency: wall time of one forward under `torch.inference_mode`. At each resolution the models are
+    timed together in alternating short blocks (`time_interleaved`): rounds of one block per model, in a
+    seeded random order, each block a `timeit` run of enough forwards to fill about 50 ms (CUDA
+    synchronised at both ends), after one untimed warm-up forward each. A row's latency is the 20th
+    percentile of its blocks (`LATENCY_QUANTILE`): load from other processes only ever lengthens a block,
+    so the fastest blocks are the least disturbed. The median and quartiles are kept as the spread, and the
+    20th percentile gets a bootstrap interval.
+  - contention: during every block, this process's CPU time against its threads' wall time (`own_cpu`)
+    and the CPU time every other process used, as a share of the machine (`others_cpu`, from
+    /proc/stat); on CUDA, the other processes NVML sees on the GPU. The rows carry them, `busiest` names
+    the worst, and the verdict on the cost claim is inconclusive where the machine was busy.
   - peak memory: CUDA's `max_memory_allocated` above the baseline; on CPU, torch.profiler's record of every
     c10 allocator alloc/free during one forward, and the peak of their running sum. Both count activations
     and workspaces only (the weights and the input exist before the forward starts). One measurement: on
@@ -32,10 +39,11 @@ What each number is:
 
 Exponents: least squares of log(cost) on log(tokens), over the upper part of the sweep (tokens >=
 `fit_min_tokens`, where the leading term dominates the per-token and fixed costs) and over the whole sweep.
-The latency interval is a percentile bootstrap: each resample redraws the block times within every token
-count (with replacement, to the same number), takes their medians and refits. This covers the spread of the
-repeats at each point, not a drift of machine load between points; `cost_study` measures the models
-interleaved at each resolution so a drift hits all of them alike.
+A model's latency exponent is fitted from its rows' 20th percentiles; its interval is a percentile
+bootstrap that redraws the block times within every token count and refits. The gap between two models'
+exponents is fitted from their per-round ratios (`latency_ratio_exponent`): the two blocks of a round ran
+back to back, so a slowdown that lasts a round cancels in the ratio, where a slowdown between token counts
+would otherwise bend each model's own fit.
 """
 
 from __future__ import annotations
@@ -43,16 +51,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import platform
 import time
+import timeit
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from perception.layers.attention import Attention
@@ -269,39 +279,182 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # CUDA runs asynchronously: time the work, not the launch
 
 
-def time_forward(
-    model: nn.Module, x: torch.Tensor, min_run_time: float, min_blocks: int, threads: int
-) -> tuple[list[float], int]:
-    """Time one forward of `model` on `x`: (seconds per forward of every block, forwards per block).
+def _synchronizing_clock(device: torch.device) -> Callable[[], float]:
+    """time.perf_counter, after the device's queued work: a block then times the work, not the launch."""
 
-    One untimed warm-up forward (first-call allocations, kernel selection) whose duration sets the budget:
-    `blocked_autorange` runs blocks until max(min_run_time, (min_blocks - 0.5) * warm-up time) seconds are
-    spent, so a slow point still gets about `min_blocks` blocks (and blocks are topped up to `min_blocks`
-    with `Timer.timeit` where the budget ran out first). The Timer picks the block size (forwards
-    per block) so that the timer's overhead is negligible, warms up again while doing so, synchronises CUDA
-    around each block, and runs on `threads` threads, restoring the number after.
+    def clock() -> float:
+        _synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+# --- contention: what else the machine did while a block was timed
+
+
+@dataclass(frozen=True)
+class Contention:
+    """CPU time over one or more timed blocks: this process's and the rest of the machine's."""
+
+    wall_s: float
+    own_cpu_s: float  # this process's user + system time (every thread)
+    # every other process's busy CPU time on the machine: the machine's less this process's, each read in
+    # clock ticks, so one short block's can come out a tick negative; only a sum over blocks is clipped
+    others_cpu_s: float
+    cores: int
+    threads: int
+    gpu_other_processes: int | None = None  # other processes on the GPU (NVML); None where unknown
+
+    @property
+    def others(self) -> float:
+        """Other processes' CPU use, as a share of the whole machine: ~0 quiet, 1 with every core busy."""
+        return max(0.0, self.others_cpu_s) / max(self.wall_s * self.cores, 1e-12)
+
+    @property
+    def own(self) -> float:
+        """This process's CPU use as a share of what its threads could use: below 1 where it waited for
+        cores (or ran serial code)."""
+        return self.own_cpu_s / max(self.wall_s * self.threads, 1e-12)
+
+    def __add__(self, other: Contention) -> Contention:
+        gpu = [g for g in (self.gpu_other_processes, other.gpu_other_processes) if g is not None]
+        return replace(
+            self,
+            wall_s=self.wall_s + other.wall_s,
+            own_cpu_s=self.own_cpu_s + other.own_cpu_s,
+            others_cpu_s=self.others_cpu_s + other.others_cpu_s,
+            gpu_other_processes=max(gpu) if gpu else None,
+        )
+
+
+def _gpu_other_processes(device: torch.device) -> int | None:
+    """Processes other than this one with a context on `device`, by NVML (nvidia-ml-py), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.cuda._get_nvml_device_index(device)  # CUDA_VISIBLE_DEVICES -> NVML's numbering
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        processes += pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
+    except Exception:  # no NVML, no permission, an old driver: unknown, not "none"
+        return None
+    return len({p.pid for p in processes} - {os.getpid()})
+
+
+class ContentionMeter:
+    """Reads the CPU time of this process and of the whole machine (/proc/stat through psutil) around a
+    block; `others` is the machine's busy time less this process's. Cheap: a few system calls a block."""
+
+    def __init__(self, threads: int, device: torch.device):
+        self.threads, self.device = threads, device
+        self.cores = psutil.cpu_count() or 1
+        self.process = psutil.Process()
+
+    def _read(self) -> tuple[float, float, float]:
+        machine = psutil.cpu_times()
+        busy = machine.user + machine.nice + machine.system + getattr(machine, "irq", 0.0)
+        busy += getattr(machine, "softirq", 0.0) + getattr(machine, "steal", 0.0)
+        own = self.process.cpu_times()
+        return time.perf_counter(), own.user + own.system, busy
+
+    @contextlib.contextmanager
+    def block(self) -> Iterator[list[Contention]]:
+        """Measure the block; the Contention is appended to the yielded list when the block ends."""
+        out: list[Contention] = []
+        wall0, own0, busy0 = self._read()
+        yield out
+        wall1, own1, busy1 = self._read()
+        own = own1 - own0
+        out.append(
+            Contention(
+                wall_s=wall1 - wall0,
+                own_cpu_s=own,
+                others_cpu_s=(busy1 - busy0) - own,
+                cores=self.cores,
+                threads=self.threads,
+                gpu_other_processes=_gpu_other_processes(self.device),
+            )
+        )
+
+
+# --- timing in alternating blocks
+
+BLOCK_S = 0.05  # a block's target length: short, so that load that comes and goes hits every model alike
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """Block times of several models at one input size, timed in alternating rounds: block j of every
+    model was timed in round j, one block per model in a seeded random order, so a slowdown of the
+    machine that lasts a round hits them all."""
+
+    times: dict[str, list[float]]  # model -> seconds per forward of each block, in round order
+    forwards_per_block: dict[str, int]
+    contention: dict[str, Contention]  # model -> summed over its blocks
+
+
+def time_interleaved(
+    forwards: dict[str, Callable[[], None]],
+    device: torch.device,
+    min_run_time: float,
+    min_blocks: int,
+    threads: int,
+    rng: np.random.Generator,
+    block_s: float = BLOCK_S,
+) -> Interleaved:
+    """Time each of `forwards` (one forward pass each, e.g. ViT's and pure Mamba's at one resolution) in
+    alternating short blocks.
+
+    Each model first runs one untimed warm-up forward (first-call allocations, kernel selection), whose
+    time sets its first block's size: as many forwards as fill `block_s` (at least one); the first block's
+    time per forward sets the size of the rest. Then rounds: every model
+    one block, in an order drawn from `rng`, until there are `min_blocks` rounds and every model has spent
+    `min_run_time` seconds in its blocks. Blocks are `timeit` runs (CUDA synchronised around them), each
+    measured for contention. `threads` is what the caller set (`torch_threads`), recorded for the own-CPU
+    share.
     """
-    device = x.device
-
-    def forward() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    _synchronize(device)
-    start = time.perf_counter()
-    forward()
-    _synchronize(device)
-    warmup_s = time.perf_counter() - start
-    budget = max(min_run_time, (min_blocks - 0.5) * warmup_s)
-    timer = benchmark.Timer(stmt="forward()", globals={"forward": forward}, num_threads=threads)
-    measurement = timer.blocked_autorange(min_run_time=budget)
-    times, number = list(measurement.times), int(measurement.number_per_run)
-    while len(times) < min_blocks:  # a fast point whose blocks are long (many forwards) and the budget short
-        times.extend(timer.timeit(number).times)  # one more block of the same size (after 2+ warm-up runs)
-    return times, number
+    names = list(forwards)
+    number = {}
+    for name, forward in forwards.items():
+        _synchronize(device)
+        start = time.perf_counter()
+        forward()
+        _synchronize(device)
+        number[name] = max(1, int(block_s / max(time.perf_counter() - start, 1e-9)))
+    # Blocks are stdlib timeit runs, with CUDA synchronised at both ends as torch.utils.benchmark does:
+    # its Timer.timeit runs two or more warm-up calls before every block, which for a 0.6 s forward would
+    # triple the sweep; here each model warms up once, above. Threads are the study's (torch_threads).
+    clock = _synchronizing_clock(device)
+    timers = {name: timeit.Timer(f, timer=clock) for name, f in forwards.items()}
+    meter = ContentionMeter(threads, device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    contention: dict[str, list[Contention]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
+    rounds = 0
+    while rounds < min_blocks or min(spent.values()) < min_run_time:
+        for k in rng.permutation(len(names)):
+            name = names[int(k)]
+            with meter.block() as measured:
+                per_forward = timers[name].timeit(number[name]) / number[name]
+            times[name].append(per_forward)
+            contention[name].extend(measured)
+            spent[name] += per_forward * number[name]
+            if rounds == 0:  # the warm-up's first-call costs overstate a forward: size blocks again
+                number[name] = max(1, int(block_s / max(per_forward, 1e-9)))
+        rounds += 1
+    return Interleaved(
+        times=times,
+        forwards_per_block=number,
+        contention={name: functools.reduce(lambda a, b: a + b, c) for name, c in contention.items()},
+    )
 
 
 # ------------------------------------------------------------------------------------------ one point
+
+LATENCY_QUANTILE = 0.2  # the latency that decides: this quantile of a point's block times (see summarise)
 
 
 @dataclass(frozen=True)
@@ -312,13 +465,17 @@ class CostRow:
     resolution: int  # px per side (square images)
     tokens: int  # patch tokens, (resolution / patch_size)^2, without any class token
     batch: int
-    latency_ms: float  # median of latency_ms_blocks
-    latency_ms_q25: float  # quartiles of latency_ms_blocks: the spread of the repeats
-    latency_ms_q75: float
-    latency_ms_lo: float | None  # bootstrap interval of the median (None until the study resamples)
+    latency_ms: float  # the LATENCY_QUANTILE of latency_ms_blocks: what the fits and the crossover use
+    latency_ms_lo: float | None  # its bootstrap interval (None until the study resamples)
     latency_ms_hi: float | None
-    latency_ms_blocks: tuple[float, ...]  # every timed block's time per forward
+    latency_ms_median: float  # the median and quartiles of the blocks: their spread
+    latency_ms_q25: float
+    latency_ms_q75: float
+    latency_ms_blocks: tuple[float, ...]  # every timed block's time per forward, in round order
     forwards_per_block: int
+    others_cpu: float  # other processes' CPU use during this row's blocks, share of the machine
+    own_cpu: float  # this process's CPU use during them, share of what its threads could use
+    gpu_other_processes: int | None  # other processes on the GPU during them (NVML), None where unknown
     peak_memory_mb: float  # MiB above the pre-forward baseline, one (deterministic) measurement
     memory_method: str
     flops_counted: int  # FlopCounterMode's total for one forward
@@ -341,55 +498,73 @@ def study_input(model: nn.Module, resolution: int, batch: int, device: torch.dev
     return torch.randn(batch, _in_channels(model), resolution, resolution, generator=gen).to(device)
 
 
-def measure_point(
-    name: str,
-    model: nn.Module,
+def measure_resolution(
+    models: dict[str, nn.Module],
     resolution: int,
     patch_size: int,
+    rng: np.random.Generator,
     batch: int = 1,
     min_run_time: float = 1.0,
-    min_blocks: int = 5,
+    min_blocks: int = 7,
     threads: int | None = None,
-) -> CostRow:
-    """Measure one forward of `model` (already on its device, in eval mode) at `resolution` px.
-
-    Times it (`time_forward`), then one forward under FlopCounterMode and one for peak memory. The row's
-    latency interval is left None: it comes from the study's bootstrap.
-    """
+) -> list[CostRow]:
+    """Measure every model (already on its device, in eval mode) at `resolution` px: their forwards timed
+    together in alternating blocks (`time_interleaved`, order drawn from `rng`), then one forward each
+    under FlopCounterMode and one for peak memory. Latency intervals are left None: they come from the
+    study's bootstrap."""
     if resolution % patch_size:
         raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch_size}")
     if batch < 1 or min_blocks < 1 or min_run_time <= 0:
         raise ValueError(
             f"need batch >= 1, min_blocks >= 1, min_run_time > 0; got {batch}, {min_blocks}, {min_run_time}"
         )
-    device = next(model.parameters()).device
+    device = next(next(iter(models.values())).parameters()).device
     threads = threads or torch.get_num_threads()
     tokens = (resolution // patch_size) ** 2
-    x = study_input(model, resolution, batch, device)
-    blocks_s, per_block = time_forward(model, x, min_run_time, min_blocks, threads)
-    blocks_ms = [t * 1e3 for t in blocks_s]
-    q25, q50, q75 = np.quantile(blocks_ms, [0.25, 0.5, 0.75]).tolist()
-    counted, scans, total = model_flops(model, x, tokens)
-    memory_mb, method = peak_memory_mb(model, x)
-    return CostRow(
-        model=name,
-        resolution=resolution,
-        tokens=tokens,
-        batch=batch,
-        latency_ms=q50,
-        latency_ms_q25=q25,
-        latency_ms_q75=q75,
-        latency_ms_lo=None,
-        latency_ms_hi=None,
-        latency_ms_blocks=tuple(blocks_ms),
-        forwards_per_block=per_block,
-        peak_memory_mb=memory_mb,
-        memory_method=method,
-        flops_counted=counted,
-        scan_flops=scans,
-        flops_total=total,
-        attention_entries=attention_entries(model, tokens),
-    )
+    inputs = {name: study_input(model, resolution, batch, device) for name, model in models.items()}
+
+    def forward_of(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        def forward() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return forward
+
+    forwards = {name: forward_of(model, inputs[name]) for name, model in models.items()}
+    timed = time_interleaved(forwards, device, min_run_time, min_blocks, threads, rng)
+    rows = []
+    for name, model in models.items():
+        blocks_ms = [t * 1e3 for t in timed.times[name]]
+        low, q25, q50, q75 = np.quantile(blocks_ms, [LATENCY_QUANTILE, 0.25, 0.5, 0.75]).tolist()
+        counted, scans, total = model_flops(model, inputs[name], tokens)
+        memory_mb, method = peak_memory_mb(model, inputs[name])
+        busy = timed.contention[name]
+        rows.append(
+            CostRow(
+                model=name,
+                resolution=resolution,
+                tokens=tokens,
+                batch=batch,
+                latency_ms=low,
+                latency_ms_lo=None,
+                latency_ms_hi=None,
+                latency_ms_median=q50,
+                latency_ms_q25=q25,
+                latency_ms_q75=q75,
+                latency_ms_blocks=tuple(blocks_ms),
+                forwards_per_block=timed.forwards_per_block[name],
+                others_cpu=busy.others,
+                own_cpu=busy.own,
+                gpu_other_processes=busy.gpu_other_processes,
+                peak_memory_mb=memory_mb,
+                memory_method=method,
+                flops_counted=counted,
+                scan_flops=scans,
+                flops_total=total,
+                attention_entries=attention_entries(model, tokens),
+            )
+        )
+    return rows
 
 
 # ------------------------------------------------------------------------------ exponents and intervals
@@ -426,15 +601,14 @@ def _slopes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return (ly - ly.mean(axis=1, keepdims=True)) @ dx / (dx @ dx)  # [R]
 
 
-def resample_medians(
-    groups: Sequence[Sequence[float]], resamples: int, rng: np.random.Generator
+def resample_quantiles(
+    groups: Sequence[Sequence[float]], q: float, resamples: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Bootstrap medians: float[resamples, len(groups)], column j the medians of `resamples` resamples
-    of groups[j], each drawn with replacement to the group's own size.
+    """Bootstrap quantiles: float[resamples, len(groups)], column j the q-quantiles of `resamples`
+    resamples of groups[j], each drawn with replacement to the group's own size.
 
     The groups (the block times at each token count) are resampled independently: repeats within a token
-    count are exchangeable, the token counts are the fixed design. Our own small helper until the study's
-    shared `perception.evaluation.intervals.bootstrap_statistic` lands; seeded by the caller's generator.
+    count are exchangeable, the token counts are the fixed design. Seeded by the caller's generator.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1; got {resamples}")
@@ -444,8 +618,15 @@ def resample_medians(
         if values.size == 0:
             raise ValueError(f"group {j} has no measurements to resample")
         draws = rng.integers(0, values.size, size=(resamples, values.size))  # [R, n_j]
-        out[:, j] = np.median(values[draws], axis=1)
+        out[:, j] = np.quantile(values[draws], q, axis=1)
     return out
+
+
+def resample_medians(
+    groups: Sequence[Sequence[float]], resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`resample_quantiles` at the median."""
+    return resample_quantiles(groups, 0.5, resamples, rng)
 
 
 @dataclass(frozen=True)
@@ -488,24 +669,30 @@ def latency_exponent(
     resamples: int = 2000,
     rng: np.random.Generator | None = None,
     level: float = 0.95,
+    q: float = 0.5,
 ) -> tuple[Exponent, np.ndarray]:
-    """Fit k in median latency ~ tokens^k over tokens >= min_tokens, with a bootstrap interval.
+    """Fit k in latency ~ tokens^k over tokens >= min_tokens, the latency at each count being the
+    q-quantile of its repeated timings (the median by default), with a bootstrap interval.
 
     tokens: the swept counts; times: the repeated timings at each. Returns the Exponent and its bootstrap
     samples (float[resamples]) so two models' exponents can be differenced resample by resample.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
-    medians = resample_medians(times, resamples, rng)  # [R, k]
-    return _fit_resampled(tokens, times, medians, min_tokens, level)
+    resampled = resample_quantiles(times, q, resamples, rng)  # [R, k]
+    return _fit_resampled(tokens, times, resampled, min_tokens, level, q)
 
 
 def _fit_resampled(
     tokens: Sequence[int],
     times: Sequence[Sequence[float]],
-    medians: np.ndarray,
+    resampled: np.ndarray,
     min_tokens: int,
     level: float,
+    q: float = 0.5,
+    interval: str | None = None,
 ) -> tuple[Exponent, np.ndarray]:
+    """The log-log slope of the q-quantile of `times` against `tokens` >= min_tokens, and of every row of
+    `resampled` (the bootstrap's q-quantiles, float[R, len(tokens)]), with its percentile interval."""
     keep = [j for j, t in enumerate(tokens) if t >= min_tokens]
     if len({tokens[j] for j in keep}) < 2:
         raise ValueError(
@@ -513,9 +700,9 @@ def _fit_resampled(
             f"{sorted(tokens)} (lower fit_min_tokens or add resolutions)"
         )
     xs = np.array([tokens[j] for j in keep], dtype=float)
-    observed = np.array([[float(np.median(times[j])) for j in keep]])  # [1, k]
-    samples = _slopes(xs, medians[:, keep])  # [R]
-    interval = _bootstrap_interval(level, medians.shape[0])
+    observed = np.array([[float(np.quantile(times[j], q)) for j in keep]])  # [1, k]
+    samples = _slopes(xs, resampled[:, keep])  # [R]
+    interval = interval or _bootstrap_interval(level, resampled.shape[0])
     return Exponent.from_samples(_slopes(xs, observed)[0], samples, level, xs, interval), samples
 
 
@@ -588,11 +775,24 @@ class ModelFit:
 
 
 @dataclass(frozen=True)
+class Busiest:
+    """The busiest the machine was while the fitted rows were timed: the row whose blocks saw the most
+    CPU use by other processes, and the most other processes seen on the GPU."""
+
+    others_cpu: float  # share of the machine's CPU time other processes used, 0..1
+    model: str
+    tokens: int
+    gpu_other_processes: int | None  # None where NVML could not say (or on CPU)
+
+
+@dataclass(frozen=True)
 class CostStudy:
     rows: tuple[CostRow, ...]  # (resolution, model) order
     fits: dict[str, ModelFit]  # by model
-    latency_gaps: dict[str, Exponent]  # <model> latency exponent minus pure Mamba's, for every other model
+    # <model> latency exponent minus pure Mamba's, for every other model, from their per-round ratios
+    latency_gaps: dict[str, Exponent]
     crossover: Crossover  # pure Mamba below ViT (fused)
+    busiest: Busiest
     setting: dict[str, Any]
     wall_s: float  # the whole study, measuring and resampling
 
@@ -615,6 +815,7 @@ class CostStudy:
             "latency_gaps": {name: asdict(gap) for name, gap in self.latency_gaps.items()},
             "crossover": asdict(self.crossover),
             "crossover_tokens": self.crossover_tokens,
+            "busiest": asdict(self.busiest),
             "essay": essay_rows(),
             "wall_s": self.wall_s,
         }
@@ -695,11 +896,12 @@ def cost_study(
     """Measure every model (`default_cost_models` unless `models` is given) at every resolution, batch 1,
     and fit the exponents, the ViT - Mamba gap and the crossover.
 
-    Models are built once; at each resolution they are measured one after another (interleaved, so a
-    change of machine load between resolutions hits them all). `threads` (default: torch's current number)
-    is set for the whole study and restored after. `min_run_time` is each point's timing budget in
-    seconds, `min_blocks` the number of blocks a slow point still gets (see `time_forward`). The numbers
-    are then summarised by `summarise` (bootstrap seeded by `bootstrap_seed`).
+    Models are built once; at each resolution they are timed together in alternating short blocks
+    (`measure_resolution`, the models' order in each round drawn from a generator seeded by
+    `bootstrap_seed`), so that load that comes and goes hits them alike. `threads` (default: torch's
+    current number) is set for the whole study and restored after. `min_run_time` is each point's timing
+    budget in seconds, `min_blocks` the number of rounds a slow point still gets (see `time_interleaved`).
+    The numbers are then summarised by `summarise` (bootstrap seeded by `bootstrap_seed`).
     """
     if models is None:
         models = default_cost_models(dim=dim, depth=depth, heads=heads, patch_size=patch_size)
@@ -723,17 +925,20 @@ def cost_study(
     rows: list[CostRow] = []
     with torch_threads(threads):
         built = {name: factory().to(device).eval() for name, factory in models.items()}
+        order = np.random.default_rng([bootstrap_seed, 0xB10C])  # the models' order in every round
         for resolution in resolutions:
-            for name, model in built.items():
-                row = measure_point(name, model, resolution, patch_size, 1, min_run_time, min_blocks, threads)
-                rows.append(row)
-                if progress is not None:
-                    progress(
-                        f"cost {name} {resolution}px ({row.tokens} tokens): {row.latency_ms:.1f} ms "
-                        f"(IQR {row.latency_ms_q25:.1f}-{row.latency_ms_q75:.1f}, "
-                        f"{len(row.latency_ms_blocks)} blocks), {row.peak_memory_mb:.1f} MiB, "
-                        f"{row.flops_total / 1e9:.2f} GFLOP"
-                    )
+            point = measure_resolution(
+                built, resolution, patch_size, order, 1, min_run_time, min_blocks, threads
+            )
+            rows.extend(point)
+            for row in point if progress is not None else ():
+                progress(
+                    f"cost {row.model} {resolution}px ({row.tokens} tokens): {row.latency_ms:.1f} ms "
+                    f"(median {row.latency_ms_median:.1f}, IQR {row.latency_ms_q25:.1f}-"
+                    f"{row.latency_ms_q75:.1f}, {len(row.latency_ms_blocks)} blocks; other processes "
+                    f"{row.others_cpu:.0%} of the CPUs), {row.peak_memory_mb:.1f} MiB, "
+                    f"{row.flops_total / 1e9:.2f} GFLOP"
+                )
         del built
 
     setting = {
@@ -752,7 +957,8 @@ def cost_study(
         # what backend "auto" runs on this device
         "scan_backend": resolve_backend("auto", device),
         "torch": torch.__version__,
-        "timer": "torch.utils.benchmark.Timer.blocked_autorange after one warm-up forward",
+        "timer": "alternating blocks of timeit runs, one warm-up forward each; rounds in a seeded order",
+        "latency_statistic": f"{LATENCY_QUANTILE:g}-quantile of the block times",
         "min_run_time_s": min_run_time,
         "min_blocks": min_blocks,
         "fit_min_tokens": fit_min_tokens,
@@ -780,18 +986,22 @@ def summarise(
     "vit"; wall_s is left 0.
     """
     models = list(dict.fromkeys(r.model for r in rows))
-    fits, samples, with_intervals = {}, {}, {}
+    if "mamba" not in models:
+        raise ValueError(f"the rows need a model named 'mamba' to compare against; got {models}")
+    fits, with_intervals = {}, {}
+    q = LATENCY_QUANTILE
     for name in models:
         mine = sorted((r for r in rows if r.model == name), key=lambda r: r.tokens)
         tokens = [r.tokens for r in mine]
         times = [r.latency_ms_blocks for r in mine]
         rng = np.random.default_rng([bootstrap_seed, *name.encode()])
-        medians = resample_medians(times, resamples, rng)  # [R, token counts]
-        lo, hi = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2], axis=0).tolist()
+        lows = resample_quantiles(times, q, resamples, rng)  # [R, token counts]
+        lo, hi = np.quantile(lows, [(1 - level) / 2, (1 + level) / 2], axis=0).tolist()
         for row, a, b in zip(mine, lo, hi, strict=True):
             with_intervals[(name, row.tokens)] = replace(row, latency_ms_lo=a, latency_ms_hi=b)
-        latency, samples[name] = _fit_resampled(tokens, times, medians, fit_min_tokens, level)
-        latency_full, _ = _fit_resampled(tokens, times, medians, 0, level)
+        interval = f"{_bootstrap_interval(level, resamples)}, of their {q:g}-quantile"
+        latency, _ = _fit_resampled(tokens, times, lows, fit_min_tokens, level, q, interval)
+        latency_full, _ = _fit_resampled(tokens, times, lows, 0, level, q, interval)
         upper = [r for r in mine if r.tokens >= fit_min_tokens]
         fits[name] = ModelFit(
             latency=latency,
@@ -803,17 +1013,8 @@ def summarise(
             memory_slopes=tuple(loglog_slopes(tokens, [r.peak_memory_mb for r in mine])),
         )
     rows = [with_intervals[(r.model, r.tokens)] for r in rows]
-    if "mamba" not in fits:
-        raise ValueError(f"the rows need a model named 'mamba' to compare against; got {models}")
-    gap_interval = f"{_bootstrap_interval(level, resamples)}, each model's own, paired by resample index"
     gaps = {
-        name: Exponent.from_samples(
-            fits[name].latency.value - fits["mamba"].latency.value,
-            samples[name] - samples["mamba"],
-            level,
-            fits["mamba"].latency.tokens,
-            gap_interval,
-        )
+        name: latency_ratio_exponent(rows, name, "mamba", bootstrap_seed, resamples, fit_min_tokens, level)
         for name in models
         if name != "mamba"
     }
@@ -822,6 +1023,55 @@ def summarise(
         fits=fits,
         latency_gaps=gaps,
         crossover=find_crossover(rows, "mamba", "vit"),
+        busiest=busiest(rows, fit_min_tokens),
         setting=dict(setting),
         wall_s=0.0,
     )
+
+
+def latency_ratio_exponent(
+    rows: Sequence[CostRow],
+    model: str,
+    reference: str,
+    bootstrap_seed: int,
+    resamples: int,
+    fit_min_tokens: int = 576,
+    level: float = 0.95,
+) -> Exponent:
+    """k(model) - k(reference), fitted from their per-round latency ratios: the log-log slope of the median
+    ratio against tokens over tokens >= fit_min_tokens, with a bootstrap that resamples the rounds within
+    each token count.
+
+    Block j of both models at one token count was timed in round j, one right after the other in a random
+    order, so a slowdown of the machine that lasts a round multiplies both and cancels in their ratio; the
+    median of the ratios is not moved by the few rounds that load hit unevenly.
+    """
+    mine = sorted((r for r in rows if r.model == model), key=lambda r: r.tokens)
+    theirs = {r.tokens: r for r in rows if r.model == reference}
+    tokens = [r.tokens for r in mine]
+    if set(tokens) != set(theirs):
+        raise ValueError(f"models {model!r} and {reference!r} need rows at the same token counts")
+    ratios = []
+    for row in mine:
+        other = theirs[row.tokens].latency_ms_blocks
+        if len(other) != len(row.latency_ms_blocks):
+            raise ValueError(
+                f"{model!r} and {reference!r} at {row.tokens} tokens were not timed in the same rounds"
+            )
+        ratios.append([a / b for a, b in zip(row.latency_ms_blocks, other, strict=True)])
+    rng = np.random.default_rng([bootstrap_seed, *f"{model}/{reference}".encode()])
+    medians = resample_medians(ratios, resamples, rng)  # [R, token counts]
+    interval = (
+        f"{level:.0%} percentile bootstrap, {resamples} resamples of the rounds within each token count, "
+        f"of the median per-round latency ratio {model} / {reference}"
+    )
+    return _fit_resampled(tokens, ratios, medians, fit_min_tokens, level, 0.5, interval)[0]
+
+
+def busiest(rows: Sequence[CostRow], fit_min_tokens: int = 0) -> Busiest:
+    """The row of tokens >= fit_min_tokens during whose blocks other processes used the most CPU, and the
+    most other GPU processes seen."""
+    fitted = [r for r in rows if r.tokens >= fit_min_tokens] or list(rows)
+    worst = max(fitted, key=lambda r: r.others_cpu)
+    gpu = [r.gpu_other_processes for r in fitted if r.gpu_other_processes is not None]
+    return Busiest(worst.others_cpu, worst.model, worst.tokens, max(gpu) if gpu else None)
