@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imports are deferred so that a bad params file fails before heavy libraries load.
     from perception.data.arrays import DatasetError
-    from perception.data.meshio import UnusableMesh
+    from perception.data.meshio import UnusableFile
     from pipeline.errors import DataError, TrainingError
     from pipeline.mlflow_store import TrackingUnavailable
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages.report import report
 
             report(args.evaluation, args.train, base_dir / TIMINGS, args.out, config.mlflow.wait_seconds)
-    except (ConfigError, DatasetError, DataError, UnusableMesh, TrainingError, TrackingUnavailable) as err:
+    except (ConfigError, DatasetError, DataError, UnusableFile, TrainingError, TrackingUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.stage != "check-params":

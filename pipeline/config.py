@@ -106,11 +106,21 @@ class Section(BaseModel):
 class PointsConfig(Section):
     """Stage `prepare-points`: the point-cloud dataset (and the meshes it is sampled from)."""
 
-    source: Literal["procedural", "folder"] = "procedural"
-    # For `folder`: a dataset in ModelNet layout, <root>/<class>/{train,test}/*.{off,obj,ply,stl}.
-    root: Name = "data/raw"
-    # The axis that points up in the folder's meshes; `y` meshes are turned so that +z is up, as everywhere.
+    # procedural: shapes made here. folder: <root>/<class>/{train,test}/* of meshes (OFF, OBJ, PLY, STL) and
+    # point clouds (PLY, PCD, XYZ, PTS, TXT, NPY). modelnet40_h5: PointNet's modelnet40_ply_hdf5_2048 folder.
+    # scanobjectnn: ScanObjectNN's h5_files folder.
+    source: Literal["procedural", "folder", "modelnet40_h5", "scanobjectnn"] = "procedural"
+    root: Name = "data/raw"  # for every source but procedural (relative to params.yaml)
+    # The axis that points up in the source's data; `y` data are turned so that +z is up, as everywhere
+    # (the HDF5 releases of ModelNet40 and ScanObjectNN are y-up). Procedural shapes are made +z up.
     up_axis: Literal["z", "y"] = "z"
+    # scanobjectnn: obj_only (main_split_nobg), obj_bg (main_split), pb_t50_rs (main_split,
+    # *_augmentedrot_scale75); and whether to drop the points its mask marks as background.
+    variant: Literal["obj_only", "obj_bg", "pb_t50_rs"] = "obj_bg"
+    drop_background: Flag = False
+    # At most this many instances per class and split (0 = all), drawn with the data seed: a laptop's slice
+    # of a large dataset. (procedural: train_per_class and test_per_class say how many.)
+    max_per_class: whole(0, 10_000_000) = 0
     classes: listed(Literal[SHAPE_NAMES]) = DEFAULT_CLASSES
     train_per_class: whole(1, 100_000) = 64
     test_per_class: whole(1, 100_000) = 50
@@ -590,6 +600,13 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
             f"expected a multiple of evaluate.cost_heads = {evaluate.cost_heads}"
         )
     points = config.points
+    if points.source == "procedural" and points.up_axis != "z":
+        raise ConfigError(
+            f"points.up_axis = {points.up_axis!r} is not allowed with points.source = 'procedural': the "
+            "procedural shapes are made with +z up; expected 'z'"
+        )
+    if points.source in ("modelnet40_h5", "scanobjectnn"):
+        _check_benchmark_root(points, base_dir)
     if points.source == "folder":
         root = resolve_path(points.root, base_dir)
         if not root.is_dir():
@@ -611,6 +628,30 @@ def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:
                         f"points.root = {points.root!r} is not allowed: {class_dir.name}/{split}/ is missing "
                         "(every class folder needs train/ and test/)"
                     )
+
+
+def _check_benchmark_root(points: PointsConfig, base_dir: Path) -> None:
+    """The benchmark's folder and files exist: one line naming the key and the file that is missing."""
+    from perception.data import benchmarks
+    from perception.data.arrays import DatasetError
+
+    root = resolve_path(points.root, base_dir)
+    expected = {
+        "modelnet40_h5": "PointNet's modelnet40_ply_hdf5_2048 folder (ply_data_*.h5, shape_names.txt)",
+        "scanobjectnn": "ScanObjectNN's h5_files folder (main_split/, main_split_nobg/)",
+    }[points.source]
+    if not root.is_dir():
+        raise ConfigError(
+            f"points.root = {points.root!r} is not allowed with points.source = {points.source!r}: no such "
+            f"folder; expected {expected}"
+        )
+    try:
+        if points.source == "modelnet40_h5":
+            benchmarks.modelnet40_files(root)
+        else:
+            benchmarks.scanobjectnn_files(root, points.variant)
+    except DatasetError as err:
+        raise ConfigError(f"points.root = {points.root!r} ({points.source}): {err}") from None
 
 
 def proximity_params(proximity: ProximityConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perception.data.meshio import UnusableMesh, load_mesh
+from perception.data.meshio import UnusableFile, load_mesh
 from perception.data.sampling import triangle_areas
 from tests.conftest import (
     CUBE_QUADS,
@@ -110,7 +110,7 @@ UNUSABLE = {
 @pytest.mark.parametrize("name", UNUSABLE)
 def test_unusable_files_raise_one_line_reason(tmp_path, name):
     make, reason = UNUSABLE[name]
-    with pytest.raises(UnusableMesh) as info:
+    with pytest.raises(UnusableFile) as info:
         load_mesh(_write(tmp_path, name, make()))
     assert reason in str(info.value)
     assert "\n" not in str(info.value)

@@ -82,7 +82,7 @@ def _write_folder_dataset(root):
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
-def test_folder_dataset_uses_every_usable_mesh_and_lists_the_rest(tmp_path, tiny_config, capsys):
+def test_folder_dataset_uses_every_usable_file_and_lists_the_rest(tmp_path, tiny_config, capsys):
     _write_folder_dataset(tmp_path / "ds")
     config = tiny_config(points={"source": "folder", "root": str(tmp_path / "ds")})
     manifest = prepare_points(config, tmp_path / "points")
@@ -92,16 +92,36 @@ def test_folder_dataset_uses_every_usable_mesh_and_lists_the_rest(tmp_path, tiny
         "chair/train/b.stl",
         "table/train/d.off",
     ]
-    assert manifest["splits"]["test"]["count"] == 2
+    # A PLY without faces is a point cloud: it sits beside the meshes, its 8 points drawn again to 64.
+    assert manifest["splits"]["test"]["sources"] == [
+        "chair/test/c.off",
+        "chair/test/points.ply",
+        "table/test/e.off",
+    ]
+    assert manifest["splits"]["test"]["repeated"] == 1 and manifest["render_from"] == "points"
     skipped = {e["file"]: e["reason"] for e in manifest["skipped"]}
-    assert set(skipped) == {"chair/train/empty.off", "chair/test/points.ply", "table/train/broken.off"}
+    assert set(skipped) == {"chair/train/empty.off", "table/train/broken.off"}
     assert "empty file" in skipped["chair/train/empty.off"]
-    assert "no faces" in skipped["chair/test/points.ply"]
     assert "unreadable OFF" in skipped["table/train/broken.off"]
     out = capsys.readouterr().out
     for file, reason in skipped.items():
         assert f"skipped {file}: {reason}" in out
-    prepare_images(config, tmp_path / "points", tmp_path / "images")  # real meshes render too
+    assert set(manifest["source_files"]) == {
+        "chair/train/a.off", "chair/train/b.stl", "chair/train/empty.off", "chair/test/c.off",
+        "chair/test/points.ply", "table/train/d.off", "table/train/broken.off", "table/test/e.off",
+    }  # fmt: skip
+    images = prepare_images(config, tmp_path / "points", tmp_path / "images")  # from points, meshes too
+    assert images["rendered_from"].startswith("points")
+
+
+def test_a_folder_of_meshes_alone_is_rendered_from_its_meshes(tmp_path, tiny_config):
+    _write_folder_dataset(tmp_path / "ds")
+    (tmp_path / "ds/chair/test/points.ply").unlink()
+    config = tiny_config(points={"source": "folder", "root": str(tmp_path / "ds")})
+    assert prepare_points(config, tmp_path / "points")["render_from"] == "meshes"
+    assert prepare_images(config, tmp_path / "points", tmp_path / "images")["rendered_from"].startswith(
+        "meshes"
+    )
 
 
 def test_a_class_with_no_usable_mesh_fails_and_writes_nothing(tmp_path, tiny_config):
@@ -110,7 +130,8 @@ def test_a_class_with_no_usable_mesh_fails_and_writes_nothing(tmp_path, tiny_con
         path.write_text("OFF\n3 0 0\n0 0 0\n1 0 0\n0 1 0\n")  # points only
     config = tiny_config(points={"source": "folder", "root": str(tmp_path / "ds")})
     with pytest.raises(
-        DataError, match=r"class 'table' has no usable mesh \(table/train/broken.off: no faces"
+        DataError,
+        match=r"class .table. of points.root = .* no usable file or cloud \(table/train/broken.off: no face",
     ):
         prepare_points(config, tmp_path / "points")
     assert not (tmp_path / "points").exists()

@@ -118,6 +118,8 @@ def _expected_shape(kind: str, name: str, manifest: dict[str, Any]) -> tuple[lis
     if kind == "points":
         if rest == "points":
             return [count, manifest.get("params", {}).get("num_points"), 3], "[samples, points, xyz]"
+        if rest == "dense":
+            return [count, None, 3], "[samples, points, xyz]"
         if rest in ("mesh_vertices", "mesh_faces"):
             return [None, 3], f"[{rest.removeprefix('mesh_')}, 3]"
         if rest in ("mesh_vertex_offsets", "mesh_face_offsets"):

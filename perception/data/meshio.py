@@ -1,9 +1,10 @@
-"""Reading real meshes (OFF, OBJ, PLY, STL; ASCII or binary) and deciding whether each one is usable.
+"""Reading real meshes (OFF, OBJ, PLY, STL; ASCII or binary) and deciding whether each one is usable
+(point files: `perception.data.clouds`).
 
 trimesh reads the files: it handles the ModelNet header quirk (`OFF8 6 12` on one line), polygon faces
 (triangulated as fans), negative OBJ indices and several bodies in one file, where open3d's reader silently
 returns an empty mesh for some of them. What trimesh reads is then checked here: a file that cannot be
-sampled raises `UnusableMesh` with a one-line reason, so that a dataset keeps every usable file and lists
+sampled raises `UnusableFile` with a one-line reason, so that a dataset keeps every usable file and lists
 the rest.
 """
 
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from perception.data.sampling import triangle_areas
+from perception.data.sampling import triangle_areas, turn_up
 
 MESH_SUFFIXES = (".off", ".obj", ".ply", ".stl")
 
 
-class UnusableMesh(Exception):
-    """A mesh file that cannot be sampled; str(err) is the reason, one line."""
+class UnusableFile(Exception):
+    """A mesh or point file that cannot be used; str(err) is the reason, one line."""
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +34,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         loaded = trimesh.load(str(path), file_type=kind, process=False)
     except Exception as err:  # trimesh raises many types for malformed files; all mean the same here
         message = " ".join(str(err).split()) or type(err).__name__
-        raise UnusableMesh(f"unreadable {kind.upper()} file: {message[:160]}") from None
+        raise UnusableFile(f"unreadable {kind.upper()} file: {message[:160]}") from None
     # A file with several bodies loads as a Scene; dump() applies each body's transform.
     geometries = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]
     vertices, faces, offset = [], [], 0
@@ -49,34 +50,31 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mesh(path: Path | str, up_axis: str = "z") -> tuple[np.ndarray, np.ndarray]:
-    """Read one mesh file as (vertices float64[V, 3], faces int64[F, 3]) with +z up, or raise UnusableMesh.
+    """Read one mesh file as (vertices float64[V, 3], faces int64[F, 3]) with +z up, or raise UnusableFile.
 
     `up_axis="y"` turns a y-up mesh by +90 degrees about x so that its up direction becomes +z.
     """
     path = Path(path)
     if path.suffix.lower() not in MESH_SUFFIXES:
-        raise UnusableMesh(f"unsupported file type {path.suffix!r}; allowed: {', '.join(MESH_SUFFIXES)}")
+        raise UnusableFile(f"unsupported file type {path.suffix!r}; allowed: {', '.join(MESH_SUFFIXES)}")
     if path.stat().st_size == 0:
-        raise UnusableMesh("empty file")
+        raise UnusableFile("empty file")
     vertices, faces = _read(path)
     if len(vertices) == 0:
-        raise UnusableMesh("no vertices: the file holds no geometry")
+        raise UnusableFile("no vertices: the file holds no geometry")
     if len(faces) == 0:
-        raise UnusableMesh(f"no faces: {len(vertices)} points or line vertices only, no surface to sample")
+        raise UnusableFile(f"no faces: {len(vertices)} points or line vertices only, no surface to sample")
     if faces.min() < 0 or faces.max() >= len(vertices):
-        raise UnusableMesh(f"face indices outside 0..{len(vertices) - 1}")
+        raise UnusableFile(f"face indices outside 0..{len(vertices) - 1}")
     used = np.unique(faces)
     if not np.isfinite(vertices[used]).all():
         bad = int((~np.isfinite(vertices[used])).any(axis=1).sum())
-        raise UnusableMesh(f"{bad} vertices used by faces are NaN or infinite")
+        raise UnusableFile(f"{bad} vertices used by faces are NaN or infinite")
     areas = triangle_areas(vertices, faces)
     if not areas.sum() > 0:
-        raise UnusableMesh("zero surface area: every face is degenerate")
+        raise UnusableFile("zero surface area: every face is degenerate")
     faces = faces[areas > 0]
-    if up_axis == "y":
-        # (x, y, z) -> (x, -z, y): rotation by +90 degrees about x, so old +y becomes +z.
-        vertices = np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
-    return vertices, faces
+    return turn_up(vertices, up_axis), faces
 
 
 def list_mesh_files(folder: Path) -> list[Path]:

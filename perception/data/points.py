@@ -1,4 +1,5 @@
-"""Point-cloud instances: a mesh (procedural or from a file) normalised, sampled, maybe noised or scanned.
+"""Point-cloud instances: a mesh (procedural or from a file) normalised, sampled, maybe noised or scanned
+(clouds read from point files: `perception.data.clouds`).
 
 Each instance is a pure function of its inputs and a seed key, so instances can be made in any order, in
 any process, and still come out byte-identical.
@@ -7,11 +8,9 @@ any process, and still come out byte-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from perception.data.meshio import load_mesh
 from perception.data.render import partial_scan
 from perception.data.sampling import normalise_mesh, normalise_points, random_unit_vector, sample_surface
 from perception.data.shapes import make_shape
@@ -27,13 +26,22 @@ class SamplingSpec:
 @dataclass(frozen=True)
 class Instance:
     points: np.ndarray  # float32[N, 3], centred on its mean, farthest point at radius 1
-    vertices: np.ndarray  # float32[V, 3], the normalised mesh the points came from
-    faces: np.ndarray  # int32[F, 3]
+    vertices: np.ndarray | None = None  # float32[V, 3], the normalised mesh the points came from
+    faces: np.ndarray | None = None  # int32[F, 3]
+    dense: np.ndarray | None = None  # float32[D, 3]: a dense sample to render images from, without a mesh
+    repeated: bool = False  # the source cloud had fewer points than asked for: some were drawn twice
 
 
 def instance_rng(seed: int, key: tuple[int, ...]) -> np.random.Generator:
     """An independent stream per instance: the same (seed, key) gives the same draws in any process."""
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=key))
+
+
+def mesh_instance(
+    vertices: np.ndarray, faces: np.ndarray, spec: SamplingSpec, seed: int, key: tuple[int, ...]
+) -> Instance:
+    """A mesh (+z up already) normalised and sampled as `spec` says, from the draws of (seed, key)."""
+    return _sample(vertices, faces, spec, instance_rng(seed, key))
 
 
 def _sample(
@@ -63,11 +71,3 @@ def procedural_instance(
     rng = instance_rng(seed, key)
     vertices, faces = make_shape(class_name, rng, anisotropy, deformation)
     return _sample(vertices, faces, spec, rng)
-
-
-def file_instance(
-    path: Path | str, up_axis: str, spec: SamplingSpec, seed: int, key: tuple[int, ...]
-) -> Instance:
-    """Raises perception.data.meshio.UnusableMesh with the reason when the file cannot be used."""
-    vertices, faces = load_mesh(path, up_axis)
-    return _sample(vertices, faces, spec, instance_rng(seed, key))

@@ -45,3 +45,14 @@ def normalise_points(points: np.ndarray) -> np.ndarray:
 def random_unit_vector(rng: np.random.Generator) -> np.ndarray:
     v = rng.normal(size=3)
     return v / np.linalg.norm(v)
+
+
+def turn_up(points: np.ndarray, up_axis: str) -> np.ndarray:
+    """float[N, 3] with +z up: `up_axis="y"` turns y-up data by +90 degrees about x (old +y becomes +z);
+    "z" leaves them as they are."""
+    if up_axis == "z":
+        return points
+    if up_axis != "y":
+        raise ValueError(f"up_axis {up_axis!r} is not one of z, y")
+    # (x, y, z) -> (x, -z, y): rotation by +90 degrees about x, so old +y becomes +z.
+    return np.stack([points[:, 0], -points[:, 2], points[:, 1]], axis=1)

@@ -1,5 +1,9 @@
 """Stage `prepare-images`: the point stage's instances rendered as depth + normal images on canvases.
 
+Each instance is ray-cast from its mesh, or, where the point stage kept points only (its manifest's
+`render_from: points`), splatted from its dense cloud with normals estimated from the cloud
+(perception.data.splat): the same channels, camera and canvases either way.
+
 Each object is rendered at `images.object_size` px and placed at a random position on a black
 `train_resolution` canvas (perception.data.canvas); the test instances are also placed in claim 2's paired
 test sets at every test canvas R of `eval_resolutions`. Outputs in one folder:
@@ -22,6 +26,7 @@ from perception.data.arrays import open_dataset, unpack_mesh, write_dataset
 from perception.data.canvas import PLACEMENTS, paste, placement, random_offsets
 from perception.data.points import instance_rng
 from perception.data.render import Camera, render_depth_normals
+from perception.data.splat import estimate_normals, point_spacing, render_points
 from pipeline.config import StudyConfig
 from pipeline.outputs import FORMAT_VERSION, SPLITS, atomic_output_dir, library_versions
 from pipeline.parallel import parallel_map
@@ -30,9 +35,17 @@ _OFFSET_KEY = 0xCA  # the placement draws' part of each instance's seed key (apa
 
 
 def _render_item(item: tuple) -> dict[int, np.ndarray]:
-    """Sprite size -> float32[4, s, s]: one instance rendered at every size its images need."""
+    """Sprite size -> float32[4, s, s]: one instance's mesh ray-cast at every size its images need."""
     vertices, faces, camera, sizes = item
     return {s: render_depth_normals(vertices, faces, camera, s) for s in sizes}
+
+
+def _splat_item(item: tuple) -> dict[int, np.ndarray]:
+    """Sprite size -> float32[4, s, s]: one instance's dense cloud splatted at every size, its normals and
+    point spacing estimated once."""
+    points, camera, sizes = item
+    normals, spacing = estimate_normals(points), point_spacing(points)
+    return {s: render_points(points, normals, camera, s, spacing) for s in sizes}
 
 
 def canvas_set_file(kind: str, canvas: int, train_canvas: int) -> str:
@@ -57,18 +70,25 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
     scaled_sizes = {r: r * S // T for r in canvases}  # the object's side in (a) and (c) at canvas r
     sizes = {"train": (S,), "test": tuple(sorted({S, *scaled_sizes.values()}))}
 
+    from_points = points.manifest.get("render_from") == "points"
     arrays: dict[str, np.ndarray] = {}
     for split_id, split in enumerate(SPLITS):
-        mesh_arrays = {
-            name: points.array(f"{split}_mesh_{name}")
-            for name in ("vertices", "faces", "vertex_offsets", "face_offsets")
-        }
-        mesh_arrays = {f"{split}_mesh_{k}": v for k, v in mesh_arrays.items()}
         count = points.manifest["splits"][split]["count"]
-        items = [(*unpack_mesh(mesh_arrays, f"{split}_mesh", i), camera, sizes[split]) for i in range(count)]
+        if from_points:
+            dense = points.array(f"{split}_dense")
+            items = [(dense[i], camera, sizes[split]) for i in range(count)]
+        else:
+            mesh_arrays = {
+                name: points.array(f"{split}_mesh_{name}")
+                for name in ("vertices", "faces", "vertex_offsets", "face_offsets")
+            }
+            mesh_arrays = {f"{split}_mesh_{k}": v for k, v in mesh_arrays.items()}
+            items = [
+                (*unpack_mesh(mesh_arrays, f"{split}_mesh", i), camera, sizes[split]) for i in range(count)
+            ]
         sprites = list(
             parallel_map(
-                _render_item,
+                _splat_item if from_points else _render_item,
                 items,
                 config.runtime.workers,
                 f"prepare-images {split}",
@@ -101,6 +121,7 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
         "params": images.plain(),
         "classes": points.manifest["classes"],
         "channels": ["depth", "normal_x", "normal_y", "normal_z"],
+        "rendered_from": "points (splatted, normals estimated)" if from_points else "meshes (ray-cast)",
         "train_resolution": T,
         "object_size": S,
         "resolutions": list(images.resolutions),
@@ -116,7 +137,8 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
         manifest = write_dataset(folder, arrays, manifest)
     elapsed = time.perf_counter() - started
     print(
-        f"prepare-images: objects of {S} px at random positions on {T} px canvases "
+        f"prepare-images: objects rendered from {'points' if from_points else 'meshes'}, {S} px at "
+        f"random positions on {T} px canvases "
         f"({arrays[f'train_r{T}'].shape[0]} train, {arrays[f'test_r{T}'].shape[0]} test); test sets (a) fov, "
         f"(b) centre / corner, (c) scaled at {', '.join(f'{c} px' for c in canvases)}; "
         f"in {elapsed:.1f} s -> {out}"

@@ -125,8 +125,7 @@ def _fit_and_export(
             uri,
             repo,
             commit,
-            inputs.hashes,
-            inputs.mlflow_inputs,
+            inputs,
         )
         state = {"status": "running", "mlflow": {"tracking_uri": uri, "parent_run_id": parent_id}}
         session.write_state(experiment, state)

@@ -32,6 +32,21 @@ class TrainingInputs:
     data: dict[str, TrialData | None]  # "points", "images", "proximity" -> its split (None: unused)
     hashes: dict[str, str]  # dataset -> its manifest's sha256 ("" where unused)
     mlflow_inputs: dict[str, list]  # dataset -> its train, validation and test inputs
+    source_tags: dict[str, str]  # where the points came from, and the source files' digest, for MLflow
+
+
+def source_tags(points_manifest: dict) -> dict[str, str]:
+    """`dataset.points.source` (the source, its variant and root) and `dataset.points.source_sha256` (of
+    its files' sha256s), for a points dataset read from files; {} for procedural shapes."""
+    params = points_manifest.get("params", {})
+    source = params.get("source", "procedural")
+    if source == "procedural":
+        return {}
+    variant = f" {params['variant']}" if source == "scanobjectnn" else ""
+    return {
+        "dataset.points.source": f"{source}{variant}, {params.get('root')}",
+        "dataset.points.source_sha256": points_manifest.get("source_sha256", ""),
+    }
 
 
 def open_inputs(config: StudyConfig, datasets: set[str], folders: dict[str, Path]) -> tuple[dict, int, int]:
@@ -78,4 +93,4 @@ def training_inputs(
             )
         ]
     hashes = {kind: dataset.manifest_sha256 if dataset else "" for kind, dataset in prepared.items()}
-    return TrainingInputs(data, hashes, mlflow_inputs)
+    return TrainingInputs(data, hashes, mlflow_inputs, source_tags(prepared["points"].manifest))

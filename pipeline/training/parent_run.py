@@ -13,6 +13,7 @@ import torch
 from pipeline import review
 from pipeline.config import StudyConfig
 from pipeline.mlflow_store import artifact_root
+from pipeline.training.inputs import TrainingInputs
 
 
 def reopen_parent(client, run_id: str) -> str | None:
@@ -70,11 +71,10 @@ def open_parent(
     uri: str,
     repo: Path,
     commit: str,
-    hashes: dict[str, str],
-    mlflow_inputs: dict[str, list],
+    inputs: TrainingInputs,
 ) -> str:
     """The study's parent run: the interrupted one again when restoring into the same store, else a new
-    one with the commit, the datasets' hashes and inputs, and every param."""
+    one with the commit, the datasets' hashes, sources and inputs, and every param."""
     from pipeline.training.tracking import start_parent
 
     if previous.get("mlflow", {}).get("tracking_uri") == uri:
@@ -83,7 +83,8 @@ def open_parent(
             return parent_id
     tags = {
         "git_commit": commit,
-        **{f"dataset.{kind}.sha256": digest for kind, digest in hashes.items()},
+        **{f"dataset.{kind}.sha256": digest for kind, digest in inputs.hashes.items()},
+        **inputs.source_tags,
         "stage": "train",
         "mlflow.note.content": "Training. The verdicts appear here once the report stage has run.",
         **review.source_tags("train", commit),
@@ -92,7 +93,7 @@ def open_parent(
     run_name = time.strftime("study %Y-%m-%d %H:%M:%S")
     parent_id = start_parent(client, config.mlflow.experiment, run_name, tags, config.flat(), artifacts)
     review.mark_experiment(client, client.get_run(parent_id).info.experiment_id)
-    review.log_inputs(client, parent_id, [i for inputs in mlflow_inputs.values() for i in inputs])
+    review.log_inputs(client, parent_id, [i for kind in inputs.mlflow_inputs.values() for i in kind])
     return parent_id
 
 
