@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,3 +168,20 @@ def accuracy(
 ) -> float:
     predicted = predict(model, inputs, batch_size, device, bf16)
     return float((predicted == labels.cpu()).float().mean()) if len(labels) else float("nan")
+
+
+PLATEAU_POINTS = 1.0  # a validation curve that gains less than this over its last quarter has plateaued
+
+
+def last_quarter_gain(curve: Sequence[float]) -> float:
+    """How much a validation curve (accuracy per epoch) still rose over its last quarter of epochs: the
+    least-squares line through those epochs (the last ceil(n / 4), at least 2), from the first of them to
+    the last. A line rather than two points, so that one lucky or unlucky epoch does not decide. NaN for a
+    curve of fewer than 2 epochs."""
+    values = np.asarray(curve, dtype=float)
+    if len(values) < 2:
+        return float("nan")
+    tail = values[-max(2, math.ceil(len(values) / 4)) :]
+    epochs = np.arange(len(tail), dtype=float)
+    slope = np.polyfit(epochs, tail, 1)[0]
+    return float(slope * (len(tail) - 1))

@@ -346,11 +346,13 @@ Models = Annotated[
 
 class FaultConfig(Section):
     """Test-only: the first attempt of trials of model `model` fails at epoch `epoch` (0 = never), with an
-    injected error (`error`) or as if the GPU ran out of memory there (`oom`)."""
+    injected error (`error`) or as if the GPU ran out of memory there (`oom`); or stops there for
+    `pause_seconds` (`pause`, nothing else changes), so a test can stop the driver while it is mid-run."""
 
     model: Text = ""
     epoch: whole(0, 100_000) = 0
-    kind: Literal["error", "oom"] = "error"
+    kind: Literal["error", "oom", "pause"] = "error"
+    pause_seconds: number(0.0, 3600.0) = 30.0
 
 
 class TrainConfig(Section):

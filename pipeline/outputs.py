@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +83,17 @@ def read_json(path: Path, writer: str) -> dict:
             f"{path}: expected a JSON object, found {type(data).__name__}; rerun the {writer} stage"
         )
     return data
+
+
+class Laps:
+    """Wall time by part of a stage: `lap(name)` adds the seconds since the previous lap (or since the
+    Laps was made) to `parts[name]`."""
+
+    def __init__(self, parts: dict[str, float] | None = None):
+        self.parts = {} if parts is None else parts
+        self.last = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.parts[name] = self.parts.get(name, 0.0) + now - self.last
+        self.last = now

@@ -15,6 +15,7 @@ import platform
 from pathlib import Path
 
 from perception.evaluation.intervals import Estimate
+from perception.training import PLATEAU_POINTS, last_quarter_gain
 from pipeline import verdicts as rules
 from pipeline.results import Busiest, Results
 
@@ -216,22 +217,56 @@ def layout(
             ],
         ),
         ("h2", "Training"),
-        (
-            "table",
-            ["variant", "best validation accuracy per seed"],
-            [
-                [
-                    name,
-                    ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
-                ]
-                for name, by_seed in sorted(train_summary.get("variants", {}).items())
-            ],
-        ),
+        *_training_blocks(train_summary),
         ("h2", "Where and how long"),
         ("list", hardware()),
         ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
     ]
     return blocks
+
+
+def _training_blocks(train_summary: dict) -> list[tuple]:
+    """Each variant's best validation accuracy per seed, its epochs, and whether its validation curve had
+    plateaued: the gain of the least-squares line through its last quarter of epochs, mean over seeds."""
+    rows, not_flat = [], []
+    for name, by_seed in sorted(train_summary.get("variants", {}).items()):
+        curves = [row.get("val_curve") or [] for row in by_seed.values()]
+        gains = [100 * last_quarter_gain(c) for c in curves if len(c) >= 2]
+        gain = sum(gains) / len(gains) if gains else math.nan
+        flat = gain < PLATEAU_POINTS
+        if not flat:
+            not_flat.append(name)
+        rows.append(
+            [
+                name,
+                str(max((len(c) for c in curves), default=0)),
+                ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
+                "n/a" if math.isnan(gain) else f"{gain:+.1f} [{min(gains):+.1f}, {max(gains):+.1f}]",
+                "yes" if flat else "no",
+            ]
+        )
+    utilisation = train_summary.get("slot_utilisation")
+    summary = (
+        f"Every variant's validation curve gains less than {PLATEAU_POINTS:g} point over its last quarter "
+        "of epochs (the least-squares line through them, mean over seeds [min, max]): trained to its plateau."
+        if rows and not not_flat
+        else f"Still rising over the last quarter of their epochs (by {PLATEAU_POINTS:g} point or more): "
+        + ", ".join(not_flat)
+        + ". More epochs would change their numbers."
+    )
+    if utilisation is not None:
+        summary += (
+            f" The trials kept {utilisation:.0%} of the run's slots busy (their own time over wall time x "
+            "concurrent slots)."
+        )
+    return [
+        ("p", summary),
+        (
+            "table",
+            ["variant", "epochs", "best validation accuracy by seed", "last-quarter gain", "plateau"],
+            rows,
+        ),
+    ]
 
 
 def _points_interval(estimate: Estimate) -> str:

@@ -251,8 +251,9 @@ def _drop(tree: dict, path: tuple[str, ...]) -> None:
             _drop(tree[key], tuple(rest))
 
 
-# Not measurements: which MLflow run holds a run's numbers (listed by `dvc exp show`), new on every run.
-RUN_IDENTIFIERS = [("train", "mlflow_parent_run_id")]
+# Not measurements: which MLflow run holds a run's numbers (listed by `dvc exp show`), new on every run; and
+# how busy the run kept its trial slots (wall-clock timing).
+RUN_IDENTIFIERS = [("train", "mlflow_parent_run_id"), ("train", "slot_utilisation")]
 
 
 def comparable_metrics(root: Path) -> dict:

@@ -167,3 +167,15 @@ def test_mambas_time_scales_are_not_decayed():
     assert kept == set(NO_WEIGHT_DECAY)
     assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
     assert len(parameter_groups(build("vit", num_classes=3), 0.05)) == 1  # nothing to keep
+
+
+def test_the_last_quarter_gain_of_a_validation_curve():
+    from perception.training import last_quarter_gain
+
+    assert last_quarter_gain([0.2, 0.4, 0.6, 0.8]) == pytest.approx(0.2)  # last 2 epochs: +0.2
+    assert last_quarter_gain([0.1] * 4 + [0.5, 0.6, 0.7, 0.8]) == pytest.approx(0.1)  # 8 epochs: the last 2
+    flat = [0.3, 0.6, 0.8, 0.85, 0.9, 0.9, 0.91, 0.9, 0.9]  # 9 epochs: the last 3, a line through them
+    assert abs(last_quarter_gain(flat)) < 0.01
+    noisy = [0.5] * 3 + [0.8] * 8 + [0.8, 0.84, 0.8, 0.8]  # one lucky epoch moves it less than its 4 points
+    assert abs(last_quarter_gain(noisy)) < 0.02
+    assert np.isnan(last_quarter_gain([0.5]))

@@ -35,7 +35,7 @@ from pipeline.measurements import (
     with_unhelped_tables,
 )
 from pipeline.mlflow_store import check_reachable
-from pipeline.outputs import atomic_output_dir, read_json, write_json_atomic
+from pipeline.outputs import Laps, atomic_output_dir, read_json, write_json_atomic
 from pipeline.results import FitRecord, Results, to_json
 from pipeline.review_logging import log_evaluation
 from pipeline.stages.prepare_images import canvas_set_file
@@ -75,7 +75,10 @@ def evaluate(
     out: Path,
     metrics_out: Path,
     plots_dir: Path,
+    parts: dict[str, float] | None = None,
 ) -> Results:
+    """Measure the four claims on the checkpoints in `train_dir`; `parts` gets each part's wall seconds
+    (rotation, resolution, serialisation, bootstraps, cost sweep, outputs and MLflow), which it prints."""
     points = open_dataset(points_dir, "points")
     images = open_dataset(images_dir, "images")
     proximity = open_dataset(proximity_dir, "images")
@@ -86,6 +89,7 @@ def evaluate(
     if tracking.get("parent_run_id"):
         check_reachable(tracking["tracking_uri"], f"the study's tracking store ({train_dir / 'study.json'})")
     began = time.monotonic()
+    lap = Laps(parts)
     ev = config.evaluate
     settings = BootstrapSettings(ev.bootstrap_resamples, ev.bootstrap_seed)
     infos = evidence.variant_infos(checkpoints)
@@ -102,6 +106,7 @@ def evaluate(
         invariance_clouds=ev.invariance_clouds,
         trained_points=evidence.trained_points(checkpoints, config.points.num_points),
     )
+    lap("rotation")
     canvases = tuple(r for r in config.images.resolutions if r != train_res)
     canvas_names = evidence.canvas_set_names(canvases)
     canvas_sets = {"in": images.array(canvas_set_file("in", train_res, train_res))}
@@ -111,6 +116,7 @@ def evaluate(
     canvas = measure_images(
         checkpoints, canvas_sets, images.array("test_labels"), dataset="images", batch_size=ev.batch_size
     )
+    lap("resolution")
     size = config.proximity.size
     prox = measure_images(
         checkpoints,
@@ -119,6 +125,7 @@ def evaluate(
         dataset="proximity",
         batch_size=ev.batch_size,
     )
+    lap("serialisation")
 
     rotation_table = evidence.rotation_tables(rotation.correct, infos, settings)
     for variant, row in rotation_table.items():
@@ -156,8 +163,10 @@ def evaluate(
         ),
         "rotation": evidence.rotation_evidence(rotation.correct, infos, fits, settings),
     }
+    lap("bootstraps")
     cost = _cost(config, settings)
     claim_evidence["cost"] = evidence.cost_evidence(cost)
+    lap("cost sweep")
 
     results = Results(
         seed=config.seed,
@@ -240,5 +249,8 @@ def evaluate(
         )
     else:
         print("evaluate: no MLflow parent run in the train outputs; skipping MLflow")
-    print(f"evaluate: done in {results.wall_seconds:.0f} s -> {out}, {metrics_out}, {plots_dir}")
+    lap("outputs and MLflow")
+    split = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in lap.parts.items())
+    elapsed = time.monotonic() - began
+    print(f"evaluate: done in {elapsed:.0f} s ({split}) -> {out}, {metrics_out}, {plots_dir}")
     return results

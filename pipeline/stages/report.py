@@ -43,11 +43,14 @@ def verdicts(results: Results) -> list[rules.Verdict]:
 
 
 def stage_times(timings_dir: Path) -> list[tuple[str, float]]:
+    """(stage, wall seconds) of every stage the timings hold, and `evaluate: <part>` rows after evaluate."""
     rows = []
     for stage in ("prepare-points", "prepare-images", "prepare-proximity", "train", "evaluate", "report"):
         path = timings_dir / f"{stage}.json"
         if path.is_file():
-            rows.append((stage, json.loads(path.read_text())["wall_seconds"]))
+            timing = json.loads(path.read_text())
+            rows.append((stage, timing["wall_seconds"]))
+            rows += [(f"{stage}: {part}", seconds) for part, seconds in timing.get("parts", {}).items()]
     return rows
 
 

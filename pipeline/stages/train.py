@@ -162,7 +162,9 @@ def _fit_and_export(
             trial_flat = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
             trial_flat.update({"data.num_classes": num_classes, "data.in_channels": in_channels})
             param_space = space.param_space(config, variants, trial_flat)
-            tuner = session.new_tuner(config, trainable, param_space, name, storage)
+            tuner = session.new_tuner(
+                config, trainable, param_space, name, storage, reuse_actors=started_here
+            )
         # A restored Tuner brings back the callbacks pickled with the run; this driver's own go in instead.
         tuner._local_tuner.get_run_config().callbacks = [
             mlflow_callback,
@@ -176,7 +178,10 @@ def _fit_and_export(
             f"{parent_id}; Tune run {experiment}",
             flush=True,
         )
+        slots = session.concurrent_slots(config, total_trials - done_before)
+        fit_began, fit_clock = time.time(), time.monotonic()
         grid = tuner.fit()
+        fit_wall = time.monotonic() - fit_clock
     except BaseException:
         if parent_id is not None:
             with contextlib.suppress(Exception):
@@ -203,6 +208,12 @@ def _fit_and_export(
             f"train: {mlflow_callback.skipped} live MLflow writes missed during an outage, logged from disk"
         )
     rows = table.trial_rows(results, mlflow_callback)
+    utilisation = session.slot_utilisation(table.busy_seconds(results, since=fit_began), fit_wall, slots)
+    print(
+        f"train: slot utilisation {utilisation:.0%} (the trials' own time over {fit_wall:.0f} s x {slots} "
+        "concurrent slots)",
+        flush=True,
+    )
     failed = [r for r in rows if r["status"] == "ERROR"]
     if failed:
         client.set_terminated(parent_id, status="FAILED")
@@ -218,8 +229,10 @@ def _fit_and_export(
         tune_run=experiment,
         datasets=inputs.hashes,
         wall_seconds=round(wall, 1),
+        slot_utilisation=round(utilisation, 4),
     )
     metrics = table.study_metrics(best, variants, config.seeds, len(rows))
+    metrics["slot_utilisation"] = round(utilisation, 4)  # timing: how well the run kept its slots busy
     # Not a measurement: where this run's numbers are in MLflow, so that `dvc exp show` lists it.
     metrics["mlflow_parent_run_id"] = parent_id
     with atomic_output_dir(out) as folder:
@@ -233,7 +246,7 @@ def _fit_and_export(
 
     try:
         retrying(
-            lambda: finish_parent(client, parent_id, rows, wall, out / "trials.csv"),
+            lambda: finish_parent(client, parent_id, rows, wall, out / "trials.csv", utilisation),
             "logging the models",
             uri,
             wait_s,

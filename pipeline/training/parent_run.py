@@ -97,12 +97,16 @@ def open_parent(
     return parent_id
 
 
-def finish_parent(client, parent_id: str, rows: list[dict], wall: float, table: Path) -> None:
+def finish_parent(
+    client, parent_id: str, rows: list[dict], wall: float, table: Path, utilisation: float
+) -> None:
     """Models and the table to MLflow, once the stage's outputs are safe on disk; the run FINISHED."""
     from mlflow.entities import Metric
 
     log_models(client, rows)
     # Per-model numbers live on each trial's run (best_val_accuracy), where the charts compare them.
-    client.log_batch(parent_id, metrics=[Metric("train_wall_seconds", wall, int(time.time() * 1000), 0)])
+    now = int(time.time() * 1000)
+    metrics = [Metric("train_wall_seconds", wall, now, 0), Metric("slot_utilisation", utilisation, now, 0)]
+    client.log_batch(parent_id, metrics=metrics)
     client.log_artifact(parent_id, str(table))
     client.set_terminated(parent_id, status="FINISHED")

@@ -109,6 +109,26 @@ def connect_ray(config: StudyConfig, repo: Path) -> bool:
     return True
 
 
+def concurrent_slots(config: StudyConfig, total_trials: int) -> int:
+    """How many trials can run at once on the joined Ray: the CPUs, GPUs and `max_concurrent_trials` allow."""
+    import ray
+
+    resources = ray.cluster_resources()
+    limits = [total_trials, int(resources.get("CPU", 0) // config.train.cpus_per_trial)]
+    if config.train.gpus_per_trial > 0:
+        limits.append(int(resources.get("GPU", 0) // config.train.gpus_per_trial))
+    if config.train.max_concurrent_trials:
+        limits.append(config.train.max_concurrent_trials)
+    return max(1, min(limits))
+
+
+def slot_utilisation(busy_seconds: list[float], wall_seconds: float, slots: int) -> float:
+    """The share of the run's trial slots that trials kept busy: sum of the trials' own time over (wall time
+    x concurrent slots). What is left is the scheduler's gaps (starting workers, restoring) and the tail
+    where fewer trials are left than slots."""
+    return float(sum(busy_seconds)) / max(wall_seconds * slots, 1e-9)
+
+
 def check_cluster_cpus(config: StudyConfig) -> None:
     """A trial must fit on the joined cluster's CPUs."""
     import ray
@@ -195,8 +215,16 @@ def epochs_text(config: StudyConfig, variants: list[space.Variant]) -> str:
     return f"{config.train.epochs} epochs" + (f" ({', '.join(own)})" if own else "")
 
 
-def new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, storage: str):
-    """A Tuner for a fresh run: a grid over variants and seeds, ASHA where a search is configured."""
+def new_tuner(
+    config: StudyConfig, trainable, param_space: dict, name: str, storage: str, reuse_actors: bool = False
+):
+    """A Tuner for a fresh run: a grid over variants and seeds, ASHA where a search is configured.
+
+    `reuse_actors` (Ray in-process): a finished trial's worker process takes the next trial, its imports
+    warm, instead of a new process paying 5-8 s to start and import torch, e3nn and the rest. On a cluster
+    fresh actors spread the trials over the nodes (a reused one keeps them on its node) and a dead node
+    takes only its own trials with it.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -212,6 +240,7 @@ def new_tuner(config: StudyConfig, trainable, param_space: dict, name: str, stor
             num_samples=config.train.num_samples,
             max_concurrent_trials=config.train.max_concurrent_trials or None,
             search_alg=BasicVariantGenerator(random_state=config.seed),
+            reuse_actors=reuse_actors,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
             scheduler=ASHAScheduler(

@@ -29,10 +29,12 @@ def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         best_ckpt = result.get_best_checkpoint(METRIC, MODE) if result.checkpoint else None
-        best_epoch, best_acc = 0, float("nan")
+        best_epoch, best_acc, curve = 0, float("nan"), []
         if history is not None and len(history) and METRIC in history:
             top = history.loc[history[METRIC].idxmax()]
             best_epoch, best_acc = int(top["epoch"]), float(top[METRIC])
+            # One value per epoch (a retried or restored epoch reports again: its last report counts).
+            curve = [float(v) for v in history.groupby("epoch")[METRIC].last().sort_index()]
         status = "ERROR" if result.error else "TERMINATED"
         rows.append(
             {
@@ -44,6 +46,7 @@ def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
                 "epochs": int(metrics.get("epoch", 0)),
                 "val_accuracy": best_acc,
                 "best_epoch": best_epoch,
+                "val_curve": [round(v, 6) for v in curve],
                 "final_val_accuracy": float(metrics.get(METRIC, float("nan"))),
                 "final_train_loss": float(metrics.get("train_loss", float("nan"))),
                 "node_id": metrics.get("node_id", ""),
@@ -61,6 +64,19 @@ def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: (r["variant"], r["seed"], r["trial_id"]))
     return rows
+
+
+def busy_seconds(results, since: float) -> list[float]:
+    """Each trial's own time in this run: its epochs' `time_this_iter_s` (the first one from the trial's
+    start) reported at or after `since` (time.time()), so that a restored run counts only what it ran."""
+    busy = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or not len(history) or "reported_at" not in history:
+            continue
+        mine = history[history["reported_at"] >= since]
+        busy.append(float(mine["time_this_iter_s"].sum()))
+    return busy
 
 
 def best_per_variant(rows: list[dict], variants: list[space.Variant], seeds: tuple[int, ...]) -> dict:
@@ -107,7 +123,9 @@ def write_table(rows: list[dict], folder: Path) -> None:
     (folder / "trials.json").write_text(json.dumps(public, indent=2, sort_keys=True, default=str) + "\n")
 
 
-SUMMARY_KEYS = ("trial_id", "family", "val_accuracy", "best_epoch", "checkpoint_file", "mlflow_run_id")
+SUMMARY_KEYS = (
+    "trial_id", "family", "val_accuracy", "best_epoch", "val_curve", "checkpoint_file", "mlflow_run_id"
+)  # fmt: skip
 
 
 def study_summary(

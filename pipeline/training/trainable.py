@@ -171,9 +171,11 @@ def _train_trial(flat: dict[str, Any], data_by_kind: dict[str, TrialData | None]
         faulty = attempt == 0 and fault_epoch and epoch + 1 == fault_epoch
         if faulty and flat["train.fault.kind"] == "error":
             raise InjectedFault(f"train.fault: {flat['trial.name']} fails at epoch {fault_epoch} (test-only)")
+        if faulty and flat["train.fault.kind"] == "pause":
+            time.sleep(flat["train.fault.pause_seconds"])  # mid-run, after the last epoch's checkpoint
         started = time.perf_counter()
         try:
-            if faulty:  # kind "oom": what torch raises when the allocator cannot serve a batch
+            if faulty and flat["train.fault.kind"] == "oom":  # what torch raises when memory runs out
                 raise torch.OutOfMemoryError("CUDA out of memory (train.fault, test-only)")
             loss = train_one_epoch(model, optimizer, train_x, train_y, step, generator, device)
         except torch.OutOfMemoryError:
