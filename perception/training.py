@@ -150,7 +150,7 @@ def train_one_epoch(
     return total / max(seen, 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not no_grad: no version counters or view tracking for tensors never trained on
 def predict(
     model: nn.Module, inputs: Tensor, batch_size: int, device: torch.device, bf16: bool = False
 ) -> Tensor:

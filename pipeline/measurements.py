@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from perception.data.arrays import DatasetError
+from perception.evaluation.cost import torch_threads
 from perception.models.checkpoint import CheckpointError, ModelCheckpoint, build_float64, load_checkpoint
 from perception.training import predict, subsample_points
+from pipeline.parallel import parallel_map
 
 
 @dataclass
@@ -146,46 +148,68 @@ class RotationMeasurements:
     points_per_cloud: int = 0
 
 
+def _rotation_item(item: tuple) -> tuple[dict[str, Any], float]:
+    """One point model (a variant at one seed) under every rotation mode, and its float64 invariance
+    error; in a worker process, on one thread, so results do not depend on how many workers there are."""
+    from perception.evaluation.rotation import evaluate_rotations, invariance_error
+
+    saved, points_file, labels_file, trained_points, subset, draws, data_seed, batch_size = item
+    clouds = test_clouds(np.load(points_file), trained_points, data_seed)
+    targets = torch.from_numpy(np.load(labels_file))
+    with torch_threads(1):
+        results = evaluate_rotations(
+            saved.build().eval(), clouds, targets, draws=draws, seed=data_seed, batch_size=batch_size
+        )
+        error = invariance_error(
+            build_float64(saved), clouds[torch.from_numpy(subset)], rotations=2, seed=data_seed
+        )
+    return {mode: (r.correct.numpy(), r.angles_deg.numpy()) for mode, r in results.items()}, error
+
+
 def measure_rotation(
     checkpoints: dict[str, dict[int, Checkpoint]],
-    points: np.ndarray,
-    labels: np.ndarray,
+    points_file: Path,
+    labels_file: Path,
     *,
     draws: int,
     data_seed: int,
     batch_size: int,
     invariance_clouds: int,
     trained_points: int,
+    workers: int = 0,
     progress=print,
 ) -> RotationMeasurements:
-    """Every point model at every seed on the test clouds under none / z / SO(3) rotations, and the float64
-    invariance error on a class-stratified subset. Rotations depend on the data seed only, so every model
-    sees the same rotated clouds (paired comparisons)."""
-    from perception.evaluation.rotation import evaluate_rotations, invariance_error
-
-    clouds = test_clouds(points, trained_points, data_seed)
-    targets = torch.from_numpy(labels)
-    subset = torch.from_numpy(stratified_subset(labels, invariance_clouds))
-    out = RotationMeasurements(points_per_cloud=clouds.shape[1])
-    for variant, by_seed in checkpoints.items():
-        if next(iter(by_seed.values())).input_kind != "points":
-            continue
-        per_mode: dict[str, list[np.ndarray]] = {}
-        worst = 0.0
-        for seed, ckpt in by_seed.items():
-            results = evaluate_rotations(
-                ckpt.model, clouds, targets, draws=draws, seed=data_seed, batch_size=batch_size
-            )
-            for mode, result in results.items():
-                per_mode.setdefault(mode, []).append(result.correct.numpy())
-                out.angles.setdefault(mode, result.angles_deg.numpy())
-            error = invariance_error(build_float64(ckpt.saved), clouds[subset], rotations=2, seed=data_seed)
-            worst = max(worst, error)
-            shown = "  ".join(f"{m} {float(r.correct.double().mean()):.3f}" for m, r in results.items())
-            progress(f"evaluate: {variant:22s} seed {seed}  {shown}  invariance error {error:.1e}")
-        out.correct[variant] = {mode: np.stack(arrays) for mode, arrays in per_mode.items()}
-        out.invariance_error[variant] = worst
-        out.seeds[variant] = list(by_seed)
+    """Every point model at every seed on the test clouds (`points_file`, `.npy` float32[N, P, 3]) under
+    none / z / SO(3) rotations, and the float64 invariance error on a class-stratified subset. Rotations
+    depend on the data seed only, so every model sees the same rotated clouds (paired comparisons). The
+    (variant, seed) pairs run over `workers` processes (0: one per core), each on one thread."""
+    labels = np.load(labels_file)
+    subset = stratified_subset(labels, invariance_clouds)
+    jobs = [
+        (variant, seed, ckpt)
+        for variant, by_seed in checkpoints.items()
+        if next(iter(by_seed.values())).input_kind == "points"
+        for seed, ckpt in by_seed.items()
+    ]
+    items = [
+        (c.saved, points_file, labels_file, trained_points, subset, draws, data_seed, batch_size)
+        for _, _, c in jobs
+    ]
+    out = RotationMeasurements(
+        points_per_cloud=min(trained_points or 1 << 30, int(np.load(points_file, mmap_mode="r").shape[1]))
+    )
+    per_mode: dict[str, dict[str, list[np.ndarray]]] = {}
+    for (variant, seed, _), (results, error) in zip(
+        jobs, parallel_map(_rotation_item, items, workers, "evaluate: rotation", progress=False), strict=True
+    ):
+        for mode, (correct, angles) in results.items():
+            per_mode.setdefault(variant, {}).setdefault(mode, []).append(correct)
+            out.angles.setdefault(mode, angles)
+        out.invariance_error[variant] = max(out.invariance_error.get(variant, 0.0), error)
+        out.seeds.setdefault(variant, []).append(seed)
+        shown = "  ".join(f"{m} {c.mean():.3f}" for m, (c, _) in results.items())
+        progress(f"evaluate: {variant:22s} seed {seed}  {shown}  invariance error {error:.1e}")
+    out.correct = {variant: {m: np.stack(a) for m, a in modes.items()} for variant, modes in per_mode.items()}
     return out
 
 
@@ -195,34 +219,52 @@ class ImageMeasurements:
     seeds: dict[str, list[int]] = field(default_factory=dict)
 
 
+def _images_item(item: tuple) -> dict[str, np.ndarray]:
+    """One image model (a variant at one seed) on every test set: test set -> bool[N] correct; in a worker
+    process, on one thread."""
+    saved, files, labels_file, batch_size = item
+    model = saved.build().eval()
+    targets = torch.from_numpy(np.load(labels_file))
+    with torch_threads(1):
+        return {
+            name: (
+                predict(model, torch.from_numpy(np.load(path)), batch_size, torch.device("cpu")) == targets
+            ).numpy()
+            for name, path in files.items()
+        }
+
+
 def measure_images(
     checkpoints: dict[str, dict[int, Checkpoint]],
-    test_sets: dict[str, np.ndarray],
-    labels: np.ndarray,
+    test_files: dict[str, Path],
+    labels_file: Path,
     *,
     dataset: str,
     batch_size: int,
+    workers: int = 0,
     progress=print,
 ) -> ImageMeasurements:
     """Every image model trained on `dataset` ("images" or "proximity"), at every seed, on every test set
-    (name -> float32[N, C, H, W], all of the same N instances). Models run on any canvas as they are: ViT's
-    position encoding decides what happens at a grid it did not train on (its `pos_embed`)."""
-    targets = torch.from_numpy(labels)
+    (name -> `.npy` float32[N, C, H, W], all of the same N instances). Models run on any canvas as they
+    are: ViT's position encoding decides what happens at a grid it did not train on (its `pos_embed`).
+    The (variant, seed) pairs run over `workers` processes (0: one per core), each on one thread."""
+    jobs = [
+        (variant, seed, ckpt)
+        for variant, by_seed in checkpoints.items()
+        if next(iter(by_seed.values())).dataset == dataset
+        for seed, ckpt in by_seed.items()
+    ]
+    items = [(c.saved, test_files, labels_file, batch_size) for _, _, c in jobs]
     out = ImageMeasurements()
-    for variant, by_seed in checkpoints.items():
-        if next(iter(by_seed.values())).dataset != dataset:
-            continue
-        per_set: dict[str, list[np.ndarray]] = {}
-        for seed, ckpt in by_seed.items():
-            shown = []
-            for name, images in test_sets.items():
-                predicted = predict(ckpt.model, torch.from_numpy(images), batch_size, torch.device("cpu"))
-                correct = (predicted == targets).numpy()
-                per_set.setdefault(name, []).append(correct)
-                shown.append(f"{name} {correct.mean():.3f}")
-            progress(f"evaluate: {variant:26s} seed {seed}  " + "  ".join(shown))
-        out.correct[variant] = {name: np.stack(arrays) for name, arrays in per_set.items()}
-        out.seeds[variant] = list(by_seed)
+    per_set: dict[str, dict[str, list[np.ndarray]]] = {}
+    results = parallel_map(_images_item, items, workers, f"evaluate: {dataset}", progress=False)
+    for (variant, seed, _), correct in zip(jobs, results, strict=True):
+        for name, array in correct.items():
+            per_set.setdefault(variant, {}).setdefault(name, []).append(array)
+        out.seeds.setdefault(variant, []).append(seed)
+        shown = "  ".join(f"{name} {array.mean():.3f}" for name, array in correct.items())
+        progress(f"evaluate: {variant:26s} seed {seed}  " + shown)
+    out.correct = {variant: {n: np.stack(a) for n, a in sets.items()} for variant, sets in per_set.items()}
     return out
 
 

@@ -23,9 +23,10 @@ SEEDS = [0, 1]
 TRIALS = 3 * len(SEEDS)
 
 
-def _queue_repo(tmp_path: Path, epochs: int, seeds: list[int] = SEEDS) -> Path:
+def _queue_repo(tmp_path: Path, epochs: int, seeds: list[int] = SEEDS, fault: dict | None = None) -> Path:
     """A committed study repository (the queue runs a git clone of the last commit)."""
-    override = {"seeds": seeds, "train": {"all_families": False, "epochs": epochs}}
+    train = {"all_families": False, "epochs": epochs} | ({"fault": fault} if fault else {})
+    override = {"seeds": seeds, "train": train}
     root = make_study_repo(tmp_path, override, models=MODELS)
     run_command(["git", "add", "-A"], root)
     run_command(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study"], root)
@@ -140,7 +141,10 @@ def _stage_process(root: Path, stage: str) -> psutil.Process | None:
 def test_a_queued_experiment_whose_worker_dies_is_restored_when_it_runs_again(tmp_path):
     seeds = [0, 1, 2, 3]  # 12 trials: most are still to run when the worker dies
     trials = 3 * len(seeds)
-    root = _queue_repo(tmp_path, epochs=3, seeds=seeds)
+    # ViT's first attempts stop for a while after their first epoch (and its checkpoint), computing nothing
+    # different: however fast the other trials run, one is mid-run when the worker dies.
+    pause = {"model": "vit", "epoch": 2, "kind": "pause", "pause_seconds": 30}
+    root = _queue_repo(tmp_path, epochs=3, seeds=seeds, fault=pause)
     run_command(["dvc", "exp", "run", "--queue", "-n", "cut-short"], root)
     _start_queue(root, 1)
 
@@ -149,9 +153,13 @@ def test_a_queued_experiment_whose_worker_dies_is_restored_when_it_runs_again(tm
         rows = next(iter(runs.values()), {})
         return {name for name, r in rows.items() if r and r[-1]["epoch"] == 3}
 
+    def paused() -> bool:
+        rows = next(iter(_results(root).values()), {})
+        return any(name.startswith("vit") and len(r) == 1 for name, r in rows.items())
+
     deadline = time.monotonic() + 600
-    while len(finished()) < 2:
-        assert time.monotonic() < deadline, "no two trials finished in time"
+    while len(finished()) < 2 or not paused():
+        assert time.monotonic() < deadline, "no two trials finished and one paused mid-run in time"
         time.sleep(0.2)  # (not `dvc queue status`: it takes seconds, the trials less)
     time.sleep(2.5)  # Tune saves its run state every second
     driver = _stage_process(root, "train")

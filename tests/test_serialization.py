@@ -18,6 +18,7 @@ from perception.ops.serialization import (
     scan_directions,
     scan_order,
     serialize,
+    serialize_ref,
 )
 from tests.conftest import REPO
 
@@ -99,6 +100,18 @@ def test_serialize_then_deserialize_puts_every_direction_back_on_the_grid():
         for j in range(k):
             assert torch.equal(seqs[:, j * 3 : (j + 1) * 3], x[..., paths[j]])
         assert torch.equal(deserialize(seqs, paths), x.unsqueeze(1).expand(2, k, 3, 12))
+
+
+@pytest.mark.parametrize("name", ["rowmajor", "hilbert", "random", "cross"])
+def test_serialize_agrees_with_its_reference_in_values_and_gradients(name):
+    paths = scan_directions(name, 5, 7)
+    x = torch.randn(2, 3, 35, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, paths.shape[0] * 3, 35, dtype=torch.float64)
+    fast, ref = serialize(x, paths), serialize_ref(x, paths)
+    assert torch.equal(fast, ref)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), x)
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=0, atol=1e-12)
 
 
 def test_cross_scan_with_a_cumulative_sum_for_the_scan():

@@ -156,7 +156,23 @@ def scan_directions(name: str, height: int, width: int) -> torch.Tensor:
 
 def serialize(x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
     """Row-major tokens x (B, C, L) -> k sequences stacked on channels (B, k*C, L), direction j in
-    channels [j*C, (j+1)*C), its tokens in the order paths[j]. paths: LongTensor[k, L] on x's device."""
+    channels [j*C, (j+1)*C), its tokens in the order paths[j]. paths: LongTensor[k, L] on x's device.
+
+    Tokens are gathered as rows: x is viewed (B, L, C), so one `index_select` over the flattened paths
+    copies C contiguous values per token, and its backward is an `index_add` of rows. The advanced
+    indexing of `serialize_ref` gathers single values along the last axis and backs up through a sorted,
+    accumulating `index_put`: 1.5-4x slower forward, up to 2x slower with its backward, on CPU
+    (benchmarks/epoch.py). The same values and gradients (tests/test_serialization.py).
+    """
+    B, C, L = x.shape
+    k = paths.shape[0]
+    # rows[b, j*L + i] = x[b, :, paths[j, i]]
+    rows = x.transpose(1, 2).index_select(1, paths.reshape(-1))  # (B, k*L, C)
+    return rows.view(B, k, L, C).permute(0, 1, 3, 2).reshape(B, k * C, L)  # (B, k*C, L)
+
+
+def serialize_ref(x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """`serialize` by advanced indexing: the reference it is tested against."""
     B, C, L = x.shape
     k = paths.shape[0]
     seqs = x[..., paths]  # (B, C, k, L): seqs[b, c, j, i] = x[b, c, paths[j, i]]

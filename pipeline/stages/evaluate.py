@@ -96,34 +96,45 @@ def evaluate(
     num_classes = len(points.manifest["classes"])
     train_res = config.images.train_resolution
 
+    workers = config.runtime.workers
     rotation = measure_rotation(
         checkpoints,
-        points.array("test_points"),
-        points.array("test_labels"),
+        points.folder / "test_points.npy",
+        points.folder / "test_labels.npy",
         draws=ev.rotation_draws,
         data_seed=config.seed,
         batch_size=ev.batch_size,
         invariance_clouds=ev.invariance_clouds,
         trained_points=evidence.trained_points(checkpoints, config.points.num_points),
+        workers=workers,
     )
     lap("rotation")
     canvases = tuple(r for r in config.images.resolutions if r != train_res)
     canvas_names = evidence.canvas_set_names(canvases)
-    canvas_sets = {"in": images.array(canvas_set_file("in", train_res, train_res))}
+    # Each test set is read (and checked) here once; the workers that run the models map its file.
+    canvas_stems = {"in": canvas_set_file("in", train_res, train_res)}
     for name in canvas_names[1:]:
         kind, canvas = name.rsplit("_", 1)
-        canvas_sets[name] = images.array(canvas_set_file(kind, int(canvas), train_res))
+        canvas_stems[name] = canvas_set_file(kind, int(canvas), train_res)
+    canvas_sets = {name: images.array(stem) for name, stem in canvas_stems.items()}
+    canvas_files = {name: images.folder / f"{stem}.npy" for name, stem in canvas_stems.items()}
     canvas = measure_images(
-        checkpoints, canvas_sets, images.array("test_labels"), dataset="images", batch_size=ev.batch_size
+        checkpoints,
+        canvas_files,
+        images.folder / "test_labels.npy",
+        dataset="images",
+        batch_size=ev.batch_size,
+        workers=workers,
     )
     lap("resolution")
     size = config.proximity.size
     prox = measure_images(
         checkpoints,
-        {"in": proximity.array(f"test_r{size}")},
-        proximity.array("test_labels"),
+        {"in": proximity.folder / f"test_r{size}.npy"},
+        proximity.folder / "test_labels.npy",
         dataset="proximity",
         batch_size=ev.batch_size,
+        workers=workers,
     )
     lap("serialisation")
 

@@ -1,0 +1,170 @@
+"""One training epoch of every family at its default size, on the default study's data, before and after the
+step-level changes of this version, in one run:
+
+    python -m benchmarks.epoch --json epoch.json          # about 4 minutes on 2 cores
+
+"before" runs the reference paths these changes kept beside their fast ones (`serialize_ref`, the advanced
+indexing that put a token grid in scan order; validation under `torch.no_grad` rather than
+`torch.inference_mode`); "after" the code as it is. Each family trains one epoch (and validates) on one
+thread, as a trial does, alternating before / after three times on the same data, model and seed; the
+median of each is reported with their ratio. The image models also predict the whole test set on the
+larger canvas (the evaluate stage's work), before and after, the same way. The data are the default
+params' datasets, prepared into a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import perception.models.mamba_hybrid as mamba_hybrid
+import perception.training as training
+from perception.data.arrays import open_dataset
+from perception.ops.serialization import serialize_ref
+from pipeline.config import load_config
+from pipeline.stages.prepare_images import prepare_images
+from pipeline.stages.prepare_points import prepare_points
+from pipeline.stages.prepare_proximity import prepare_proximity
+from pipeline.training import space
+from pipeline.training.inputs import split_data
+from pipeline.training.trainable import build_model, trial_settings
+
+REPO = Path(__file__).resolve().parents[1]
+# One variant per family (and the proximity task's pure Mamba, the study's most numerous trials).
+VARIANTS = (
+    "e3nn",
+    "dgcnn",
+    "pointnet-none",
+    "vit-learned",
+    "mamba_hybrid",
+    "mamba",
+    "proximity_mamba-rowmajor",
+    "proximity_mamba-cross",  # four scan directions: serialisation's largest share
+)
+STEMS = {"points": "points", "images": "r32", "proximity": "r16"}
+PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view: 16x16 tokens
+
+
+@contextlib.contextmanager
+def before() -> Iterator[None]:
+    """The reference paths in place of the fast ones."""
+    fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
+
+    @torch.no_grad()
+    def predict_no_grad(model, inputs, batch_size, device, bf16=False):
+        return fast_predict.__wrapped__(model, inputs, batch_size, device, bf16)
+
+    mamba_hybrid.serialize, training.predict = serialize_ref, predict_no_grad
+    try:
+        yield
+    finally:
+        mamba_hybrid.serialize, training.predict = fast_serialize, fast_predict
+
+
+def one_epoch(flat: dict, data, seed: int) -> float:
+    """Seconds for one epoch and its validation, from a freshly built model."""
+    torch.manual_seed(seed)
+    model = build_model(flat)
+    settings = trial_settings(flat)
+    step = training.StepSettings(
+        batch_size=int(settings["batch_size"]),
+        augment=flat.get("trial.augment", "none"),
+        points_per_cloud=int(settings["points_per_cloud"]),
+        grad_clip=float(settings["grad_clip"]),
+    )
+    optimizer = torch.optim.AdamW(
+        training.parameter_groups(model, float(settings["weight_decay"])), lr=float(settings["lr"])
+    )
+    x, y = torch.from_numpy(data.train_inputs), torch.from_numpy(data.train_labels)
+    vx, vy = torch.from_numpy(data.val_inputs), torch.from_numpy(data.val_labels)
+    generator = torch.Generator().manual_seed(seed)
+    began = time.perf_counter()
+    training.train_one_epoch(model, optimizer, x, y, step, generator, torch.device("cpu"))
+    training.accuracy(model, vx, vy, step.batch_size, torch.device("cpu"))
+    return time.perf_counter() - began
+
+
+def one_prediction(flat: dict, inputs: np.ndarray, batch_size: int, seed: int) -> float:
+    """Seconds to predict a test set (the evaluate stage's work per model and test set)."""
+    torch.manual_seed(seed)
+    model = build_model(flat).eval()
+    began = time.perf_counter()
+    training.predict(model, torch.from_numpy(inputs), batch_size, torch.device("cpu"))
+    return time.perf_counter() - began
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.epoch", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("epoch.json"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = load_config(REPO / "params.yaml")
+    variants = {v.name: v for v in space.expand(config)}
+    study_flat = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
+    report: dict = {"threads": 1, "repeats": args.repeats, "families": {}}
+    with tempfile.TemporaryDirectory(prefix="epoch-bench-") as tmp:
+        folders = {
+            "points": Path(tmp) / "points",
+            "images": Path(tmp) / "images",
+            "proximity": Path(tmp) / "proximity",
+        }
+        prepare_points(config, folders["points"], REPO)
+        prepare_images(config, folders["points"], folders["images"])
+        prepare_proximity(config, folders["proximity"])
+        datasets = {
+            kind: open_dataset(folder, "images" if kind != "points" else "points")
+            for kind, folder in folders.items()
+        }
+        for name in VARIANTS:
+            variant = variants[name]
+            kind = variant.dataset
+            dataset = datasets[kind]
+            data = split_data(config, dataset.array(f"train_{STEMS[kind]}"), dataset.array("train_labels"))
+            classes = len(dataset.manifest["classes"]) if kind != "proximity" else 2
+            flat = space.resolved(
+                {**study_flat, "trial": variant.as_trial(), "trial_seed": 0,
+                 "data.num_classes": classes, "data.in_channels": 4 if kind == "images" else 1}
+            )  # fmt: skip
+            one_epoch(flat, data, 0)  # warm-up: first-call allocations, lazy imports
+            times: dict[str, list[float]] = {"before": [], "after": []}
+            for _ in range(args.repeats):
+                with before():
+                    times["before"].append(one_epoch(flat, data, 0))
+                times["after"].append(one_epoch(flat, data, 0))
+            row = {which: round(float(np.median(t)), 3) for which, t in times.items()}
+            row["speedup"] = round(row["before"] / row["after"], 3)
+            report["families"][name] = row
+            line = f"{name:26s} before {row['before']:6.2f} s  after {row['after']:6.2f} s"
+            print(f"{line}  x{row['speedup']:.2f}", flush=True)
+            if kind != "images":
+                continue
+            # The evaluate stage's side: the whole test set on the larger canvas (4x the tokens).
+            canvas = np.asarray(dataset.array(PREDICT_STEM))
+            batch = config.evaluate.batch_size
+            one_prediction(flat, canvas, batch, 0)
+            times = {"before": [], "after": []}
+            for _ in range(args.repeats):
+                with before():
+                    times["before"].append(one_prediction(flat, canvas, batch, 0))
+                times["after"].append(one_prediction(flat, canvas, batch, 0))
+            row = {which: round(float(np.median(t)), 3) for which, t in times.items()}
+            row["speedup"] = round(row["before"] / row["after"], 3)
+            report.setdefault("predict", {})[name] = row
+            line = f"{name + ' predict 64 px':26s} before {row['before']:6.2f} s  after {row['after']:6.2f} s"
+            print(f"{line}  x{row['speedup']:.2f}", flush=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
