@@ -123,7 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "report":
             from pipeline.stages.report import report
 
-            report(args.evaluation, args.train, base_dir / TIMINGS, args.out, config.mlflow.wait_seconds)
+            report(
+                args.evaluation,
+                args.train,
+                base_dir / TIMINGS,
+                args.out,
+                config.mlflow.wait_seconds,
+                config.report.latency_budget_ms,
+            )
     except (ConfigError, DatasetError, DataError, UnusableFile, TrainingError, TrackingUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -407,10 +407,20 @@ class EvaluateConfig(Section):
     cost_min_run_time: number(0.001, 3600.0, "seconds per model and point") = 0.5
     cost_min_blocks: whole(2, 10_000, "rounds of timed blocks per point") = 7
     cost_fit_min_tokens: whole(1, 10_000_000) = 576
+    # Deployment cost of every trained model: seconds of batch-1 timing per model (torch.utils.benchmark)
+    deploy_min_run_time: number(0.01, 3600.0, "seconds of timing per trained model") = 0.2
     # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many
     # resamples, drawn from a generator seeded with bootstrap_seed.
     bootstrap_resamples: whole(100, 1_000_000) = 2000
     bootstrap_seed: whole(0, 2**32 - 1) = 0
+
+
+class ReportConfig(Section):
+    """Stage `report`: the verdicts and the decision table."""
+
+    # The decision table's frame budget: the most accurate model whose batch-1 latency (median, on the
+    # machine evaluate ran on) is at most this.
+    latency_budget_ms: number(0.001, 1e7, "milliseconds per frame at batch 1") = 20.0
 
 
 class RayConfig(Section):
@@ -442,6 +452,7 @@ class StudyConfig(Section):
     proximity: ProximityConfig = ProximityConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
     runtime: RuntimeConfig = RuntimeConfig()

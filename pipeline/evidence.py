@@ -427,3 +427,75 @@ def per_model_test_metrics(
                     review.trial_test_metrics(by_set, dataset, index, lambda c: accuracy(c, settings))
                 )
     return out
+
+
+def deployment_conditions(canvases: tuple[int, ...]) -> dict[str, list[dict[str, str]]]:
+    """task -> its conditions in the decision table ({name, label}), in order; the larger canvas is the
+    largest test canvas, object at training scale (test set (b): centre and corner, averaged per instance)."""
+    images = {"in_distribution": "in distribution (the training canvas)"}
+    if canvases:
+        images[f"canvas_{max(canvases)}"] = f"a larger canvas ({max(canvases)} px, object at training scale)"
+    named = {
+        "points": {"unrotated": "unrotated", "so3": "arbitrary rotation (SO(3))"},
+        "images": images,
+        "proximity": {"in_distribution": "the proximity task (claim 1)"},
+    }
+    return {task: [{"name": n, "label": label} for n, label in c.items()] for task, c in named.items()}
+
+
+def deployment_table(
+    costs: dict[str, Any],
+    rotation: dict[str, dict[str, np.ndarray]],
+    canvas: dict[str, dict[str, np.ndarray]],
+    proximity: dict[str, dict[str, np.ndarray]],
+    infos: dict[str, VariantInfo],
+    canvases: tuple[int, ...],
+    settings: BootstrapSettings,
+    machine: str,
+) -> dict[str, Any]:
+    """The deployment table (`pipeline.results.DeploymentTable`) measured on `machine`: variant -> its
+    deployment cost (a `perception.evaluation.deployment.DeploymentCost` dict) with its task and its
+    accuracy (an Estimate dict, over seeds and test samples) under each of its task's conditions
+    (`deployment_conditions`)."""
+    conditions = deployment_conditions(canvases)
+    models = {}
+    for variant, cost in costs.items():
+        task = infos[variant].dataset
+        if task == "points":
+            arrays = {"unrotated": rotation[variant]["none"], "so3": rotation[variant]["so3"]}
+        elif task == "images":
+            arrays = {"in_distribution": canvas[variant]["in"]}
+            if canvases:
+                big = max(canvases)
+                # centre and corner are two draws of one instance: averaged per sample, never resampled
+                pair = [canvas[variant][f"{where}_{big}"] for where in ("centre", "corner")]
+                arrays[f"canvas_{big}"] = np.stack(pair, axis=-1)  # [S, N, 2]
+        else:
+            arrays = {"in_distribution": proximity[variant]["in"]}
+        models[variant] = {
+            **cost,
+            "task": task,
+            "family": infos[variant].family,
+            "accuracy": {name: accuracy(a, settings).as_dict() for name, a in arrays.items()},
+        }
+    first = next(iter(costs.values()), {})
+    return {
+        "machine": machine,
+        "device": first.get("device", ""),
+        "threads": first.get("threads", 0),
+        "conditions": conditions,
+        "models": models,
+    }
+
+
+def deployment_metrics(cost: Any) -> dict[str, float]:
+    """A model's deployment cost as MLflow metrics, under the names every trial run shares."""
+    return {
+        "latency_ms": cost.latency_ms,
+        "latency_ms_lo": cost.latency_ms_lo,
+        "latency_ms_hi": cost.latency_ms_hi,
+        "throughput_per_s": cost.throughput_per_s,
+        "peak_memory_mb": cost.peak_memory_mb,
+        "parameters": float(cost.parameters),
+        "checkpoint_mb": cost.checkpoint_bytes / 2**20,
+    }

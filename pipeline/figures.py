@@ -210,6 +210,47 @@ def serialisation_figure(results: Results, path: Path) -> Path:
     return _save(fig, path)
 
 
+def tradeoff_figure(results: Results, path: Path) -> Path:
+    """Accuracy against batch-1 latency, one panel per task and condition, both with their intervals; the
+    Pareto front joined and ringed; models that did not learn their task in grey."""
+    from pipeline.decision import DECISION_TASKS, candidates, pareto_front
+
+    panels = [
+        (task, condition, label)
+        for task in DECISION_TASKS
+        for condition, label in ((c.name, c.label) for c in results.deployment.conditions.get(task, []))
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (task, condition, label) in zip(axes[0], panels, strict=True):
+        found = candidates(results, task, condition)
+        front = pareto_front([c for c in found if c.adequate])
+        for c in found:
+            lat, acc = c.latency_ms, c.accuracy
+            ax.errorbar(
+                [lat.value],
+                [acc.value],
+                xerr=[[max(0.0, lat.value - lat.lo)], [max(0.0, lat.hi - lat.value)]],
+                yerr=[[max(0.0, acc.value - acc.lo)], [max(0.0, acc.hi - acc.value)]],
+                fmt="o" if c.adequate else "x",
+                color=None if c.adequate else "0.6",
+                capsize=3,
+                label=c.name if c.adequate else f"{c.name} (did not learn)",
+            )
+        by_name = {c.name: c for c in found}
+        if front:
+            xs = [by_name[n].latency_ms.value for n in front]
+            ys = [by_name[n].accuracy.value for n in front]
+            ax.plot(xs, ys, "--", color="0.3", lw=1, zorder=0)
+            ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="0.2", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"batch-1 latency, ms ({results.deployment.device})")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task}: {label}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 def draw_figures(results: Results, folder: Path) -> list[Path]:
     folder = Path(folder)
     figures = []
@@ -221,4 +262,6 @@ def draw_figures(results: Results, folder: Path) -> list[Path]:
         figures.append(cost_figure(results.cost, folder / "cost_vs_tokens.png"))
     if results.serialisation.models:
         figures.append(serialisation_figure(results, folder / "serialisation.png"))
+    if results.deployment.models:
+        figures.append(tradeoff_figure(results, folder / "tradeoff.png"))
     return figures

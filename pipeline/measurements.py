@@ -24,6 +24,7 @@ import torch
 
 from perception.data.arrays import DatasetError
 from perception.evaluation.cost import torch_threads
+from perception.evaluation.deployment import DeploymentCost, measure_deployment
 from perception.models.checkpoint import CheckpointError, ModelCheckpoint, build_float64, load_checkpoint
 from perception.training import predict, subsample_points
 from pipeline.parallel import parallel_map
@@ -37,6 +38,7 @@ class Checkpoint:
     seed: int
     saved: ModelCheckpoint  # family, model config, weights, training settings
     model: torch.nn.Module
+    path: Path | None = None  # the checkpoint file (a derived reading: the file it reads)
 
     @property
     def family(self) -> str:
@@ -86,7 +88,7 @@ def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
             raise DatasetError(
                 f"{path}: not a usable checkpoint ({reason}); retrain: `dvc repro -f train`"
             ) from None
-        found.setdefault(variant, {})[seed] = Checkpoint(variant, seed, saved, model)
+        found.setdefault(variant, {})[seed] = Checkpoint(variant, seed, saved, model, path)
     if not found:
         raise DatasetError(
             f"{folder}: holds no checkpoints (<variant>/seed-<seed>.pt); rerun the train stage"
@@ -116,7 +118,7 @@ def with_unhelped_tables(checkpoints: dict[str, dict[int, Checkpoint]]) -> dict[
                 config={**ckpt.config, "pos_embed": "learned_fixed"},
                 training={**ckpt.training, "variant": name, "read_from": variant},
             )
-            derived[seed] = Checkpoint(name, seed, saved, saved.build())
+            derived[seed] = Checkpoint(name, seed, saved, saved.build(), ckpt.path)
         out[name] = derived
     return dict(sorted(out.items()))
 
@@ -265,6 +267,39 @@ def measure_images(
         shown = "  ".join(f"{name} {array.mean():.3f}" for name, array in correct.items())
         progress(f"evaluate: {variant:26s} seed {seed}  " + shown)
     out.correct = {variant: {n: np.stack(a) for n, a in sets.items()} for variant, sets in per_set.items()}
+    return out
+
+
+def measure_deployment_costs(
+    checkpoints: dict[str, dict[int, Checkpoint]],
+    samples: dict[str, torch.Tensor],
+    *,
+    batch_size: int,
+    device: torch.device,
+    min_run_time: float,
+    seed: int,
+    progress=print,
+) -> dict[str, DeploymentCost]:
+    """variant -> its deployment cost (`perception.evaluation.deployment`), measured once per variant on its
+    first seed's checkpoint: the seeds of a variant share an architecture, so they cost the same to run.
+    `samples`: dataset -> one test input as the variant trained on it (batch of one). In this process, one
+    model at a time, after the parallel parts: timings need the machine to themselves."""
+    out = {}
+    for variant, by_seed in checkpoints.items():
+        ckpt = next(iter(by_seed.values()))
+        if ckpt.path is None:
+            raise ValueError(f"{variant}: its checkpoint has no file to size")
+        model = ckpt.saved.build().to(device)
+        sample = samples[ckpt.dataset].to(device)
+        cost = measure_deployment(
+            model, sample, batch_size=batch_size, checkpoint=ckpt.path, min_run_time=min_run_time, seed=seed
+        )
+        out[variant] = cost
+        progress(
+            f"evaluate: deploy {variant:26s} {cost.latency_ms:8.2f} ms [{cost.latency_ms_lo:.2f}, "
+            f"{cost.latency_ms_hi:.2f}] batch 1, {cost.throughput_per_s:8.0f}/s at batch {batch_size}, "
+            f"{cost.peak_memory_mb:6.1f} MiB, {cost.parameters:,} parameters on {cost.device}"
+        )
     return out
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from perception.evaluation.intervals import Estimate
 from perception.training import PLATEAU_POINTS, last_quarter_gain
 from pipeline import verdicts as rules
-from pipeline.results import Busiest, Results
+from pipeline.results import Busiest, Decision, DecisionChoice, DecisionRecord, Results
 
 # claim -> the figure shown under its verdict
+TRADEOFF_FIGURE = "tradeoff.png"
 FIGURES = {
     1: "serialisation.png",
     2: "resolution_accuracy.png",
@@ -63,11 +64,14 @@ def layout(
     train_summary: dict,
     timings: list[tuple[str, float]],
     figures: dict[str, Path],
+    decision: Decision | None = None,
 ) -> list[tuple]:
-    """The report as blocks: the verdicts, each claim's rule and numbers, the tables, where and how long."""
+    """The report as blocks: which backbone (the decision table), the verdicts, each claim's rule and
+    numbers, the tables, where and how long."""
     mlflow = results.mlflow or train_summary.get("mlflow") or {}
     blocks: list[tuple] = [
         ("h1", "Vision backbones for robot perception: the four claims, measured"),
+        *(_decision_blocks(decision, results, figures) if decision is not None else []),
         (
             "p",
             f"MLflow run {mlflow.get('parent_run_id', 'n/a')} "
@@ -221,6 +225,114 @@ def layout(
         ("h2", "Where and how long"),
         ("list", hardware()),
         ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
+    ]
+    return blocks
+
+
+def _choice_text(choice: DecisionChoice | None) -> str:
+    if choice is None:
+        return "none"
+    lat = choice.latency_ms
+    return (
+        f"{choice.model}: {_pct_interval(choice.accuracy)}, {lat.value:.3g} ms [{lat.lo:.3g}, {lat.hi:.3g}]"
+    )
+
+
+def decision_line(row: DecisionRecord, budget_ms: float) -> str:
+    """One decision row in a sentence (the stage's log)."""
+    best = row.best.model if row.best else "none"
+    fastest = row.fastest_within_interval.model if row.fastest_within_interval else "none"
+    within = row.within_budget.model if row.within_budget else "none"
+    return f"best {best}; fastest within its interval {fastest}; within {budget_ms:g} ms {within}"
+
+
+def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Path]) -> list[tuple]:
+    """The decision table that opens the report, its rules, what it cannot know, and the trade-off figure."""
+    budget = decision.latency_budget_ms
+    rows = [
+        [
+            row.task,
+            row.label,
+            _choice_text(row.best),
+            _choice_text(row.fastest_within_interval)
+            + (
+                f" (tied with the best: {', '.join(row.tied_with_best)})"
+                if len(row.tied_with_best) > 1
+                else ""
+            ),
+            _choice_text(row.within_budget) + ("" if row.within_budget else f" ({row.budget_note})"),
+            ", ".join(row.pareto_front) or "none",
+            ", ".join(row.excluded) or "none",
+        ]
+        for row in decision.rows
+    ]
+    costs = [
+        [
+            name,
+            row.task,
+            f"{row.latency_ms:.3g} [{row.latency_ms_lo:.3g}, {row.latency_ms_hi:.3g}]",
+            f"{row.latency_ms_q25:.3g}-{row.latency_ms_q75:.3g}",
+            f"{row.throughput_per_s:,.0f}",
+            f"{row.peak_memory_mb:.2f}",
+            f"{row.parameters:,}",
+            f"{row.checkpoint_bytes / 2**20:.2f}",
+            "x".join(map(str, row.input_shape)),
+        ]
+        for name, row in results.deployment.models.items()
+    ]
+    batch = next(iter(results.deployment.models.values())).batch_size if costs else 0
+    blocks: list[tuple] = [
+        ("h2", "Which backbone: accuracy against deployment cost"),
+        ("p", decision.caveat),
+        (
+            "p",
+            "For each task and condition, among the models that learned their task: the most accurate; the "
+            "fastest whose accuracy interval overlaps the best's (the measurement cannot tell them apart); "
+            "and the most accurate whose batch-1 latency is within report.latency_budget_ms = "
+            f"{budget:g} ms. "
+            "Accuracy over seeds and test samples [95% interval]; latency: median of the timed blocks "
+            "[95% interval of the median]. The Pareto front lists the models no other is both faster and "
+            "more accurate than, fastest first.",
+        ),
+        (
+            "table",
+            [
+                "task",
+                "condition",
+                "best accuracy",
+                "fastest within the best's interval",
+                f"most accurate within {budget:g} ms",
+                "Pareto front",
+                "did not learn the task",
+            ],
+            rows,
+        ),
+    ]
+    if TRADEOFF_FIGURE in figures:
+        blocks.append(("img", figures[TRADEOFF_FIGURE]))
+    blocks += [
+        (
+            "p",
+            f"Every trained model's deployment cost on {decision.measured_on} ({decision.device}, "
+            f"{decision.threads} threads), measured once per variant (its seeds share the architecture); "
+            f"throughput at batch {batch}; "
+            "peak memory is the allocator's above the start, at batch 1.",
+        ),
+        (
+            "table",
+            [
+                "variant",
+                "task",
+                "latency ms, batch 1 [95% CI]",
+                "IQR",
+                "samples/s",
+                "peak MiB",
+                "parameters",
+                "checkpoint MiB",
+                "input",
+            ],
+            costs,
+        ),
     ]
     return blocks
 

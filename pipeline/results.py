@@ -31,10 +31,12 @@ from perception.evaluation.intervals import Estimate
 from pipeline.outputs import read_json
 from pipeline.verdicts import CostEvidence, ResolutionEvidence, RotationEvidence, SerialisationEvidence
 
-# 4: cost rows timed in alternating blocks, with contention; 3: the typed contract of this module; 2: the
+# 5: every trained model's deployment cost and accuracy by condition; 4: cost rows timed in alternating
+# blocks, with contention; 3: the typed contract of this module; 2: the
 # hand-written dict before it
-RESULTS_VERSION = 4
+RESULTS_VERSION = 5
 VERDICTS_VERSION = 1
+DECISION_VERSION = 1
 
 
 class Contract(BaseModel):
@@ -170,6 +172,43 @@ class CostRow(Contract):
     attention_entries: int
 
 
+class DeploymentRow(Contract):
+    """A trained variant's deployment cost (`perception.evaluation.deployment.DeploymentCost`, measured on
+    its first seed's checkpoint: its seeds share the architecture) and its accuracy by condition."""
+
+    task: str  # points | images | proximity
+    family: str
+    latency_ms: float  # batch 1, median block
+    latency_ms_lo: float  # bootstrap interval of the median
+    latency_ms_hi: float
+    latency_ms_q25: float
+    latency_ms_q75: float
+    blocks: int
+    throughput_per_s: float
+    batch_size: int
+    peak_memory_mb: float
+    memory_method: str
+    parameters: int
+    checkpoint_bytes: int
+    input_shape: list[int]
+    device: str
+    threads: int
+    accuracy: dict[str, Estimate]  # condition (`DeploymentTable.conditions`) -> accuracy, fraction
+
+
+class Condition(Contract):
+    name: str  # the key of `DeploymentRow.accuracy`
+    label: str  # as the report says it
+
+
+class DeploymentTable(Contract):
+    machine: str  # where the latencies were measured: host, CPU, cores
+    device: str
+    threads: int
+    conditions: dict[str, list[Condition]]  # task -> its conditions, in the decision table's order
+    models: dict[str, DeploymentRow]
+
+
 class Exponent(Contract):
     """k in cost ~ tokens^k (or a difference of two), with its interval and how it was obtained."""
 
@@ -287,7 +326,7 @@ class Results(Contract):
     """`data/evaluation/results.json`: everything the evaluate stage measured, for the report, the figures
     and the DVC metrics and plots."""
 
-    schema_version: Literal[4] = RESULTS_VERSION
+    schema_version: Literal[5] = RESULTS_VERSION
     seed: int  # the data seed
     seeds: list[int]  # the training seeds
     evaluate: JsonObject  # the params' evaluate section, as the config resolved it
@@ -301,6 +340,7 @@ class Results(Contract):
     resolution: dict[str, ResolutionRow]
     serialisation: SerialisationTable
     cost: CostTable
+    deployment: DeploymentTable
     evidence: Evidence
     wall_seconds: float
     mlflow: dict[str, str]  # the study's tracking store and parent run; empty without one
@@ -335,6 +375,39 @@ class Verdicts(Contract):
 
     schema_version: Literal[1] = VERDICTS_VERSION
     claims: list[ClaimVerdict]
+
+
+class DecisionChoice(Contract):
+    model: str
+    accuracy: Estimate  # fraction
+    latency_ms: Estimate  # batch-1 median with its interval
+
+
+class DecisionRecord(Contract):
+    """One row of the decision table (`pipeline.decision.DecisionRow`)."""
+
+    task: str
+    condition: str
+    label: str
+    best: DecisionChoice | None
+    fastest_within_interval: DecisionChoice | None
+    tied_with_best: list[str]
+    within_budget: DecisionChoice | None
+    budget_note: str
+    excluded: list[str]
+    pareto_front: list[str]  # fastest first
+
+
+class Decision(Contract):
+    """`reports/decision.json`: which backbone, per task and condition, at what latency."""
+
+    schema_version: Literal[1] = DECISION_VERSION
+    latency_budget_ms: float
+    device: str
+    threads: int
+    measured_on: str  # the machine the evaluate stage timed the models on
+    caveat: str
+    rows: list[DecisionRecord]
 
 
 # ------------------------------------------------------------------------------------ writing, reading
@@ -374,3 +447,7 @@ def read_results(path: Path) -> Results:
 
 def read_verdicts(path: Path) -> Verdicts:
     return read_contract(path, Verdicts, "report")
+
+
+def read_decision(path: Path) -> Decision:
+    return read_contract(path, Decision, "report")

@@ -92,7 +92,7 @@ def log_report(mlflow: dict[str, str], out: Path, verdict_list: list[rules.Verdi
     urls: list[str] = []
 
     def log_report() -> None:
-        for name in ("report.md", "report.html", "verdicts.json"):
+        for name in ("report.md", "report.html", "verdicts.json", "decision.json"):
             client.log_artifact(parent_id, str(out / name), "report")
         claim_metrics = {}
         for v in verdict_list:

@@ -87,11 +87,23 @@ def headline_metrics(results: Results) -> dict[str, Any]:
     for (claim, key), estimates in named.items():
         for name, estimate in estimates.items():
             effects.setdefault(claim, {}).update(_with_interval(f"{key}.{name}", estimate))
+    deployment = {
+        name: {
+            "latency_ms": round(row.latency_ms, 4),
+            "latency_ms_lo": round(row.latency_ms_lo, 4),
+            "latency_ms_hi": round(row.latency_ms_hi, 4),
+            "throughput_per_s": round(row.throughput_per_s, 1),
+            "peak_memory_mb": round(row.peak_memory_mb, 3),
+            "parameters": row.parameters,
+        }
+        for name, row in results.deployment.models.items()
+    }
     return {
         "rotation": rotation,
         "resolution": resolution,
         "serialisation": serialisation,
         "cost": cost,
+        "deployment": deployment,
         "effects": effects,
     }
 
@@ -160,7 +172,36 @@ def plot_tables(results: Results) -> dict[str, list[dict[str, Any]]]:
         "accuracy_by_scale": by_scale,
         "accuracy_by_scan_order": by_order,
         "cost_by_tokens": by_tokens,
+        "accuracy_vs_latency": tradeoff_rows(results),
     }
+
+
+def tradeoff_rows(results: Results) -> list[dict[str, Any]]:
+    """The trade-off as long-format rows: every trained model under every condition of its task, accuracy
+    and batch-1 latency each with its interval, and whether it is on that condition's Pareto front."""
+    from pipeline.decision import DECISION_TASKS, candidates, pareto_front
+
+    rows = []
+    for task in DECISION_TASKS:
+        for condition in (c.name for c in results.deployment.conditions.get(task, [])):
+            found = candidates(results, task, condition)
+            front = set(pareto_front([c for c in found if c.adequate]))
+            rows += [
+                {
+                    "model": c.name,
+                    "panel": f"{task}: {condition}",
+                    "latency_ms": c.latency_ms.value,
+                    "latency_ms_lo": c.latency_ms.lo,
+                    "latency_ms_hi": c.latency_ms.hi,
+                    "accuracy": c.accuracy.value,
+                    "accuracy_lo": c.accuracy.lo,
+                    "accuracy_hi": c.accuracy.hi,
+                    "pareto": c.name in front,
+                    "learned": c.adequate,
+                }
+                for c in found
+            ]
+    return rows
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -114,6 +114,7 @@ TINY_EVALUATE = {
     "cost_min_run_time": 0.05,
     "cost_min_blocks": 3,
     "cost_fit_min_tokens": 16,
+    "deploy_min_run_time": 0.02,
 }
 
 
@@ -239,6 +240,9 @@ TIMING_METRICS = [
         for end in ("", "_lo", "_hi")
     ),
     ("evaluate", "effects", "cost"),
+    # every trained model's deployment cost: timed, but for its parameters and peak memory
+    *(("evaluate", "deployment", "*", key) for key in ("latency_ms", "latency_ms_lo", "latency_ms_hi")),
+    ("evaluate", "deployment", "*", "throughput_per_s"),
 ]
 
 

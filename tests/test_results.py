@@ -91,7 +91,7 @@ def test_results_json_reads_back_as_the_same_results_byte_for_byte(evaluated):
     assert again == results
     assert to_json(again, sort_keys=True) == text
     data = json.loads(text)
-    assert data["schema_version"] == RESULTS_VERSION == 4
+    assert data["schema_version"] == RESULTS_VERSION == 5
     assert list(data) == sorted(data)  # keys sorted, as before
     assert set(data["evidence"]) == {"serialisation", "position_embedding", "cost", "rotation"}
     assert again.evidence.rotation.models[0].accuracy.lo <= again.evidence.rotation.models[0].accuracy.value
@@ -118,6 +118,50 @@ def test_the_report_writes_verdicts_json_with_its_schema_version(evaluated, tmp_
     assert verdicts.schema_version == 1
     assert [v.claim for v in verdicts.claims] == [1, 2, 3, 4] == [v.claim for v in verdict_list]
     assert json.loads((tmp_path / "reports" / "verdicts.json").read_text())["claims"][0]["verdict"]
+
+
+def test_every_trained_model_has_a_measured_deployment_cost_beside_its_accuracy(evaluated):
+    import torch
+
+    out, results = evaluated
+    table = results.deployment
+    assert set(table.models) == set(VARIANTS) | {"vit-learned_fixed"}  # the derived reading too
+    assert table.device == "cpu" and table.threads == torch.get_num_threads() and table.machine
+    for name, row in table.models.items():
+        assert row.task == VARIANTS.get(name, ("", "images"))[1]
+        assert row.latency_ms_lo <= row.latency_ms <= row.latency_ms_hi and row.latency_ms > 0
+        assert row.parameters > 0 and row.checkpoint_bytes > 0 and row.throughput_per_s > 0
+        assert set(row.accuracy) == {c.name for c in table.conditions[row.task]}
+    assert table.models["e3nn"].input_shape == [32, 3]  # the points it trained on
+    assert [c.name for c in table.conditions["points"]] == ["unrotated", "so3"]
+    # the unrotated accuracy is the rotation table's, the same numbers
+    assert table.models["e3nn"].accuracy["unrotated"] == results.rotation["e3nn"].accuracy["none"]
+    canvas = results.canvas.canvases[-1]
+    assert [c.name for c in table.conditions["images"]] == ["in_distribution", f"canvas_{canvas}"]
+    assert (out / "figures" / "tradeoff.png").is_file()
+    rows = (out.parent / "plots" / "accuracy_vs_latency.csv").read_text().splitlines()
+    assert rows[0].startswith("model,panel,latency_ms,latency_ms_lo,latency_ms_hi,accuracy,accuracy_lo")
+    assert len(rows) - 1 == 2 * 2 + 3 * 2  # points: 2 models x 2 conditions; images: 3 x 2
+
+
+def test_the_report_opens_with_the_decision_table_and_writes_decision_json(evaluated, tmp_path):
+    from pipeline.results import read_decision
+    from pipeline.stages.report import report
+
+    out, results = evaluated
+    report(out, tmp_path / "train", tmp_path / "timings", tmp_path / "reports", latency_budget_ms=1e6)
+    decision = read_decision(tmp_path / "reports" / "decision.json")
+    assert decision.latency_budget_ms == 1e6 and decision.measured_on == results.deployment.machine
+    assert "robot's own hardware" in decision.caveat
+    assert [(r.task, r.condition) for r in decision.rows] == [
+        (task, c.name) for task in ("points", "images") for c in results.deployment.conditions[task]
+    ]
+    for row in decision.rows:  # untrained models: every row still answers or says why not
+        assert row.best is None or row.within_budget is not None  # a huge budget holds every model
+    markdown = (tmp_path / "reports" / "report.md").read_text()
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Which backbone: accuracy against deployment cost"
+    assert "tradeoff" in markdown.split(headings[1])[0]  # the figure sits under the table
 
 
 def _set(path: str, value):
@@ -149,8 +193,8 @@ MALFORMED = {
         ["evidence.rotation.models.0.chance: Input should be a valid number"],
     ),
     "an unknown field": (_set("canvas.pixels", 3), ["canvas.pixels: Extra inputs are not permitted"]),
-    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 4"]),
-    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 4"]),
+    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 5"]),
+    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 5"]),
 }
 
 

@@ -7,6 +7,8 @@
   of every test canvas: (a) same field of view with more pixels, (b) a larger canvas at the training pixel
   scale (object centred and in the far corner), (c) the object scaled up on the training canvas.
 - Resolution scaling, cost: ViT, Mamba-hybrid and pure Mamba at one width and depth over token counts.
+- Deployment: every trained variant's batch-1 latency, throughput, peak memory, parameters and checkpoint
+  size on this machine, beside its accuracy under each condition of its task (the report's decision table).
 - Serialisation (claim 1): the proximity-task models' accuracy per scan order, and how each order keeps
   grid neighbours together.
 
@@ -17,10 +19,13 @@ to the study's MLflow parent run.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from perception.data.arrays import open_dataset
@@ -29,9 +34,11 @@ from pipeline import evidence, review
 from pipeline.config import StudyConfig
 from pipeline.measurements import (
     load_checkpoints,
+    measure_deployment_costs,
     measure_images,
     measure_rotation,
     save_arrays,
+    test_clouds,
     with_unhelped_tables,
 )
 from pipeline.mlflow_store import check_reachable
@@ -64,6 +71,35 @@ def _cost(config: StudyConfig, settings: BootstrapSettings) -> dict[str, Any]:
         level=settings.level,
     )
     return study.as_dict()
+
+
+def _deployment(config, checkpoints, points, canvas_in, proximity, rotation, settings):
+    """Every trained variant's deployment cost on this machine (its GPU where there is one), on one test
+    input of the size it trained on."""
+    size = config.proximity.size
+    samples = {
+        "points": test_clouds(
+            np.array(points.array("test_points")[:1]), rotation.points_per_cloud, config.seed
+        ),
+        "images": torch.from_numpy(np.array(canvas_in[:1])),  # (1, C, H, W) at the training canvas
+        "proximity": torch.from_numpy(np.array(proximity.array(f"test_r{size}")[:1])),
+    }
+    return measure_deployment_costs(
+        checkpoints,
+        samples,
+        batch_size=config.evaluate.batch_size,
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        min_run_time=config.evaluate.deploy_min_run_time,
+        seed=settings.seed,
+        progress=lambda line: print(line, flush=True),
+    )
+
+
+def _machine() -> str:
+    """The machine the latencies were measured on, as a reader would name it."""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPU cores{gpu})"
 
 
 def evaluate(
@@ -178,6 +214,18 @@ def evaluate(
     cost = _cost(config, settings)
     claim_evidence["cost"] = evidence.cost_evidence(cost)
     lap("cost sweep")
+    deployment = _deployment(config, checkpoints, points, canvas_sets["in"], proximity, rotation, settings)
+    deployment_table = evidence.deployment_table(
+        {variant: c.as_dict() for variant, c in deployment.items()},
+        rotation.correct,
+        canvas.correct,
+        prox.correct,
+        infos,
+        canvases,
+        settings,
+        _machine(),
+    )
+    lap("deployment")
 
     results = Results(
         seed=config.seed,
@@ -212,6 +260,7 @@ def evaluate(
             "models": proximity_table,
         },
         cost=cost,
+        deployment=deployment_table,
         evidence=claim_evidence,
         wall_seconds=round(time.monotonic() - began, 1),
         mlflow=study.get("mlflow", {}),
@@ -236,6 +285,10 @@ def evaluate(
         per_model = evidence.per_model_test_metrics(
             checkpoints, [rotation.correct, canvas.correct, prox.correct], settings
         )
+        # Under names every trial run shares, so MLflow's chart view compares them across the study.
+        for variant, by_seed in per_model.items():
+            for metrics in by_seed.values():
+                metrics.update(evidence.deployment_metrics(deployment[variant]))
         # A derived reading (vit-learned_fixed) is tested on the shape canvases: its runs' input.
         in_file = Path(images_dir) / f"{canvas_set_file('in', train_res, train_res)}.npy"
         image_inputs = [

@@ -1,9 +1,11 @@
 """Stage `report`: a verdict on each of the four claims, computed from the evaluation's numbers by rules.
 
 Reads `<evaluation>/results.json` (`pipeline.results.Results`); writes `<out>/report.md`, a self-contained
-`<out>/report.html` (figures inlined) and `<out>/verdicts.json` (`pipeline.results.Verdicts`), and logs them
-to the study's MLflow parent run. Each verdict is `holds`, `does not hold` or `inconclusive`, with the rule
-that decided it written next to it, so a reader can check the call against the numbers.
+`<out>/report.html` (figures inlined), `<out>/verdicts.json` (`pipeline.results.Verdicts`) and
+`<out>/decision.json` (`pipeline.results.Decision`: which backbone per task and condition, by the rules of
+`pipeline.decision`, under `report.latency_budget_ms`), and logs them to the study's MLflow parent run.
+Each verdict is `holds`, `does not hold` or `inconclusive`, with the rule that decided it written next to
+it, so a reader can check the call against the numbers.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import shutil
 from pathlib import Path
 
 from pipeline import verdicts as rules
+from pipeline.decision import decision_table
 from pipeline.mlflow_store import check_reachable
 from pipeline.outputs import atomic_output_dir, read_json
-from pipeline.report_blocks import layout, render_html, render_markdown
+from pipeline.report_blocks import decision_line, layout, render_html, render_markdown
 from pipeline.results import Results, Verdicts, read_results, to_json
 from pipeline.review_logging import log_report
 
@@ -55,7 +58,12 @@ def stage_times(timings_dir: Path) -> list[tuple[str, float]]:
 
 
 def report(
-    evaluation_dir: Path, train_dir: Path, timings_dir: Path, out: Path, wait_s: float = 120.0
+    evaluation_dir: Path,
+    train_dir: Path,
+    timings_dir: Path,
+    out: Path,
+    wait_s: float = 120.0,
+    latency_budget_ms: float = 20.0,
 ) -> list[rules.Verdict]:
     results = read_results(evaluation_dir / "results.json")
     study_path = train_dir / "study.json"
@@ -64,8 +72,9 @@ def report(
     if mlflow.get("parent_run_id"):
         check_reachable(mlflow["tracking_uri"], f"the study's tracking store ({study_path})")
     verdict_list = verdicts(results)
+    decision = decision_table(results, latency_budget_ms)
     figures = {p.name: p for p in sorted((evaluation_dir / "figures").glob("*.png"))}
-    blocks = layout(results, verdict_list, train_summary, stage_times(timings_dir), figures)
+    blocks = layout(results, verdict_list, train_summary, stage_times(timings_dir), figures, decision)
     with atomic_output_dir(out) as folder:
         # The report folder stands alone: the Markdown's figures are copied beside it.
         (folder / "figures").mkdir()
@@ -74,8 +83,11 @@ def report(
         (folder / "report.md").write_text(render_markdown(blocks, evaluation_dir))
         (folder / "report.html").write_text(render_html(blocks))
         (folder / "verdicts.json").write_text(to_json(Verdicts(claims=[v.as_dict() for v in verdict_list])))
+        (folder / "decision.json").write_text(to_json(decision))
     for v in verdict_list:
         print(f"report: claim {v.claim} ({v.title}): {v.verdict}, effect {rules.render_effect(v)}")
+    for row in decision.rows:
+        print(f"report: {row.task}, {row.label}: {decision_line(row, latency_budget_ms)}")
     if mlflow.get("parent_run_id"):
         url = log_report(mlflow, out, verdict_list, wait_s)
         served = (

@@ -1,0 +1,82 @@
+"""The decision table's rules (`pipeline.decision`) on synthetic numbers: every outcome."""
+
+from __future__ import annotations
+
+import pytest
+
+from perception.evaluation.intervals import Estimate
+from pipeline.decision import Candidate, decide, overlaps, pareto_front
+
+
+def model(name: str, acc: float, half: float, ms: float, adequate: bool = True) -> Candidate:
+    """A candidate with accuracy acc +- half and latency ms [0.9 ms, 1.1 ms]."""
+    return Candidate(name, Estimate(acc, acc - half, acc + half), Estimate(ms, 0.9 * ms, 1.1 * ms), adequate)
+
+
+def test_one_model_dominating_is_best_fastest_and_within_the_budget() -> None:
+    found = [
+        model("fast_good", 0.95, 0.01, 2.0),
+        model("slow", 0.80, 0.02, 10.0),
+        model("mid", 0.85, 0.02, 5.0),
+    ]
+    row = decide("points", "unrotated", found, budget_ms=20.0)
+    assert row.best.name == row.fastest_within_interval.name == row.within_budget.name == "fast_good"
+    assert row.tied_with_best == ("fast_good",)
+    assert pareto_front(found) == ["fast_good"]
+
+
+def test_a_tie_within_intervals_picks_the_faster_model_as_fastest_within_the_interval() -> None:
+    found = [
+        model("accurate_slow", 0.92, 0.03, 40.0),
+        model("close_fast", 0.90, 0.03, 4.0),
+        model("far", 0.70, 0.02, 1.0),
+    ]
+    row = decide("images", "in_distribution", found, budget_ms=100.0)
+    assert row.best.name == "accurate_slow"
+    assert row.fastest_within_interval.name == "close_fast"  # its interval overlaps the best's
+    assert row.tied_with_best == ("accurate_slow", "close_fast")
+    assert "far" not in row.tied_with_best  # faster still, but measurably less accurate
+    assert pareto_front(found) == ["far", "close_fast", "accurate_slow"]
+
+
+def test_without_a_tie_the_best_is_also_the_fastest_within_its_interval() -> None:
+    found = [model("best", 0.95, 0.01, 40.0), model("fast", 0.80, 0.01, 4.0)]
+    row = decide("points", "so3", found, budget_ms=100.0)
+    assert row.fastest_within_interval.name == "best"
+
+
+def test_an_empty_budget_chooses_nothing_and_names_the_fastest() -> None:
+    found = [model("a", 0.9, 0.01, 12.0), model("b", 0.8, 0.01, 30.0)]
+    row = decide("points", "so3", found, budget_ms=5.0)
+    assert row.within_budget is None
+    assert "no model runs within 5 ms" in row.budget_note and "a, takes 12 ms" in row.budget_note
+    assert row.best.name == "a"  # the other columns still answer
+
+
+def test_the_budget_takes_the_most_accurate_model_at_or_under_it() -> None:
+    found = [model("best", 0.95, 0.01, 50.0), model("ok", 0.88, 0.01, 8.0), model("cheap", 0.70, 0.01, 1.0)]
+    assert decide("images", "in_distribution", found, budget_ms=8.0).within_budget.name == "ok"
+    assert decide("images", "in_distribution", found, budget_ms=7.9).within_budget.name == "cheap"
+
+
+def test_a_model_that_did_not_learn_is_never_chosen() -> None:
+    found = [model("unlearned", 0.99, 0.01, 0.5, adequate=False), model("learned", 0.8, 0.01, 3.0)]
+    row = decide("points", "unrotated", found, budget_ms=1.0)
+    assert row.best.name == "learned" and row.excluded == ("unlearned",)
+    assert row.within_budget is None  # the only model under 1 ms did not learn
+
+
+def test_no_usable_model_gives_an_empty_row_that_says_why() -> None:
+    row = decide("points", "so3", [model("x", 0.1, 0.01, 1.0, adequate=False)], budget_ms=10.0)
+    assert (row.best, row.fastest_within_interval, row.within_budget) == (None, None, None)
+    assert row.budget_note == "no model learned this task"
+    assert decide("points", "so3", [], budget_ms=10.0).budget_note == "no model was measured"
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [((0.8, 0.9), (0.85, 0.95), True), ((0.8, 0.9), (0.9, 1.0), True), ((0.8, 0.89), (0.9, 1.0), False)],
+)
+def test_intervals_overlap_when_they_share_a_point(a, b, expected) -> None:
+    assert overlaps(Estimate(sum(a) / 2, *a), Estimate(sum(b) / 2, *b)) is expected
+    assert overlaps(Estimate(sum(b) / 2, *b), Estimate(sum(a) / 2, *a)) is expected
