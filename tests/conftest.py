@@ -162,7 +162,7 @@ def make_study_repo(tmp_path: Path, override: dict | None = None, models: dict |
     write_params(root / "params.yaml", params)
     run_command(["git", "init", "-q"], root)
     run_command(["dvc", "init", "-q"], root)
-    run_command(["dvc", "config", "core.analytics", "false"], root)
+    shutil.copy2(REPO / ".dvc/config", root / ".dvc/config")  # the project's: no analytics, offline plots
     return root
 
 

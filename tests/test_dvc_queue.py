@@ -77,7 +77,10 @@ def _runs(root: Path) -> list:
 
 
 def test_two_queued_variants_run_side_by_side_and_keep_every_record(tmp_path):
-    root = _queue_repo(tmp_path, epochs=2)
+    # Each study's ViT trial stops for a while on one core: however fast the other trials run, each study
+    # is still training when the other's trials take the free core, so the two overlap.
+    pause = {"model": "vit", "epoch": 1, "kind": "pause", "pause_seconds": 10}
+    root = _queue_repo(tmp_path, epochs=2, fault=pause)
     names = ["side-a", "side-b"]
     for name, epochs in zip(names, (1, 2), strict=True):
         run_command(["dvc", "exp", "run", "--queue", "-S", f"train.epochs={epochs}", "-n", name], root)

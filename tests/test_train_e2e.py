@@ -230,7 +230,16 @@ def test_the_whole_dag_ran_and_the_report_states_a_verdict_per_claim(trained):
         if verdict["claim"] != 3:
             assert verdict["verdict"] == "inconclusive" and verdict["excluded"], verdict
     html = (root / "reports/report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # self-contained: every figure inlined
+    figures = sorted(p.name for p in (root / "data/evaluation/figures").glob("*.png"))
+    assert "tradeoff.png" in figures and len(figures) == 5
+    assert html.count("data:image/png;base64,") == len(figures)  # self-contained: every figure inlined
+    # The report opens with the decision table (the rows can be empty: nothing here learned its task).
+    assert report.split("\n## ")[1].startswith("Which backbone")
+    decision = json.loads((root / "reports/decision.json").read_text())
+    assert (
+        decision["schema_version"] == 1
+        and [r["task"] for r in decision["rows"]] == ["points"] * 2 + ["images"] * 2
+    )
     study = json.loads((root / "data/train/study.json").read_text())
     assert study["mlflow"]["parent_run_id"] in report
     assert "train" in report and "wall time" in report
@@ -356,7 +365,7 @@ def test_each_model_has_its_test_metrics_under_shared_names_on_its_own_run(train
     assert runs["vit-learned_fixed-s0"].data.tags["variant"] == "vit-learned_fixed"
     assert runs["e3nn-s1"].data.tags["variant"] == "e3nn"
     # The cost sweep: a run per model, latency and memory per token count as steps.
-    history = client.get_metric_history(runs["cost vit"].info.run_id, "latency_ms")
+    history = client.get_metric_history(runs["cost vit"].info.run_id, "sweep_latency_ms")
     assert sorted(m.step for m in history) == [4, 16, 64]  # conftest: 32, 64, 128 px at patch 16
     assert {"cost vit", "cost mamba", "cost mamba_hybrid"} <= set(runs)
 
@@ -445,8 +454,24 @@ def test_a_reviewer_sees_the_runs_their_datasets_and_a_chart_comparing_models(
     legend = chart.inner_text()
     assert all(name in legend for name in point_runs), legend
     assert runs["vit-none-s0"].info.run_name not in legend
+
+    # Deployment cost under one name for every trained model: one latency bar per trial run.
+    page.get_by_placeholder("Search metric charts").fill("latency_ms")
+    page.wait_for_timeout(2000)
+    (latency,) = [c for c in cards.all() if c.inner_text().splitlines()[0] == "latency_ms"]
+    latency.scroll_into_view_if_needed()  # the view draws a chart once it is on screen
+    latency.locator("g.point").first.wait_for(timeout=30_000)
+    timed = [run for run in runs.values() if "latency_ms" in run.data.metrics]
+    trials = [run for run in runs.values() if "trial_id" in run.data.tags]
+    assert trials and all(
+        "latency_ms" in run.data.metrics and "parameters" in run.data.metrics for run in trials
+    )
+    assert latency.locator("g.point").count() == len(timed)  # the trials and the derived readings
+    latency.screenshot(path=shots / "latency.png")
     with capsys.disabled():
-        print(f"\nMLflow UI screenshots: {shots / 'runs.png'}, {shots / 'chart.png'}")
+        print(
+            f"\nMLflow UI screenshots: {shots / 'runs.png'}, {shots / 'chart.png'}, {shots / 'latency.png'}"
+        )
 
 
 def test_dvc_reruns_only_what_changed(trained):
