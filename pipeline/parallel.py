@@ -10,6 +10,7 @@ import fcntl
 import math
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -98,6 +99,21 @@ def slots_folder() -> Path:
     return cache / "perception-study" / "cpu-slots"
 
 
+DEFER_S = 2.0  # how long a waiter leaves the cores to earlier waiters (more than their 0.5 s poll)
+
+
+def _earlier_waiters(queue: Path, mine: Path) -> bool:
+    """Whether a live holder of a ticket older than `mine` is still waiting (a ticket is live while its
+    process holds its lock: a killed waiter's ticket is dead and removed)."""
+    for ticket in sorted(queue.iterdir()):
+        if ticket.name >= mine.name:
+            return False
+        if in_use(ticket):
+            return True
+        ticket.unlink(missing_ok=True)
+    return False
+
+
 @contextlib.contextmanager
 def cpu_slots(cpus: float, folder: Path | None = None, poll_s: float = 0.5) -> Iterator[float]:
     """Hold ceil(cpus) of this machine's cores for the block, waiting while other processes hold them;
@@ -108,29 +124,43 @@ def cpu_slots(cpus: float, folder: Path | None = None, poll_s: float = 0.5) -> I
     with -j 2) would each train as many trials as there are cores; with every trial holding its cores
     here, the trials of all the studies on this machine together use no more cores than it has. The
     kernel frees a killed holder's cores.
+
+    Waiters are served first come, first served, for up to `DEFER_S`: each takes a ticket (a lock file
+    named by the time it came) and tries the cores only when no earlier ticket is still waiting, or once it
+    has waited that long (a holder of some cores that asks for more must not wait forever on a waiter that
+    wants the ones it holds). Otherwise a study whose trials follow one another in the same worker process
+    (Ray reuses it) would take back the core it just freed before another study's waiting trial polled,
+    and starve it.
     """
     folder = folder or slots_folder()
-    folder.mkdir(parents=True, exist_ok=True)
+    queue = folder / "queue"
+    queue.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     wanted = min(cores, max(1, math.ceil(cpus)))
     began = time.monotonic()
     first = os.getpid() % cores  # holders spread over the files instead of all trying core 0 first
     order = [(first + i) % cores for i in range(cores)]
-    while True:
-        held: list[IO] = []
-        for index in order:
-            handle = open(folder / f"core-{index}", "a")  # closed below, or when the block ends
-            if _try_lock(handle):
-                held.append(handle)
-                if len(held) == wanted:
-                    break
-            else:
-                handle.close()
-        if len(held) == wanted:
-            break
-        for handle in held:
-            handle.close()  # closing releases the lock
-        time.sleep(poll_s)
+    ticket = queue / f"{time.time_ns():020d}-{os.getpid()}-{threading.get_ident()}"
+    with open(ticket, "a") as mine:
+        fcntl.flock(mine, fcntl.LOCK_EX)  # live while this process waits
+        while True:
+            held: list[IO] = []
+            deferring = time.monotonic() - began < DEFER_S and _earlier_waiters(queue, ticket)
+            if not deferring:
+                for index in order:
+                    handle = open(folder / f"core-{index}", "a")  # closed below, or when the block ends
+                    if _try_lock(handle):
+                        held.append(handle)
+                        if len(held) == wanted:
+                            break
+                    else:
+                        handle.close()
+            if len(held) == wanted:
+                break
+            for handle in held:
+                handle.close()  # closing releases the lock
+            time.sleep(poll_s)
+    ticket.unlink(missing_ok=True)
     try:
         yield time.monotonic() - began
     finally:

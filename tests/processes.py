@@ -26,3 +26,17 @@ def take(folder: str, cores: int, log: str) -> None:
     Path(log + ".asking").touch()
     with cpu_slots(cores, Path(folder), poll_s=0.01) as waited:
         Path(log).write_text(str(waited))
+
+
+def hog(folder: str, seconds: float) -> None:
+    """Trials one after another in one process, as a reused Ray worker runs them: each frees its core and
+    at once asks for it again."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with cpu_slots(1, Path(folder), poll_s=0.5):
+            time.sleep(0.2)
+
+
+def wait_for_core(folder: str, log: str) -> None:
+    with cpu_slots(1, Path(folder), poll_s=0.5):
+        Path(log).write_text(str(time.monotonic()))

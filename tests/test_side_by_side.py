@@ -120,6 +120,22 @@ def test_cpu_slots_let_no_more_trials_run_at_once_than_the_machine_has_cores(tmp
     assert most == cores
 
 
+def test_a_waiting_trial_is_not_starved_by_trials_that_follow_one_another(tmp_path):
+    """Every core goes to a process that frees it and asks again at once (reused Ray workers); a trial of
+    another study that asks meanwhile gets a core while they still run, not after them."""
+    cores = os.cpu_count() or 1
+    hogs = [_spawn(processes.hog, str(tmp_path), 8.0) for _ in range(cores)]
+    time.sleep(1.0)  # every core taken, freed and taken again by now
+    began = time.monotonic()
+    log = tmp_path / "served"
+    waiter = _spawn(processes.wait_for_core, str(tmp_path), str(log))
+    waiter.join(30)
+    served = float(log.read_text())
+    for hog in hogs:
+        hog.join()
+    assert served - began < 5.0, served - began  # the hogs ran for 7 s more: first come, first served
+
+
 def test_a_holder_waiting_for_all_cores_holds_none_of_them(tmp_path):
     cores = os.cpu_count() or 1
     if cores < 2:
