@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from perception.data.arrays import DatasetError
     from perception.data.meshio import UnusableFile
     from pipeline.errors import DataError, TrainingError
-    from pipeline.mlflow_store import TrackingUnavailable
+    from pipeline.tracking.store import TrackingUnavailable
 
     began = time.monotonic()
     timing: dict = {}  # what the stage's timings file holds besides its wall time (evaluate: its parts)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from perception.evaluation.cost import CostStudy, cost_study, torch_threads
-from pipeline import verdicts as v
-from pipeline.evidence import cost_evidence
+from pipeline.evaluation import verdicts as v
+from pipeline.evaluation.evidence import cost_evidence
 
 # Each burner spins for at most this many iterations or 120 s, whichever ends first; the test kills it when
 # the sweep is done.

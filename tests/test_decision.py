@@ -1,11 +1,11 @@
-"""The decision table's rules (`pipeline.decision`) on synthetic numbers: every outcome."""
+"""The decision table's rules (`pipeline.evaluation.decision`) on synthetic numbers: every outcome."""
 
 from __future__ import annotations
 
 import pytest
 
 from perception.evaluation.intervals import Estimate
-from pipeline.decision import Candidate, decide, overlaps, pareto_front
+from pipeline.evaluation.decision import Candidate, decide, overlaps, pareto_front
 
 
 def model(name: str, acc: float, half: float, ms: float, adequate: bool = True) -> Candidate:

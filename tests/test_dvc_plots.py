@@ -17,9 +17,9 @@ from tests.conftest import REPO, run_command
 
 def test_the_committed_page_is_what_the_pinned_package_gives() -> None:
     pytest.importorskip("vl_convert", reason="vl-convert-python is in the test extra")
-    from pipeline.plots_page import PAGE, page
+    from pipeline.reporting.plots_page import PAGE, page
 
-    assert PAGE.read_text(encoding="utf8") == page(), "rewrite it: python -m pipeline.plots_page"
+    assert PAGE.read_text(encoding="utf8") == page(), "rewrite it: python -m pipeline.reporting.plots_page"
 
 
 def test_dvc_is_pointed_at_the_offline_page() -> None:

@@ -1,4 +1,5 @@
-"""pipeline.evidence: per-sample correctness arrays in, the estimates a verdict judges (synthetic data)."""
+"""pipeline.evaluation.evidence: per-sample correctness arrays in, the estimates a verdict judges (synthetic
+data)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from perception.evaluation.intervals import BootstrapSettings
-from pipeline import verdicts as v
-from pipeline.evidence import (
+from pipeline.evaluation import verdicts as v
+from pipeline.evaluation.evidence import (
     VariantInfo,
     canvas_set_names,
     canvas_tables,
@@ -165,7 +166,7 @@ def test_the_unhelped_reading_is_the_same_checkpoint_with_the_table_at_its_own_p
 
     from perception.models import build
     from perception.models.checkpoint import ModelCheckpoint, model_config
-    from pipeline.measurements import Checkpoint, with_unhelped_tables
+    from pipeline.evaluation.measurements import Checkpoint, with_unhelped_tables
 
     torch.manual_seed(0)
     model = build("vit", "tiny", num_classes=3, in_channels=4, patch_size=4, image_size=16)

@@ -1,4 +1,5 @@
-"""pipeline.results: the evaluate stage's results.json and the report's verdicts.json as validated models.
+"""pipeline.evaluation.results: the evaluate stage's results.json and the report's verdicts.json as validated
+models.
 
 One real evaluation (the evaluate stage's own function on tiny prepared data and untrained checkpoints, so no
 training) serves every case: it must read back as the same `Results`, byte for byte; a malformed file must
@@ -16,7 +17,7 @@ import pytest
 from perception.data.arrays import DatasetError
 from pipeline.__main__ import main
 from pipeline.config import parse_config
-from pipeline.results import RESULTS_VERSION, Results, read_results, read_verdicts, to_json
+from pipeline.evaluation.results import RESULTS_VERSION, Results, read_results, read_verdicts, to_json
 from tests.conftest import TINY_EVALUATE, TINY_PARAMS, merge
 
 # variant -> (family, dataset, augment, hparams beyond the data's): one decisive pair per claim
@@ -145,7 +146,7 @@ def test_every_trained_model_has_a_measured_deployment_cost_beside_its_accuracy(
 
 
 def test_the_report_opens_with_the_decision_table_and_writes_decision_json(evaluated, tmp_path):
-    from pipeline.results import read_decision
+    from pipeline.evaluation.results import read_decision
     from pipeline.stages.report import report
 
     out, results = evaluated

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from perception.evaluation.intervals import BootstrapSettings
-from pipeline import evidence, review
+from pipeline.evaluation import evidence
+from pipeline.tracking import review
 
 
 def test_every_model_shares_its_test_metric_names():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import home_repo, parse_config
-from pipeline.mlflow_store import artifact_root, tracking_uri
 from pipeline.parallel import cpu_slots, in_use, locked
+from pipeline.tracking.store import artifact_root, tracking_uri
 from pipeline.training import session
 from tests import processes
 from tests.conftest import TINY_PARAMS, merge

@@ -161,7 +161,7 @@ def test_bad_variants_are_caught_before_ray_starts(train, message):
 
 
 def test_tracking_uri_param_then_environment_then_the_repos_sqlite(tmp_path, monkeypatch):
-    from pipeline.mlflow_store import tracking_uri
+    from pipeline.tracking.store import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -229,7 +229,7 @@ class _Payload:
 @pytest.mark.parametrize("kind", ["truncated", "malicious", "not a checkpoint"])
 def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path, kind):
     from perception.data.arrays import DatasetError
-    from pipeline.measurements import load_checkpoints
+    from pipeline.evaluation.measurements import load_checkpoints
 
     models = tmp_path / "train" / "models" / "vit"
     models.mkdir(parents=True)

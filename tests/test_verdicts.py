@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from perception.evaluation.intervals import Estimate
-from pipeline import verdicts as v
-from pipeline.verdicts import (
+from pipeline.evaluation import verdicts as v
+from pipeline.evaluation.verdicts import (
     DOES_NOT_HOLD,
     HOLDS,
     INCONCLUSIVE,
@@ -429,7 +429,7 @@ def test_the_rules_are_pure():
     }
     assert imported <= allowed
     probe = (
-        "import sys, pipeline.verdicts; "
+        "import sys, pipeline.evaluation.verdicts; "
         "print(sorted(m for m in ('torch', 'mlflow', 'ray', 'dvc') if m in sys.modules))"
     )
     loaded = subprocess.run(

@@ -1,1 +1,5 @@
-"""One module per `dvc.yaml` stage: read the validated config, call the library, write declared outputs."""
+"""One module per DVC stage (`python -m pipeline <stage>`): arguments in, the work of the packages, outputs
+out. A stage never imports another stage.
+
+May import: base, training, tracking, evaluation, reporting.
+"""

@@ -12,9 +12,9 @@
 - Serialisation (claim 1): the proximity-task models' accuracy per scan order, and how each order keeps
   grid neighbours together.
 
-Outputs: `<out>/results.json` (everything: a `pipeline.results.Results`), `<out>/figures/*.png`, `<metrics>`
-(headline numbers for `dvc metrics`), and `<plots>/*.csv` (for `dvc plots`); the same numbers and figures go
-to the study's MLflow parent run.
+Outputs: `<out>/results.json` (everything: a `pipeline.evaluation.results.Results`), `<out>/figures/*.png`,
+`<metrics>` (headline numbers for `dvc metrics`), and `<plots>/*.csv` (for `dvc plots`); the same numbers and
+figures go to the study's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 
 from perception.data.arrays import open_dataset
 from perception.evaluation.intervals import BootstrapSettings
-from pipeline import evidence, review
 from pipeline.config import StudyConfig
-from pipeline.measurements import (
+from pipeline.evaluation import evidence
+from pipeline.evaluation.measurements import (
     load_checkpoints,
     measure_deployment_costs,
     measure_images,
@@ -41,12 +41,12 @@ from pipeline.measurements import (
     test_clouds,
     with_unhelped_tables,
 )
-from pipeline.mlflow_store import check_reachable
+from pipeline.evaluation.results import FitRecord, Results, to_json
 from pipeline.outputs import Laps, atomic_output_dir, read_json, write_json_atomic
-from pipeline.results import FitRecord, Results, to_json
-from pipeline.review_logging import log_evaluation
-from pipeline.stages.prepare_images import canvas_set_file
-from pipeline.tables import headline_metrics, plot_tables, write_csv
+from pipeline.reporting.tables import headline_metrics, plot_tables, write_csv
+from pipeline.tracking import review
+from pipeline.tracking.stage_logs import log_evaluation
+from pipeline.tracking.store import check_reachable
 
 
 def _cost(config: StudyConfig, settings: BootstrapSettings) -> dict[str, Any]:
@@ -147,11 +147,12 @@ def evaluate(
     lap("rotation")
     canvases = tuple(r for r in config.images.resolutions if r != train_res)
     canvas_names = evidence.canvas_set_names(canvases)
-    # Each test set is read (and checked) here once; the workers that run the models map its file.
-    canvas_stems = {"in": canvas_set_file("in", train_res, train_res)}
+    # Each test set is read (and checked) here once; the workers that run the models map its file. The
+    # images' manifest names every test canvas's file (`test_sets`); `in` is the training canvas's.
+    canvas_stems = {"in": f"test_r{train_res}"}
     for name in canvas_names[1:]:
         kind, canvas = name.rsplit("_", 1)
-        canvas_stems[name] = canvas_set_file(kind, int(canvas), train_res)
+        canvas_stems[name] = images.manifest["test_sets"][canvas][kind]
     canvas_sets = {name: images.array(stem) for name, stem in canvas_stems.items()}
     canvas_files = {name: images.folder / f"{stem}.npy" for name, stem in canvas_stems.items()}
     canvas = measure_images(
@@ -272,7 +273,7 @@ def evaluate(
         (folder / "results.json").write_text(to_json(results, sort_keys=True))
         save_arrays(folder / "per_sample.npz", rotation, canvas, prox)
         (folder / "figures").mkdir()
-        from pipeline.figures import draw_figures
+        from pipeline.reporting.figures import draw_figures
 
         figures = draw_figures(results, folder / "figures")
     with atomic_output_dir(plots_dir) as folder:
@@ -290,7 +291,7 @@ def evaluate(
             for metrics in by_seed.values():
                 metrics.update(evidence.deployment_metrics(deployment[variant]))
         # A derived reading (vit-learned_fixed) is tested on the shape canvases: its runs' input.
-        in_file = Path(images_dir) / f"{canvas_set_file('in', train_res, train_res)}.npy"
+        in_file = Path(images_dir) / f"{canvas_stems['in']}.npy"
         image_inputs = [
             review.dataset_input(
                 "images",

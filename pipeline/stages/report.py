@@ -1,11 +1,12 @@
 """Stage `report`: a verdict on each of the four claims, computed from the evaluation's numbers by rules.
 
-Reads `<evaluation>/results.json` (`pipeline.results.Results`); writes `<out>/report.md`, a self-contained
-`<out>/report.html` (figures inlined), `<out>/verdicts.json` (`pipeline.results.Verdicts`) and
-`<out>/decision.json` (`pipeline.results.Decision`: which backbone per task and condition, by the rules of
-`pipeline.decision`, under `report.latency_budget_ms`), and logs them to the study's MLflow parent run.
-Each verdict is `holds`, `does not hold` or `inconclusive`, with the rule that decided it written next to
-it, so a reader can check the call against the numbers.
+Reads `<evaluation>/results.json` (`pipeline.evaluation.results.Results`); writes `<out>/report.md`, a
+self-contained `<out>/report.html` (figures inlined), `<out>/verdicts.json`
+(`pipeline.evaluation.results.Verdicts`) and `<out>/decision.json` (`pipeline.evaluation.results.Decision`:
+which backbone per task and condition, by the rules of `pipeline.evaluation.decision`, under
+`report.latency_budget_ms`), and logs them to the study's MLflow parent run. Each verdict is `holds`, `does
+not hold` or `inconclusive`, with the rule that decided it written next to it, so a reader can check the call
+against the numbers.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline import verdicts as rules
-from pipeline.decision import decision_table
-from pipeline.mlflow_store import check_reachable
+from pipeline.evaluation import verdicts as rules
+from pipeline.evaluation.decision import decision_table
+from pipeline.evaluation.results import Results, Verdicts, read_results, to_json
 from pipeline.outputs import atomic_output_dir, read_json
-from pipeline.report_blocks import decision_line, layout, render_html, render_markdown
-from pipeline.results import Results, Verdicts, read_results, to_json
-from pipeline.review_logging import log_report
+from pipeline.reporting.blocks import decision_line, layout, render_html, render_markdown
+from pipeline.tracking.stage_logs import log_report
+from pipeline.tracking.store import check_reachable
 
-# evidence name in results.json -> its claim's number (titles: pipeline.verdicts.TITLES)
+# evidence name in results.json -> its claim's number (titles: pipeline.evaluation.verdicts.TITLES)
 CLAIMS = {"serialisation": 1, "position_embedding": 2, "cost": 3, "rotation": 4}
 RULES = {
     "serialisation": rules.claim_serialisation,
@@ -33,7 +34,8 @@ RULES = {
 
 
 def verdicts(results: Results) -> list[rules.Verdict]:
-    """Each claim's verdict from its typed evidence in results.json, by the rules of `pipeline.verdicts`."""
+    """Each claim's verdict from its typed evidence in results.json, by the rules of
+    `pipeline.evaluation.verdicts`."""
     out = []
     for name, number in CLAIMS.items():
         evidence = getattr(results.evidence, name)

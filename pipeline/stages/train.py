@@ -10,7 +10,7 @@ and `<metrics>` (a JSON file `dvc metrics show` reads): the best validation accu
 over seeds and per seed.
 
 The Ray side (session, restore, Tuner) is `pipeline.training.session`, the results table
-`pipeline.training.table`, the parent MLflow run `pipeline.training.parent_run`.
+`pipeline.training.table`, the parent MLflow run `pipeline.tracking.parent_run`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from pipeline import review
 from pipeline.config import ConfigError, StudyConfig
 from pipeline.errors import TrainingError
-from pipeline.mlflow_store import TrackingUnavailable, check_reachable, retrying, tracking_uri, uri_source
 from pipeline.outputs import atomic_output_dir, write_json_atomic
 from pipeline.parallel import slots_folder
+from pipeline.tracking import review, store
+from pipeline.tracking.store import TrackingUnavailable, check_reachable, retrying, tracking_uri, uri_source
 from pipeline.training import session, space, table
 from pipeline.training.inputs import TrainingInputs, open_inputs, training_inputs
 from pipeline.training.trainable import run_trial
@@ -70,7 +70,7 @@ def train(
     uri = tracking_uri(config.mlflow.tracking_uri, repo)
     check_reachable(uri, uri_source(config.mlflow.tracking_uri))
 
-    inputs = training_inputs(config, datasets, folders, prepared)
+    inputs = training_inputs(config, datasets, folders, prepared, review.dataset_input)
     storage = session.storage_path(config, repo)
     name = session.experiment_name(config, inputs.hashes)
     experiment = f"{storage.rstrip('/')}/{name}"
@@ -93,12 +93,11 @@ def _fit_and_export(
 ) -> dict[str, Any]:
     """The Tune run in `experiment` (restored if it was cut short), held by this driver; then its results
     to MLflow, the checkpoints and tables to `out` and the metrics to `metrics_out`."""
-    from mlflow import MlflowClient
     from ray import tune
 
-    from pipeline.training.parent_run import finish_parent, open_parent
+    from pipeline.tracking.parent_run import finish_parent, open_parent
+    from pipeline.tracking.trials import MlflowTrials, git_commit
     from pipeline.training.status import LiveStatus
-    from pipeline.training.tracking import MlflowTrials, git_commit
 
     storage, name = experiment.rsplit("/", 1)
     num_classes, in_channels = data_facts
@@ -112,7 +111,7 @@ def _fit_and_export(
     # Ray first: an unreachable cluster fails before an MLflow run is opened for nothing.
     started_here = session.connect_ray(config, repo)
     began = time.monotonic()
-    client = MlflowClient(tracking_uri=uri)
+    client = store.client(uri)
     commit = git_commit(repo)
     wait_s = config.mlflow.wait_seconds
     parent_id = None

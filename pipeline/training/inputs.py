@@ -3,14 +3,15 @@ with the datasets' hashes and their MLflow dataset inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from perception.data.arrays import open_dataset
 from perception.training import stratified_split
-from pipeline import review
 from pipeline.config import StudyConfig
 from pipeline.training.trainable import TrialData
 
@@ -65,8 +66,12 @@ def training_inputs(
     datasets: set[str],
     folders: dict[str, Path],
     prepared: dict,
+    describe: Callable[..., Any],
 ) -> TrainingInputs:
-    """Each needed dataset's train split, split into train and validation (stratified, seeded)."""
+    """Each needed dataset's train split, split into train and validation (stratified, seeded); `describe`
+    makes a tracking store's dataset input of (dataset, context, inputs, labels, file, digest): the
+    train stage hands in `pipeline.tracking.review.dataset_input`, so this side of training needs no
+    MLflow."""
     stems = {
         "points": "points",
         "images": f"r{config.images.train_resolution}",
@@ -83,9 +88,7 @@ def training_inputs(
         test = (dataset.array(f"test_{stem}", mmap=True), dataset.array("test_labels"))
         # What the runs trained and were validated and tested on, as MLflow dataset inputs.
         mlflow_inputs[kind] = [
-            review.dataset_input(
-                kind, context, x, y, Path(folders[kind]) / f"{file}_{stem}.npy", dataset.manifest_sha256
-            )
+            describe(kind, context, x, y, Path(folders[kind]) / f"{file}_{stem}.npy", dataset.manifest_sha256)
             for context, file, (x, y) in (
                 ("train", "train", (split.train_inputs, split.train_labels)),
                 ("validation", "train", (split.val_inputs, split.val_labels)),

@@ -1,4 +1,5 @@
-"""The evaluation's figures (PNG), drawn from `pipeline.results.Results` alone, for MLflow and the report."""
+"""The evaluation's figures (PNG), drawn from `pipeline.evaluation.results.Results` alone, for MLflow and the
+report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from perception.evaluation.intervals import Estimate  # noqa: E402
 from perception.rotations import MODES  # noqa: E402
-from pipeline.results import CostTable, Results, RotationRow  # noqa: E402
+from pipeline.evaluation.results import CostTable, Results, RotationRow  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -213,7 +214,7 @@ def serialisation_figure(results: Results, path: Path) -> Path:
 def tradeoff_figure(results: Results, path: Path) -> Path:
     """Accuracy against batch-1 latency, one panel per task and condition, both with their intervals; the
     Pareto front joined and ringed; models that did not learn their task in grey."""
-    from pipeline.decision import DECISION_TASKS, candidates, pareto_front
+    from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_front
 
     panels = [
         (task, condition, label)

@@ -88,6 +88,13 @@ def short(error: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
+def client(uri: str):
+    """An `mlflow.MlflowClient` on the store at `uri` (the stages hold one without importing mlflow)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def check_reachable(uri: str, source: str) -> None:
     """Fail in seconds, before any work, when the tracking store does not answer (one cheap request).
     From here on this process's MLflow requests fail fast (`fail_fast_requests`)."""

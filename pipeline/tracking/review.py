@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+# The test metrics' names, the same for every model, where the evaluation computes them.
+from pipeline.evaluation.metric_names import IN_DISTRIBUTION, test_metric_name, trial_test_metrics  # noqa: F401
+
 EXPERIMENT_KIND = "custom_model_development"
 DIGEST_CHARS = 32  # MLflow stores a dataset digest in 36 characters; the manifest's sha256 is cut to fit
-
-# Test-set names of the evaluation arrays -> the metric name's suffix, the same for every model.
-IN_DISTRIBUTION = "in"
 
 
 def review_url(tracking_uri: str, experiment_id: str) -> str:
@@ -88,29 +88,6 @@ def log_inputs(client, run_id: str, inputs: list) -> None:
 
 
 # --- per-model test metrics --------------------------------------------------------------------------------
-
-
-def test_metric_name(dataset: str, test_set: str) -> str:
-    """`test_accuracy` (the model's own test set), `test_accuracy_so3`, `test_accuracy_fov_64`, ...; the
-    proximity task, a different task on other images, is `test_accuracy_proximity`."""
-    if dataset == "proximity":
-        return "test_accuracy_proximity"
-    return "test_accuracy" if test_set in (IN_DISTRIBUTION, "none") else f"test_accuracy_{test_set}"
-
-
-def trial_test_metrics(
-    correct: dict[str, np.ndarray], dataset: str, seed_index: int, accuracy
-) -> dict[str, float]:
-    """One trained model's test accuracies with their intervals over test samples, in percent.
-
-    correct: test set -> bool[S, N] or bool[S, N, D] of the variant (S seeds); `accuracy(correct)` is the
-    study's bootstrap estimate (`pipeline.evidence.accuracy`), here of one seed's slice [1, N(, D)]."""
-    metrics = {}
-    for test_set, by_seed in correct.items():
-        estimate = accuracy(by_seed[seed_index : seed_index + 1]).scaled(100)
-        name = test_metric_name(dataset, test_set)
-        metrics.update({name: estimate.value, f"{name}_lo": estimate.lo, f"{name}_hi": estimate.hi})
-    return metrics
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

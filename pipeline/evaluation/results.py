@@ -1,8 +1,8 @@
 """The evaluate and report stages' outputs as contracts: `results.json` and `verdicts.json`, pydantic models.
 
 Read top to bottom: the shared pieces (an estimate is `perception.evaluation.intervals.Estimate`, {value, lo,
-hi}; an angle bin; a model's adequacy record), then the tables the evaluation measures (rotation,
-resolution, serialisation, cost), the typed evidence of each claim (the dataclasses of `pipeline.verdicts`,
+hi}; an angle bin; a model's adequacy record), then the tables the evaluation measures (rotation, resolution,
+serialisation, cost), the typed evidence of each claim (the dataclasses of `pipeline.evaluation.verdicts`,
 validated as they are), then `Results` and `Verdicts`, each with a schema version that its reader checks.
 
 JSON has no NaN: the writers write null, and in an estimate null reads back as NaN. A file that does not fit
@@ -28,8 +28,13 @@ from pydantic import (
 
 from perception.data.arrays import DatasetError
 from perception.evaluation.intervals import Estimate
+from pipeline.evaluation.verdicts import (
+    CostEvidence,
+    ResolutionEvidence,
+    RotationEvidence,
+    SerialisationEvidence,
+)
 from pipeline.outputs import read_json
-from pipeline.verdicts import CostEvidence, ResolutionEvidence, RotationEvidence, SerialisationEvidence
 
 # 5: every trained model's deployment cost and accuracy by condition; 4: cost rows timed in alternating
 # blocks, with contention; 3: the typed contract of this module; 2: the
@@ -69,7 +74,8 @@ class AngleBin(Contract):
 
 
 class FitRecord(Contract):
-    """A model's adequacy input (`pipeline.verdicts.ModelFit`) with the floor the gate holds it to."""
+    """A model's adequacy input (`pipeline.evaluation.verdicts.ModelFit`) with the floor the gate holds it
+    to."""
 
     name: str
     accuracy: Estimate  # in-distribution test accuracy, fraction
@@ -108,7 +114,7 @@ class ResolutionRow(Contract):
     family: str
     pos_embed: str | None
     attn_layers: int | None
-    encoding: str  # "unhelped", "resampled" or "structural" (`pipeline.evidence.VariantInfo.encoding`)
+    encoding: str  # "unhelped", "resampled" or "structural" (`evidence.VariantInfo.encoding`)
     train_resolution: int
     tokens: dict[str, int]  # "in" and each canvas -> patch tokens
     accuracy: dict[str, Estimate]  # test set -> accuracy
@@ -278,8 +284,8 @@ class CostTable(Contract):
 
 
 class Evidence(Contract):
-    """Each claim's typed evidence, as the rules of `pipeline.verdicts` take it; a claim the evaluation
-    could not measure (no pure Mamba orders, no unhelped ViT table) is absent."""
+    """Each claim's typed evidence, as the rules of `pipeline.evaluation.verdicts` take it; a claim the
+    evaluation could not measure (no pure Mamba orders, no unhelped ViT table) is absent."""
 
     serialisation: SerialisationEvidence | None = Field(None, exclude_if=_absent_if_none)
     position_embedding: ResolutionEvidence | None = Field(None, exclude_if=_absent_if_none)
@@ -352,7 +358,7 @@ class Results(Contract):
 
 
 class ClaimVerdict(Contract):
-    """One claim's verdict as `pipeline.verdicts.Verdict.as_dict` writes it."""
+    """One claim's verdict as `pipeline.evaluation.verdicts.Verdict.as_dict` writes it."""
 
     claim: int
     title: str
@@ -384,7 +390,7 @@ class DecisionChoice(Contract):
 
 
 class DecisionRecord(Contract):
-    """One row of the decision table (`pipeline.decision.DecisionRow`)."""
+    """One row of the decision table (`pipeline.evaluation.decision.DecisionRow`)."""
 
     task: str
     condition: str

@@ -1,7 +1,7 @@
 """What the evaluate stage measures on the trained checkpoints, kept per test sample and training seed.
 
-Every measurement keeps the raw correctness of each test sample under each trained model (one per
-training seed), so that `pipeline.evidence` can put intervals on accuracies and on the differences the
+Every measurement keeps the raw correctness of each test sample under each trained model (one per training
+seed), so that `pipeline.evaluation.evidence` can put intervals on accuracies and on the differences the
 verdicts judge (a hierarchical bootstrap over seeds, then samples). Nothing here aggregates across seeds.
 
 Arrays (numpy, bool or float):

@@ -1,7 +1,7 @@
 """The evaluation's numbers shaped for DVC: headline metrics for `dvc metrics`, long tables for `dvc plots`.
 
-Pure: a `pipeline.results.Results` in, plain dicts and rows out (every number with its interval, no NaN:
-JSON has none); `write_csv` writes one plot table.
+Pure: a `pipeline.evaluation.results.Results` in, plain dicts and rows out (every number with its interval, no
+NaN: JSON has none); `write_csv` writes one plot table.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.evaluation.intervals import Estimate
-from pipeline.results import Exponent, Results
+from pipeline.evaluation.results import Exponent, Results
 
 
 def _with_interval(name: str, estimate: Estimate | Exponent) -> dict[str, float | None]:
@@ -179,7 +179,7 @@ def plot_tables(results: Results) -> dict[str, list[dict[str, Any]]]:
 def tradeoff_rows(results: Results) -> list[dict[str, Any]]:
     """The trade-off as long-format rows: every trained model under every condition of its task, accuracy
     and batch-1 latency each with its interval, and whether it is on that condition's Pareto front."""
-    from pipeline.decision import DECISION_TASKS, candidates, pareto_front
+    from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_front
 
     rows = []
     for task in DECISION_TASKS:

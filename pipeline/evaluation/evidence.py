@@ -6,8 +6,8 @@ indices for every model in a comparison (paired: all models were trained on the 
 the same samples and rotations). Rotation draws of one sample are averaged, never resampled: they are not
 independent units.
 
-Pure: arrays and settings in, plain dicts and `pipeline.verdicts` evidence out (which `pipeline.results`
-validates into the typed results); no I/O.
+Pure: arrays and settings in, plain dicts and `pipeline.evaluation.verdicts` evidence out (which
+`pipeline.evaluation.results` validates into the typed results); no I/O.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 from perception.evaluation.intervals import BootstrapSettings, Estimate, linear_effect
 from perception.ops.serialization import SCAN_ORDERS, locality_stats, scan_directions
 from perception.rotations import MODES as ROTATION_MODES
-from pipeline import review
-from pipeline.verdicts import (
+from pipeline.evaluation import metric_names
+from pipeline.evaluation.verdicts import (
     LOCALITY_PRESERVING,
     CostEvidence,
     ModelFit,
@@ -31,7 +31,7 @@ from pipeline.verdicts import (
 )
 
 if TYPE_CHECKING:  # the trained models: a type only (measurements loads every model family)
-    from pipeline.measurements import Checkpoint
+    from pipeline.evaluation.measurements import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -415,7 +415,7 @@ def per_model_test_metrics(
     settings: BootstrapSettings,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """variant -> seed -> its test accuracies (percent, with intervals over test samples) under the names
-    every model shares (`pipeline.review.test_metric_name`), from the rotation, canvas and proximity
+    every model shares (`metric_names.test_metric_name`), from the rotation, canvas and proximity
     arrays."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for correct in correct_by_kind:
@@ -424,7 +424,7 @@ def per_model_test_metrics(
             dataset = next(iter(checkpoints[variant].values())).dataset
             for index, seed in enumerate(seeds):
                 out.setdefault(variant, {}).setdefault(seed, {}).update(
-                    review.trial_test_metrics(by_set, dataset, index, lambda c: accuracy(c, settings))
+                    metric_names.trial_test_metrics(by_set, dataset, index, lambda c: accuracy(c, settings))
                 )
     return out
 
@@ -453,9 +453,9 @@ def deployment_table(
     settings: BootstrapSettings,
     machine: str,
 ) -> dict[str, Any]:
-    """The deployment table (`pipeline.results.DeploymentTable`) measured on `machine`: variant -> its
-    deployment cost (a `perception.evaluation.deployment.DeploymentCost` dict) with its task and its
-    accuracy (an Estimate dict, over seeds and test samples) under each of its task's conditions
+    """The deployment table (`results.DeploymentTable`) measured on `machine`: variant -> its deployment
+    cost (a `perception.evaluation.deployment.DeploymentCost` dict) with its task and its accuracy (an
+    Estimate dict, over seeds and test samples) under each of its task's conditions
     (`deployment_conditions`)."""
     conditions = deployment_conditions(canvases)
     models = {}

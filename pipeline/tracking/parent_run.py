@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from pipeline import review
 from pipeline.config import StudyConfig
-from pipeline.mlflow_store import artifact_root
+from pipeline.tracking import review
+from pipeline.tracking.store import artifact_root
 from pipeline.training.inputs import TrainingInputs
 
 
@@ -75,7 +75,7 @@ def open_parent(
 ) -> str:
     """The study's parent run: the interrupted one again when restoring into the same store, else a new
     one with the commit, the datasets' hashes, sources and inputs, and every param."""
-    from pipeline.training.tracking import start_parent
+    from pipeline.tracking.trials import start_parent
 
     if previous.get("mlflow", {}).get("tracking_uri") == uri:
         parent_id = reopen_parent(client, previous["mlflow"]["parent_run_id"])

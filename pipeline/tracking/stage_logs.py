@@ -1,4 +1,5 @@
-"""What the evaluate and report stages log to the study's MLflow runs, through `pipeline.review`'s helpers.
+"""What the evaluate and report stages log to the study's MLflow runs, through `pipeline.tracking.review`'s
+helpers.
 
 - evaluate: each evaluated model's test numbers on its own trial run, the cost sweep, tables and figures.
 - report: the report's files, each claim's verdict (tag) and effect (metrics), and the verdicts as the
@@ -12,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import review
-from pipeline import verdicts as rules
-from pipeline.mlflow_store import retrying
+from pipeline.evaluation import verdicts as rules
+from pipeline.evaluation.results import CostRow
 from pipeline.outputs import read_json
-from pipeline.results import CostRow
+from pipeline.tracking import review
+from pipeline.tracking.store import retrying
 
 
 def trial_runs(train_dir: Path) -> dict[tuple[str, int], str]:

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
-from pipeline.mlflow_store import is_transient, short
+from pipeline.tracking.store import is_transient, short
 from pipeline.training.space import resolved, trial_dataset, trial_label
 
 # MLflow caps a batch at 100 params / 1000 metrics; stay under.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from perception.evaluation.intervals import Estimate
 from perception.training import PLATEAU_POINTS, last_quarter_gain
-from pipeline import verdicts as rules
-from pipeline.results import Busiest, Decision, DecisionChoice, DecisionRecord, Results
+from pipeline.evaluation import verdicts as rules
+from pipeline.evaluation.results import Busiest, Decision, DecisionChoice, DecisionRecord, Results
 
 # claim -> the figure shown under its verdict
 TRADEOFF_FIGURE = "tradeoff.png"

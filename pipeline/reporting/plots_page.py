@@ -6,8 +6,8 @@ with the three libraries inlined. It has no `{scripts}` placeholder, so DVC's CD
 
 The libraries come from a pinned package, never copied by hand: `vl-convert-python` (the version pinned in
 pyproject's `test` extra) bundles vega-embed, vega-lite and vega with their dependencies into one script.
-`python -m pipeline.plots_page` writes the page again from the installed package, and a test checks that
-the committed page is exactly what the pinned package gives.
+`python -m pipeline.reporting.plots_page` writes the page again from the installed package, and a test checks
+that the committed page is exactly what the pinned package gives.
 
 The page also makes every chart an SVG (vega-embed's `renderer: "svg"`; DVC's own call passes no options),
 so the marks can be read, selected and checked, and keeps each chart's view in `window.dvcPlotViews`.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PAGE = Path(__file__).resolve().parents[1] / "plots_templates" / "offline.html"
+PAGE = Path(__file__).resolve().parents[2] / "plots_templates" / "offline.html"
 VEGA_LITE = "v5.21"  # the newest 5.x the package bundles: plots_templates/*.json are Vega-Lite 5 specs
 # What DVC fills in (`dvc_render.html.HTML.embed`): the bundle must not contain them.
 PLACEHOLDERS = ("{scripts}", "{plot_divs}", "{refresh_tag}")
@@ -67,7 +67,7 @@ def page() -> str:
     return (
         '<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<meta charset="utf-8">\n'
         "<title>DVC plots: perception-study</title>\n"
-        f"<!-- {source}; written by `python -m pipeline.plots_page` -->\n"
+        f"<!-- {source}; written by `python -m pipeline.reporting.plots_page` -->\n"
         f"<script>\n(function () {{\n{script}\n}})();\n</script>\n"
         f"<script>{_SVG_EMBED}</script>\n<style>{_STYLE}</style>\n</head>\n<body>\n{{plot_divs}}\n</body>\n"
         "</html>\n"

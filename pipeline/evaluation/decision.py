@@ -9,8 +9,8 @@ and on a larger canvas), among the models that learned their task:
 - **within the budget**: the most accurate model whose median batch-1 latency is at most
   `report.latency_budget_ms`; none when no model is that fast, and the row says what the fastest takes.
 
-A model below the adequacy floor (`pipeline.verdicts.ModelFit`) is never chosen; the row names it. The
-Pareto front (no other model both at least as fast and at least as accurate, one of them strictly) is
+A model below the adequacy floor (`pipeline.evaluation.verdicts.ModelFit`) is never chosen; the row names it.
+The Pareto front (no other model both at least as fast and at least as accurate, one of them strictly) is
 marked in the trade-off figure. Pure: numbers in, choices out.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from perception.evaluation.intervals import Estimate
-from pipeline.results import Decision, DecisionChoice, DecisionRecord, Results
+from pipeline.evaluation.results import Decision, DecisionChoice, DecisionRecord, Results
 
 
 @dataclass(frozen=True)
