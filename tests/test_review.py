@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from perception.evaluation.intervals import BootstrapSettings
-from pipeline.evaluation import evidence
+from pipeline.evaluation import evidence, metric_names
 from pipeline.tracking import review
 
 
 def test_every_model_shares_its_test_metric_names():
-    assert review.test_metric_name("points", "none") == "test_accuracy"
-    assert review.test_metric_name("points", "so3") == "test_accuracy_so3"
-    assert review.test_metric_name("images", "in") == "test_accuracy"
-    assert review.test_metric_name("images", "fov_64") == "test_accuracy_fov_64"
+    assert metric_names.test_metric_name("points", "none") == "test_accuracy"
+    assert metric_names.test_metric_name("points", "so3") == "test_accuracy_so3"
+    assert metric_names.test_metric_name("images", "in") == "test_accuracy"
+    assert metric_names.test_metric_name("images", "fov_64") == "test_accuracy_fov_64"
     # a different task on other images: never on the same chart as the shape classifiers
-    assert review.test_metric_name("proximity", "in") == "test_accuracy_proximity"
+    assert metric_names.test_metric_name("proximity", "in") == "test_accuracy_proximity"
 
 
 def test_a_seeds_test_accuracy_is_its_own_slice_with_an_interval_over_samples():
@@ -28,7 +28,7 @@ def test_a_seeds_test_accuracy_is_its_own_slice_with_an_interval_over_samples():
         "so3": rng.random((2, 200, 4)) < 0.5,
     }
     accuracy = lambda c: evidence.accuracy(c, settings)  # noqa: E731
-    first, second = (review.trial_test_metrics(correct, "points", i, accuracy) for i in (0, 1))
+    first, second = (metric_names.trial_test_metrics(correct, "points", i, accuracy) for i in (0, 1))
     assert first["test_accuracy"] == pytest.approx(100 * correct["none"][0].mean())
     assert second["test_accuracy"] == pytest.approx(100 * correct["none"][1].mean())
     assert first["test_accuracy_lo"] < first["test_accuracy"] < first["test_accuracy_hi"]

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from perception.evaluation.intervals import Estimate  # noqa: E402
 from perception.rotations import MODES  # noqa: E402
+from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_front  # noqa: E402
 from pipeline.evaluation.results import CostTable, Results, RotationRow  # noqa: E402
 
 
@@ -214,8 +215,6 @@ def serialisation_figure(results: Results, path: Path) -> Path:
 def tradeoff_figure(results: Results, path: Path) -> Path:
     """Accuracy against batch-1 latency, one panel per task and condition, both with their intervals; the
     Pareto front joined and ringed; models that did not learn their task in grey."""
-    from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_front
-
     panels = [
         (task, condition, label)
         for task in DECISION_TASKS

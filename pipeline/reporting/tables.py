@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.evaluation.intervals import Estimate
+from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_front
 from pipeline.evaluation.results import Exponent, Results
 
 
@@ -179,8 +180,6 @@ def plot_tables(results: Results) -> dict[str, list[dict[str, Any]]]:
 def tradeoff_rows(results: Results) -> list[dict[str, Any]]:
     """The trade-off as long-format rows: every trained model under every condition of its task, accuracy
     and batch-1 latency each with its interval, and whether it is on that condition's Pareto front."""
-    from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_front
-
     rows = []
     for task in DECISION_TASKS:
         for condition in (c.name for c in results.deployment.conditions.get(task, [])):

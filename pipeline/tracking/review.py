@@ -25,9 +25,6 @@ from typing import Any
 
 import numpy as np
 
-# The test metrics' names, the same for every model, where the evaluation computes them.
-from pipeline.evaluation.metric_names import IN_DISTRIBUTION, test_metric_name, trial_test_metrics  # noqa: F401
-
 EXPERIMENT_KIND = "custom_model_development"
 DIGEST_CHARS = 32  # MLflow stores a dataset digest in 36 characters; the manifest's sha256 is cut to fit
 
