@@ -90,7 +90,8 @@ NO_WEIGHT_DECAY = ("A_log", "D", "dt_bias")
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW's groups: every parameter decays by `weight_decay` except those named in NO_WEIGHT_DECAY."""
-    decay, keep = [], []
+    decay: list[nn.Parameter] = []
+    keep: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         (keep if name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]

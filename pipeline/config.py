@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge, Le, MinLen
+from annotated_types import Ge, GroupedMetadata, Le, MinLen
 from pydantic import (
     AfterValidator,
     AllowInfNan,
@@ -33,7 +34,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from perception.data.shapes import SHAPE_NAMES
 
@@ -44,6 +45,10 @@ DEFAULT_CLASSES = (
     "tetrahedron", "octahedron", "arrow",
 )  # fmt: skip
 MESH_SUFFIXES = (".off", ".obj", ".ply", ".stl")
+if TYPE_CHECKING:
+    ShapeName = str  # a type checker cannot read a Literal made from a tuple; pydantic checks the names
+else:
+    ShapeName = Literal[SHAPE_NAMES]
 
 
 class ConfigError(ValueError):
@@ -66,21 +71,46 @@ def _no_repeats(items: tuple) -> tuple:
     return items
 
 
-def whole(lo: int, hi: int | None = None, help: str = "") -> Any:
-    """An integer (never a bool, nor a string of digits) in [lo, hi]."""
-    bounds = [Ge(lo)] + ([Le(hi)] if hi is not None else [])
-    return Annotated[(int, Strict(), *bounds, Field(description=help or None))]
+@dataclass(frozen=True)
+class whole(GroupedMetadata):
+    """An integer (never a bool, nor a string of digits) in [lo, hi]: `Annotated[int, whole(lo, hi)]`."""
+
+    lo: int
+    hi: int | None = None
+    help: str = ""
+
+    def __iter__(self) -> Iterator[Any]:
+        yield Strict()
+        yield Ge(self.lo)
+        if self.hi is not None:
+            yield Le(self.hi)
+        if self.help:
+            yield Field(description=self.help)
 
 
-def number(lo: float, hi: float, help: str = "") -> Any:
-    """A finite number in [lo, hi]; `1e-3` written as a string (YAML 1.1 reads it so) is read as one."""
-    checks = (AllowInfNan(False), Ge(lo), Le(hi), BeforeValidator(_not_bool))
-    return Annotated[(float, *checks, Field(description=help or None))]
+@dataclass(frozen=True)
+class number(GroupedMetadata):
+    """A finite number in [lo, hi]: `Annotated[float, number(lo, hi)]`. `1e-3` written as a string (YAML 1.1
+    reads it so) is read as one."""
+
+    lo: float
+    hi: float
+    help: str = ""
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from (AllowInfNan(False), Ge(self.lo), Le(self.hi), BeforeValidator(_not_bool))
+        if self.help:
+            yield Field(description=self.help)
 
 
-def listed(item: Any) -> Any:
-    """A non-empty list of `item`s without repeats (a tuple once read)."""
-    return Annotated[tuple[item, ...], MinLen(1), AfterValidator(_no_repeats)]
+@dataclass(frozen=True)
+class _Listed(GroupedMetadata):
+    def __iter__(self) -> Iterator[Any]:
+        yield from (MinLen(1), AfterValidator(_no_repeats))
+
+
+# A non-empty list without repeats (a tuple once read): `Annotated[tuple[T, ...], LISTED]`.
+LISTED = _Listed()
 
 
 Flag = Annotated[bool, Strict()]
@@ -120,18 +150,18 @@ class PointsConfig(Section):
     drop_background: Flag = False
     # At most this many instances per class and split (0 = all), drawn with the data seed: a laptop's slice
     # of a large dataset. (procedural: train_per_class and test_per_class say how many.)
-    max_per_class: whole(0, 10_000_000) = 0
-    classes: listed(Literal[SHAPE_NAMES]) = DEFAULT_CLASSES
-    train_per_class: whole(1, 100_000) = 64
-    test_per_class: whole(1, 100_000) = 50
-    num_points: whole(8, 1_000_000) = 256
+    max_per_class: Annotated[int, whole(0, 10_000_000)] = 0
+    classes: Annotated[tuple[ShapeName, ...], LISTED] = DEFAULT_CLASSES
+    train_per_class: Annotated[int, whole(1, 100_000)] = 64
+    test_per_class: Annotated[int, whole(1, 100_000)] = 50
+    num_points: Annotated[int, whole(8, 1_000_000)] = 256
     # Each axis of a procedural instance is scaled by a factor drawn from [1 - a, 1 + a].
-    anisotropy: number(0.0, 0.9) = 0.3
+    anisotropy: Annotated[float, number(0.0, 0.9)] = 0.3
     # Strength of each procedural instance's own taper, twist about z and bend (0 = the undeformed primitive;
     # 1 = taper +/-0.5, twist +/-45 degrees, bend +/-0.4 of the half-height). z stays the axis: +z is up.
-    deformation: number(0.0, 1.0) = 0.3
+    deformation: Annotated[float, number(0.0, 1.0)] = 0.3
     # Standard deviation of Gaussian noise added to every point, in units of the unit ball's radius.
-    noise_std: number(0.0, 0.5) = 0.0
+    noise_std: Annotated[float, number(0.0, 0.5)] = 0.0
     # True: a partial single-view scan by ray casting from a random viewpoint, instead of the whole surface.
     partial: Flag = False
 
@@ -140,17 +170,17 @@ class ImagesConfig(Section):
     """Stage `prepare-images`: depth + normal renders of the same instances from a canonical camera."""
 
     # The image models' patch size: every resolution must be a multiple of it.
-    patch_size: whole(1, 1024) = 4
+    patch_size: Annotated[int, whole(1, 1024)] = 4
     # The training canvas. Each object is rendered at `object_size` px and placed at a random position on
     # it; the test sets of claim 2 (perception.data.canvas) are made from the same test instances.
-    train_resolution: whole(8, 4096) = 32
-    object_size: whole(2, 4096) = 16
+    train_resolution: Annotated[int, whole(8, 4096)] = 32
+    object_size: Annotated[int, whole(2, 4096)] = 16
     # Test canvases: each gives a scale k = R / train_resolution and the paired sets (a) (b) (c) at it.
-    eval_resolutions: listed(whole(8, 4096)) = (48, 64)
-    camera_distance: number(1.05, 100.0) = 2.5
-    camera_azimuth_deg: number(-360.0, 360.0) = -60.0
-    camera_elevation_deg: number(-89.0, 89.0) = 25.0
-    fov_deg: number(1.0, 170.0) = 50.0
+    eval_resolutions: Annotated[tuple[Annotated[int, whole(8, 4096)], ...], LISTED] = (48, 64)
+    camera_distance: Annotated[float, number(1.05, 100.0)] = 2.5
+    camera_azimuth_deg: Annotated[float, number(-360.0, 360.0)] = -60.0
+    camera_elevation_deg: Annotated[float, number(-89.0, 89.0)] = 25.0
+    fov_deg: Annotated[float, number(1.0, 170.0)] = 50.0
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -163,21 +193,21 @@ class ProximityConfig(Section):
     (perception.data.proximity: every segment solid, or every one broken by a one-pixel gap)."""
 
     task: Literal["gap", "orientation"] = "gap"
-    size: whole(8, 64, "canvas side in pixels") = 16
+    size: Annotated[int, whole(8, 64, "canvas side in pixels")] = 16
     # One token per pixel: with 2-px patches the patch embedding alone sees a gap and order cannot matter.
-    patch_size: whole(1, 64) = 1
-    segments: whole(1, 1000) = 8
-    segment_length: whole(2, 63) = 4
-    distractors: whole(0, 10_000) = 4
-    noise_std: number(0.0, 0.99) = 0.0
-    train_count: whole(2, 10_000_000, "images, train.val_fraction held out") = 500
-    test_count: whole(2, 10_000_000) = 500
+    patch_size: Annotated[int, whole(1, 64)] = 1
+    segments: Annotated[int, whole(1, 1000)] = 8
+    segment_length: Annotated[int, whole(2, 63)] = 4
+    distractors: Annotated[int, whole(0, 10_000)] = 4
+    noise_std: Annotated[float, number(0.0, 0.99)] = 0.0
+    train_count: Annotated[int, whole(2, 10_000_000, "images, train.val_fraction held out")] = 500
+    test_count: Annotated[int, whole(2, 10_000_000)] = 500
 
 
 class RuntimeConfig(Section):
     """How the stages run; outputs never depend on these, so dvc.yaml does not track them."""
 
-    workers: whole(0, 1024, "0 means one per CPU core") = 0
+    workers: Annotated[int, whole(0, 1024, "0 means one per CPU core")] = 0
     progress: Flag = True
 
 
@@ -350,9 +380,9 @@ class FaultConfig(Section):
     `pause_seconds` (`pause`, nothing else changes), so a test can stop the driver while it is mid-run."""
 
     model: Text = ""
-    epoch: whole(0, 100_000) = 0
+    epoch: Annotated[int, whole(0, 100_000)] = 0
     kind: Literal["error", "oom", "pause"] = "error"
-    pause_seconds: number(0.0, 3600.0) = 30.0
+    pause_seconds: Annotated[float, number(0.0, 3600.0)] = 30.0
 
 
 class TrainConfig(Section):
@@ -364,27 +394,27 @@ class TrainConfig(Section):
     # needs one file and one registry entry, nothing here).
     all_families: Flag = True
     size: Name = "tiny"  # every family's named size unless an entry sets its own
-    epochs: whole(1, 100_000) = 8
-    batch_size: whole(1, 65_536) = 32
-    lr: number(1e-8, 10.0) = 2e-3
-    weight_decay: number(0.0, 10.0) = 0.01
+    epochs: Annotated[int, whole(1, 100_000)] = 8
+    batch_size: Annotated[int, whole(1, 65_536)] = 32
+    lr: Annotated[float, number(1e-8, 10.0)] = 2e-3
+    weight_decay: Annotated[float, number(0.0, 10.0)] = 0.01
     # Fraction of every class of the train split held out to validate on (and to pick the best epoch).
-    val_fraction: number(0.0, 0.9) = 0.2
+    val_fraction: Annotated[float, number(0.0, 0.9)] = 0.2
     # Point models see a random subset of this many points of each cloud per step; 0 keeps all.
-    points_per_cloud: whole(0, 1_000_000) = 0
+    points_per_cloud: Annotated[int, whole(0, 1_000_000)] = 0
     # Epochs of linear warmup before the cosine schedule (0 = none), and the gradient-norm clip (0 = none):
     # a ViT trained from scratch can collapse to a constant prediction in its first epochs without them.
-    warmup_epochs: whole(0, 100_000) = 0
-    grad_clip: number(0.0, 1e6, "0 means no clipping") = 0.0
-    num_samples: whole(1, 100_000, "trials per grid point") = 1
+    warmup_epochs: Annotated[int, whole(0, 100_000)] = 0
+    grad_clip: Annotated[float, number(0.0, 1e6, "0 means no clipping")] = 0.0
+    num_samples: Annotated[int, whole(1, 100_000, "trials per grid point")] = 1
     # auto: ASHA early stopping when a search is configured (a sampled value or num_samples > 1).
     scheduler: Literal["auto", "none", "asha"] = "auto"
-    grace_period: whole(1, 100_000, "epochs before ASHA may stop a trial") = 2
-    cpus_per_trial: number(0.1, 1024.0) = 1.0
+    grace_period: Annotated[int, whole(1, 100_000, "epochs before ASHA may stop a trial")] = 2
+    cpus_per_trial: Annotated[float, number(0.1, 1024.0)] = 1.0
     # Ray shares a GPU between trials by fractions up to 1; above 1 a trial takes whole GPUs.
-    gpus_per_trial: number(0.0, 64.0, "a fraction up to 1, or a whole number of GPUs") = 0.0
-    max_concurrent_trials: whole(0, 100_000, "0: as resources allow") = 0
-    max_failures: whole(0, 1000, "retries of a failed trial") = 2
+    gpus_per_trial: Annotated[float, number(0.0, 64.0, "a fraction up to 1, or a whole number of GPUs")] = 0.0
+    max_concurrent_trials: Annotated[int, whole(0, 100_000, "0: as resources allow")] = 0
+    max_failures: Annotated[int, whole(0, 1000, "retries of a failed trial")] = 2
     bf16: Flag = False  # bfloat16 autocast in training and validation
     fault: FaultConfig = FaultConfig()
 
@@ -392,27 +422,33 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     """Stage `evaluate`: the claims measured on the trained models."""
 
-    rotation_draws: whole(1, 1000, "rotations per test sample and mode") = 2
-    invariance_clouds: whole(1, 100_000) = 16
-    batch_size: whole(1, 65_536) = 64
+    rotation_draws: Annotated[int, whole(1, 1000, "rotations per test sample and mode")] = 2
+    invariance_clouds: Annotated[int, whole(1, 100_000)] = 16
+    batch_size: Annotated[int, whole(1, 65_536)] = 64
     # The cost sweep: ViT, Mamba-hybrid and pure Mamba at one width and depth, over these resolutions.
-    cost_resolutions: listed(whole(16, 8192)) = (128, 224, 384, 512, 1024)
-    cost_patch_size: whole(1, 1024) = 16
-    cost_dim: whole(8, 8192) = 192
-    cost_depth: whole(2, 1000, "the hybrid needs a Mamba and an attention block") = 4
-    cost_heads: whole(1, 256) = 3
+    cost_resolutions: Annotated[tuple[Annotated[int, whole(16, 8192)], ...], LISTED] = (
+        128,
+        224,
+        384,
+        512,
+        1024,
+    )
+    cost_patch_size: Annotated[int, whole(1, 1024)] = 16
+    cost_dim: Annotated[int, whole(8, 8192)] = 192
+    cost_depth: Annotated[int, whole(2, 1000, "the hybrid needs a Mamba and an attention block")] = 4
+    cost_heads: Annotated[int, whole(1, 256)] = 3
     # Timing: at each point the models alternate in short blocks, round after round, until every model has
     # spent this many seconds (and there are at least cost_min_blocks rounds); exponents are fitted over
     # token counts >= cost_fit_min_tokens.
-    cost_min_run_time: number(0.001, 3600.0, "seconds per model and point") = 0.5
-    cost_min_blocks: whole(2, 10_000, "rounds of timed blocks per point") = 7
-    cost_fit_min_tokens: whole(1, 10_000_000) = 576
+    cost_min_run_time: Annotated[float, number(0.001, 3600.0, "seconds per model and point")] = 0.5
+    cost_min_blocks: Annotated[int, whole(2, 10_000, "rounds of timed blocks per point")] = 7
+    cost_fit_min_tokens: Annotated[int, whole(1, 10_000_000)] = 576
     # Deployment cost of every trained model: seconds of batch-1 timing per model (torch.utils.benchmark)
-    deploy_min_run_time: number(0.01, 3600.0, "seconds of timing per trained model") = 0.2
+    deploy_min_run_time: Annotated[float, number(0.01, 3600.0, "seconds of timing per trained model")] = 0.2
     # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many
     # resamples, drawn from a generator seeded with bootstrap_seed.
-    bootstrap_resamples: whole(100, 1_000_000) = 2000
-    bootstrap_seed: whole(0, 2**32 - 1) = 0
+    bootstrap_resamples: Annotated[int, whole(100, 1_000_000)] = 2000
+    bootstrap_seed: Annotated[int, whole(0, 2**32 - 1)] = 0
 
 
 class ReportConfig(Section):
@@ -420,7 +456,7 @@ class ReportConfig(Section):
 
     # The decision table's frame budget: the most accurate model whose batch-1 latency (median, on the
     # machine evaluate ran on) is at most this.
-    latency_budget_ms: number(0.001, 1e7, "milliseconds per frame at batch 1") = 20.0
+    latency_budget_ms: Annotated[float, number(0.001, 1e7, "milliseconds per frame at batch 1")] = 20.0
 
 
 class RayConfig(Section):
@@ -438,15 +474,15 @@ class MlflowConfig(Section):
     experiment: Name = "perception-study"
     # How long the end of a stage keeps retrying an unreachable tracking server before it reports what was
     # not logged (trial results stay on disk; a rerun logs them without training again).
-    wait_seconds: number(0.0, 86_400.0) = 120.0
+    wait_seconds: Annotated[float, number(0.0, 86_400.0)] = 120.0
 
 
 class StudyConfig(Section):
     # The data seed: every dataset instance's generator derives from it.
-    seed: whole(0, 2**32 - 1) = 0
+    seed: Annotated[int, whole(0, 2**32 - 1)] = 0
     # Training seeds: every variant trains once per seed (initialisation, batch order, augmentation), so
     # the evaluation's intervals cover the spread between training runs as well as the test samples.
-    seeds: listed(whole(0, 2**31 - 1)) = (0, 1, 2)
+    seeds: Annotated[tuple[Annotated[int, whole(0, 2**31 - 1)], ...], LISTED] = (0, 1, 2)
     points: PointsConfig = PointsConfig()
     images: ImagesConfig = ImagesConfig()
     proximity: ProximityConfig = ProximityConfig()
@@ -500,12 +536,17 @@ def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
     while typing.get_origin(tp) is Annotated:
         tp, *extra = typing.get_args(tp)
         metadata = extra + metadata
-    return tp, metadata
+    return tp, _expand(metadata)
+
+
+def _expand(metadata: list[Any]) -> list[Any]:
+    """Grouped metadata (`whole(...)`, `number(...)`, `LISTED`) as the constraints it stands for."""
+    return [m for group in metadata for m in (group if isinstance(group, GroupedMetadata) else [group])]
 
 
 def _describe(tp: Any, metadata: list[Any]) -> str:
     tp, inner = _unwrap(tp)
-    metadata = inner + metadata
+    metadata = inner + _expand(metadata)
     lo = next((m.ge for m in metadata if isinstance(m, Ge)), None)
     hi = next((m.le for m in metadata if isinstance(m, Le)), None)
     help = next((m.description for m in metadata if getattr(m, "description", None)), "")
@@ -540,7 +581,7 @@ def _field_at(loc: tuple) -> tuple[Any, list[Any]]:
     return tp, metadata
 
 
-def _one_line(error: dict) -> str:
+def _one_line(error: ErrorDetails) -> str:
     loc = tuple(error["loc"])
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     value = error["input"]

@@ -148,7 +148,7 @@ def cpu_slots(cpus: float, folder: Path | None = None, poll_s: float = 0.5) -> I
             deferring = time.monotonic() - began < DEFER_S and _earlier_waiters(queue, ticket)
             if not deferring:
                 for index in order:
-                    handle = open(folder / f"core-{index}", "a")  # closed below, or when the block ends
+                    handle: IO = open(folder / f"core-{index}", "a")  # closed below, or when the block ends
                     if _try_lock(handle):
                         held.append(handle)
                         if len(held) == wanted:

@@ -124,8 +124,9 @@ def dense_from_mesh(
 ) -> Instance:
     """A mesh instance with `dense` points sampled on its surface too, for a dataset whose images are
     rendered from points (some of its files are point clouds: every instance is then rendered alike)."""
+    vertices, faces = instance.mesh()
     rng = instance_rng(seed, (*key, 0xDE))  # apart from the draws that made the instance
-    surface = sample_surface(instance.vertices.astype(np.float64), instance.faces, dense, rng)
+    surface = sample_surface(vertices.astype(np.float64), faces, dense, rng)
     return Instance(instance.points, instance.vertices, instance.faces, surface.astype(np.float32))
 
 

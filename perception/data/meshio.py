@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,8 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         message = " ".join(str(err).split()) or type(err).__name__
         raise UnusableFile(f"unreadable {kind.upper()} file: {message[:160]}") from None
     # A file with several bodies loads as a Scene; dump() applies each body's transform.
-    geometries = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]
+    # Each is a Trimesh or a PointCloud; both have vertices.
+    geometries: list[Any] = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]
     vertices, faces, offset = [], [], 0
     for geometry in geometries:
         v = np.asarray(geometry.vertices, dtype=np.float64).reshape(-1, 3)

@@ -31,6 +31,18 @@ class Instance:
     dense: np.ndarray | None = None  # float32[D, 3]: a dense sample to render images from, without a mesh
     repeated: bool = False  # the source cloud had fewer points than asked for: some were drawn twice
 
+    def mesh(self) -> tuple[np.ndarray, np.ndarray]:
+        """(vertices, faces) of an instance read from a mesh."""
+        if self.vertices is None or self.faces is None:
+            raise ValueError("this instance has no mesh: it was read from a point cloud")
+        return self.vertices, self.faces
+
+    def dense_points(self) -> np.ndarray:
+        """The dense sample images are rendered from."""
+        if self.dense is None:
+            raise ValueError("this instance has no dense sample: make one with dense_from_mesh")
+        return self.dense
+
 
 def instance_rng(seed: int, key: tuple[int, ...]) -> np.random.Generator:
     """An independent stream per instance: the same (seed, key) gives the same draws in any process."""

@@ -70,8 +70,8 @@ def render_points(
     radius = scale * spacing / z * pixels_per_unit  # (N,): each disc's radius in pixels
     reach = int(np.ceil(radius.max())) if len(radius) else 0
     offsets = np.arange(-reach, reach + 1)
-    di, dj = np.meshgrid(offsets, offsets, indexing="ij")  # each (W, W)
-    di, dj = di.ravel(), dj.ravel()  # (W*W,)
+    grid_i, grid_j = np.meshgrid(offsets, offsets, indexing="ij")  # each (W, W)
+    di, dj = grid_i.ravel(), grid_j.ravel()  # (W*W,)
     # Candidates: every (point, offset) whose pixel lies within the point's disc and on the image.
     ri = np.rint(row)[:, None] + di[None, :]  # (N, W*W)
     cj = np.rint(col)[:, None] + dj[None, :]

@@ -127,7 +127,9 @@ def linear_effect(
     if seeds == 0 or samples == 0:
         raise ValueError(f"linear_effect needs at least one seed and one sample, got shape {shapes[0]}")
 
-    combined = sum(float(w) * c for w, c in zip(weights, cells, strict=True))  # (S, N)
+    combined = np.zeros(shapes[0])  # (S, N), summed in the weights' order
+    for weight, cell in zip(weights, cells, strict=True):
+        combined = combined + float(weight) * cell
     value = float(combined.mean())
     flat = combined.reshape(-1)  # (S*N,)
 

@@ -54,7 +54,12 @@ class ModelCheckpoint:
 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The plain-dict config of a model built by `perception.models.build` (its `config` attribute)."""
-    return dataclasses.asdict(model.config)
+    config = model.config
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(
+            f"{type(model).__name__} has no dataclass `config`: build it with perception.models.build"
+        )
+    return dataclasses.asdict(config)
 
 
 def save_checkpoint(path: Path, checkpoint: ModelCheckpoint) -> None:

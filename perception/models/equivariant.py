@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from e3nn import o3
@@ -55,19 +55,20 @@ class PointConvolution(nn.Module):
         self.sc = o3.Linear(self.irreps_dst, self.irreps_out)
         self.lin1 = o3.Linear(self.irreps_in, self.irreps_in)
         # One "uvu" path (channel-wise, weights per edge) for each output irrep that irreps_out can hold.
-        irreps_mid, instructions = [], []
+        irreps_mid: list[tuple[int, Any]] = []
+        instructions: list[tuple[int, int, int, str, bool]] = []
         for i, (mul, ir_in) in enumerate(self.irreps_in):
             for j, (_, ir_edge) in enumerate(self.irreps_sh):
                 for ir_out in ir_in * ir_edge:
                     if ir_out in self.irreps_out:
                         instructions.append((i, j, len(irreps_mid), "uvu", True))
                         irreps_mid.append((mul, ir_out))
-        irreps_mid, perm, _ = o3.Irreps(irreps_mid).sort()
+        mid, perm, _ = o3.Irreps(irreps_mid).sort()
         instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
         self.tp = o3.TensorProduct(
             self.irreps_in,
             self.irreps_sh,
-            irreps_mid,
+            mid,
             instructions,
             internal_weights=False,
             shared_weights=False,
@@ -75,7 +76,7 @@ class PointConvolution(nn.Module):
         self.radial = FullyConnectedNet(
             [num_basis, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu
         )
-        self.lin2 = o3.Linear(irreps_mid.simplify(), self.irreps_out)
+        self.lin2 = o3.Linear(mid.simplify(), self.irreps_out)
 
     def forward(
         self,

@@ -193,7 +193,7 @@ class MambaHybrid(nn.Module):
         k = num_directions(c.scan_order)
         mamba = [MambaBlock(c.dim, c.d_state, c.d_conv, c.expand, c.scan_backend, k) for _ in range(n_mamba)]
         attn = [TransformerBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.attn_layers)]
-        self.blocks = nn.ModuleList(mamba + attn)
+        self.blocks = nn.ModuleList([*mamba, *attn])
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.num_classes)
         with torch.no_grad():  # Mamba/Vim's prenorm rescale, so the residual stream does not grow with depth

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,9 @@ class InputTransform(nn.Module):
         self.features = _shared_mlp([3, width, 2 * width, dim])
         self.regress = _head([dim, dim // 2, dim // 4, 9], dropout=0.0)
         # Start as the identity: zero the last layer so the initial transform leaves the cloud unchanged.
-        nn.init.zeros_(self.regress[-1].weight)
-        nn.init.zeros_(self.regress[-1].bias)
+        last = typing.cast(nn.Linear, self.regress[-1])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, 3, N]

@@ -7,6 +7,7 @@ builds the module. Unknown names or hparams fail with one line naming what is al
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    config_cls: type  # a frozen dataclass; its __post_init__ rejects bad values with ModelConfigError
+    config_cls: type[Any]  # a frozen dataclass; its __post_init__ rejects bad values with ModelConfigError
     model_cls: type[nn.Module]  # built as model_cls(config)
     sizes: dict[str, dict[str, Any]]  # named sizes: "tiny" (the CPU default), "small", "base"
     input_kind: Literal["image", "points"]  # image: float32[B, C, H, W]; points: float32[B, N, 3]
@@ -58,6 +59,7 @@ def without_parametrizations(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
+            parametrizations = typing.cast(nn.ModuleDict, module.parametrizations)
+            for name in list(parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return plain

@@ -21,6 +21,7 @@ reference (perception.layers.attention).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -136,10 +137,11 @@ class ViT(nn.Module):
         positions, edge-replicated beyond them; "sincos": the fixed table for this grid.
         """
         kind, trained = self.config.pos_embed, self.config.grid_size
+        table = typing.cast(torch.Tensor, self.pos_embed)  # the learned kinds always have one
         if kind == "learned":
-            return resample_position_embedding(self.pos_embed, trained, grid, num_prefix=1)
+            return resample_position_embedding(table, trained, grid, num_prefix=1)
         if kind == "learned_fixed":
-            return extend_position_embedding(self.pos_embed, trained, grid, num_prefix=1)
+            return extend_position_embedding(table, trained, grid, num_prefix=1)
         if kind == "sincos":
             pos = sincos_position_embedding(grid, self.config.dim, num_prefix=1, device=self.cls_token.device)
             return pos.to(self.cls_token.dtype)

@@ -153,7 +153,7 @@ def _sq_dist(a: Tensor, b: Tensor) -> float:
 def knn_graph_ref(pos: Tensor, k: int, loop: bool = False) -> set[tuple[int, int]]:
     """The kNN graph as a set of (neighbour, centre) node pairs, by sorting every pair's distance."""
     batch, num_points, _ = pos.shape
-    edges = set()
+    edges: set[tuple[int, int]] = set()
     for b in range(batch):
         for i in range(num_points):
             others = [j for j in range(num_points) if loop or j != i]
@@ -166,7 +166,7 @@ def knn_ref(source: Tensor, target: Tensor, k: int) -> set[tuple[int, int]]:
     """The bipartite kNN graph as a set of (source node, target node) pairs, by sorting every pair."""
     batch, num_targets, _ = target.shape
     num_sources = source.shape[1]
-    edges = set()
+    edges: set[tuple[int, int]] = set()
     for b in range(batch):
         for i in range(num_targets):
             order = sorted(range(num_sources), key=lambda j: _sq_dist(target[b, i], source[b, j]))

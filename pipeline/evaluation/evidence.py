@@ -324,7 +324,7 @@ def proximity_table(
     `orientation` int[N] (0 horizontal, 1 vertical) splits the accuracy by the segments' axis."""
     table = {}
     for variant, by_set in correct.items():
-        row = {
+        row: dict[str, Any] = {
             "family": infos[variant].family,
             "scan_order": infos[variant].scan_order if infos[variant].family == "mamba_hybrid" else None,
             "accuracy": accuracy(by_set["in"], settings).as_dict(),
@@ -354,8 +354,9 @@ def serialisation_evidence(
     orders: dict[str, str] = {}
     reference = ""
     for v in correct:
-        if infos[v].family == "mamba_hybrid" and infos[v].scan_order:
-            orders.setdefault(infos[v].scan_order, v)
+        order = infos[v].scan_order
+        if infos[v].family == "mamba_hybrid" and order:
+            orders.setdefault(order, v)
         elif infos[v].family == "vit":
             reference = reference or v
     preserving = [o for o in LOCALITY_PRESERVING if o in orders]
@@ -394,7 +395,9 @@ def cost_evidence(cost: dict[str, Any]) -> CostEvidence:
 
     fits = cost["fits"]
     memory = {
-        name: estimate(fits[name]["memory"]) for name in ("vit", "vit_explicit", "mamba") if name in fits
+        name: Estimate(float(m["value"]), float(m["lo"]), float(m["hi"]))
+        for name in ("vit", "vit_explicit", "mamba")
+        if name in fits and (m := fits[name]["memory"]) is not None
     }
     busiest = cost.get("busiest")
     return CostEvidence(
@@ -478,7 +481,7 @@ def deployment_table(
             "family": infos[variant].family,
             "accuracy": {name: accuracy(a, settings).as_dict() for name, a in arrays.items()},
         }
-    first = next(iter(costs.values()), {})
+    first: dict[str, Any] = next(iter(costs.values()), {})
     return {
         "machine": machine,
         "device": first.get("device", ""),

@@ -130,7 +130,7 @@ def stratified_subset(labels: np.ndarray, count: int) -> np.ndarray:
     while len(chosen) < min(count, len(labels)):
         for members in by_class:
             if members and len(chosen) < count:
-                chosen.append(members.pop(0))
+                chosen.append(int(members.pop(0)))
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
@@ -165,7 +165,12 @@ def _rotation_item(item: tuple) -> tuple[dict[str, Any], float]:
         error = invariance_error(
             build_float64(saved), clouds[torch.from_numpy(subset)], rotations=2, seed=data_seed
         )
-    return {mode: (r.correct.numpy(), r.angles_deg.numpy()) for mode, r in results.items()}, error
+    arrays = {}
+    for mode, r in results.items():
+        if r.correct is None or r.angles_deg is None:
+            raise RuntimeError("evaluate_rotations returned no per-sample arrays")
+        arrays[mode] = (r.correct.numpy(), r.angles_deg.numpy())
+    return arrays, error
 
 
 def measure_rotation(
@@ -318,4 +323,4 @@ def save_arrays(
             for name, array in by_set.items():
                 arrays[f"{kind}/{variant}/{name}"] = array
     with open(path, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub: a key could be allow_pickle

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -39,9 +39,9 @@ from pipeline.outputs import read_json
 # 5: every trained model's deployment cost and accuracy by condition; 4: cost rows timed in alternating
 # blocks, with contention; 3: the typed contract of this module; 2: the
 # hand-written dict before it
-RESULTS_VERSION = 5
-VERDICTS_VERSION = 1
-DECISION_VERSION = 1
+RESULTS_VERSION: Final = 5
+VERDICTS_VERSION: Final = 1
+DECISION_VERSION: Final = 1
 
 
 class Contract(BaseModel):

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from perception.evaluation.intervals import Estimate
 
@@ -423,7 +423,7 @@ def claim_cost(ev: CostEvidence) -> Verdict:
     else:
         outcome = gap_outcome
         would_change = _would_change(outcome, gap, t, m, "", label="the gap")
-        if outcome == HOLDS:
+        if outcome == HOLDS and mamba is not None:  # holding needs mamba_linear, so mamba is measured
             would_change += (
                 f" An upper end of pure Mamba's latency exponent at or above {ceiling:g} "
                 f"(now {mamba.hi:.2f}) would also make it inconclusive."
@@ -632,6 +632,10 @@ def _would_change(
     )
 
 
+@overload
+def _points(effect: Estimate) -> Estimate: ...
+@overload
+def _points(effect: None) -> None: ...
 def _points(effect: Estimate | None) -> Estimate | None:
     return None if effect is None else effect.scaled(POINTS)
 

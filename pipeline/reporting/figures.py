@@ -139,9 +139,12 @@ def cost_figure(cost: CostTable, path: Path) -> Path:
             name = f"{model} (k={fit.value:.2f} [{fit.lo:.2f}, {fit.hi:.2f}])"
             values = [getattr(r, key) for r in rows]
             if key == "latency_ms":
+                # A row without an interval (too few blocks to resample) gets no bar.
+                lo = [r.latency_ms if r.latency_ms_lo is None else r.latency_ms_lo for r in rows]
+                hi = [r.latency_ms if r.latency_ms_hi is None else r.latency_ms_hi for r in rows]
                 spread = [
-                    [r.latency_ms - r.latency_ms_lo for r in rows],
-                    [r.latency_ms_hi - r.latency_ms for r in rows],
+                    [r.latency_ms - a for r, a in zip(rows, lo, strict=True)],
+                    [b - r.latency_ms for r, b in zip(rows, hi, strict=True)],
                 ]
                 ax.errorbar(tokens, values, yerr=spread, marker="o", capsize=3, label=name)
             else:

@@ -129,10 +129,10 @@ def plot_tables(results: Results) -> dict[str, list[dict[str, Any]]]:
     by_scale = []
     canvas = results.canvas
     train_res = canvas.train_resolution
-    for name, r in results.resolution.items():
+    for name, row in results.resolution.items():
         for kind in ("fov", "centre", "corner", "scaled"):
-            points = [(1.0, r.accuracy["in"])] + [
-                (c / train_res, r.accuracy[f"{kind}_{c}"]) for c in canvas.canvases
+            points = [(1.0, row.accuracy["in"])] + [
+                (c / train_res, row.accuracy[f"{kind}_{c}"]) for c in canvas.canvases
             ]
             for scale, acc in points:
                 by_scale.append(

@@ -151,8 +151,8 @@ def evaluate(
     # images' manifest names every test canvas's file (`test_sets`); `in` is the training canvas's.
     canvas_stems = {"in": f"test_r{train_res}"}
     for name in canvas_names[1:]:
-        kind, canvas = name.rsplit("_", 1)
-        canvas_stems[name] = images.manifest["test_sets"][canvas][kind]
+        kind, side = name.rsplit("_", 1)
+        canvas_stems[name] = images.manifest["test_sets"][side][kind]
     canvas_sets = {name: images.array(stem) for name, stem in canvas_stems.items()}
     canvas_files = {name: images.folder / f"{stem}.npy" for name, stem in canvas_stems.items()}
     canvas = measure_images(
@@ -197,7 +197,7 @@ def evaluate(
     for row in proximity_table.values():
         order = row["scan_order"]
         row["locality"] = locality[order][task_grid] if order else None
-    claim_evidence = {
+    claim_evidence: dict[str, Any] = {
         "serialisation": evidence.serialisation_evidence(
             prox.correct,
             infos,

@@ -74,6 +74,7 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
     arrays: dict[str, np.ndarray] = {}
     for split_id, split in enumerate(SPLITS):
         count = points.manifest["splits"][split]["count"]
+        items: list[tuple]  # the renderer's arguments per instance
         if from_points:
             dense = points.array(f"{split}_dense")
             items = [(dense[i], camera, sizes[split]) for i in range(count)]

@@ -68,7 +68,8 @@ def _work_items(config: StudyConfig, base_dir: Path) -> tuple[list[str], list[tu
     worker, the source files {relative path: sha256})."""
     points, seed = config.points, config.seed
     spec = SamplingSpec(points.num_points, points.noise_std, points.partial)
-    described, items = [], []
+    described: list[tuple] = []
+    items: list[tuple] = []
     if points.source == "procedural":
         classes = list(points.classes)
         counts = {"train": points.train_per_class, "test": points.test_per_class}
@@ -159,13 +160,13 @@ def prepare_points(config: StudyConfig, out: Path, base_dir: Path = Path(".")) -
         arrays[f"{split}_points"] = np.stack([inst.points for _, inst, _ in rows]).astype(np.float32)
         arrays[f"{split}_labels"] = np.array([c for c, _, _ in rows], dtype=np.int64)
         if from_meshes:
-            meshes = [(inst.vertices, inst.faces) for _, inst, _ in rows]
+            meshes = [inst.mesh() for _, inst, _ in rows]
             arrays.update(pack_meshes(meshes, f"{split}_mesh"))
         else:
             dense = [
                 (
                     inst if inst.dense is not None else dense_from_mesh(inst, config.seed, (0, split_id, i))
-                ).dense
+                ).dense_points()
                 for i, (_, inst, _) in enumerate(rows)
             ]
             arrays[f"{split}_dense"] = np.stack(dense).astype(np.float32)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline.evaluation import verdicts as rules
 from pipeline.evaluation.decision import decision_table
@@ -25,7 +27,7 @@ from pipeline.tracking.store import check_reachable
 
 # evidence name in results.json -> its claim's number (titles: pipeline.evaluation.verdicts.TITLES)
 CLAIMS = {"serialisation": 1, "position_embedding": 2, "cost": 3, "rotation": 4}
-RULES = {
+RULES: dict[str, Callable[[Any], rules.Verdict]] = {
     "serialisation": rules.claim_serialisation,
     "position_embedding": rules.claim_position_embedding,
     "cost": rules.claim_cost,

@@ -134,18 +134,18 @@ def _fit_and_export(
         source = review.source_tags("train", commit)  # the Source column of every trial's run
         mlflow_callback = MlflowTrials(client, parent_id, inputs=inputs.mlflow_inputs, tags=source)
         # In-process, every trial holds its cores among the studies on this machine (a DVC queue's -j N).
-        slots = str(slots_folder()) if started_here else None
+        cpu_slots = str(slots_folder()) if started_here else None
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, **inputs.data, cpu_slots_folder=slots), resources
+            tune.with_parameters(run_trial, **inputs.data, cpu_slots_folder=cpu_slots), resources
         )
         done_before = 0
         if restoring:
             # resume_errored: trials that failed for good last time get their retries again.
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
             finished = {
-                r.metrics["trial_id"]
-                for r in tuner.get_results()
-                if (r.metrics or {}).get("epoch") == space.trial_epochs(config, r.config)
+                metrics["trial_id"]
+                for r in table.results_of(tuner.get_results())
+                if (metrics := r.metrics or {}).get("epoch") == space.trial_epochs(config, r.config)
             }
             done_before = len(finished)
             interrupted = retrying(
@@ -165,7 +165,10 @@ def _fit_and_export(
                 config, trainable, param_space, name, storage, reuse_actors=started_here
             )
         # A restored Tuner brings back the callbacks pickled with the run; this driver's own go in instead.
-        tuner._local_tuner.get_run_config().callbacks = [
+        local_tuner = tuner._local_tuner
+        if local_tuner is None:
+            raise TrainingError("Ray Tune gave a Tuner without its local run: restore it on the driver")
+        local_tuner.get_run_config().callbacks = [
             mlflow_callback,
             LiveStatus(total_trials, session.METRIC, done_before=done_before),
         ]
@@ -194,7 +197,7 @@ def _fit_and_export(
     wall = time.monotonic() - began
 
     # MLflow gets whatever live logging missed (an outage, a restore) from the results on disk.
-    results = list(grid)
+    results = table.results_of(grid)
     try:
         retrying(lambda: mlflow_callback.sync(results), "logging the trials", uri, wait_s, print)
     except TrackingUnavailable as err:

@@ -78,9 +78,10 @@ def loopback_only() -> None:
     """In-process Ray listens on 127.0.0.1 only. Ray does that where it runs no multi-node clusters,
     chosen by this variable when `ray` is imported; set here for this process and the ones it starts."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:  # ray was imported before (a test, a notebook): it read the flag then
-        constants.ENABLE_RAY_CLUSTER = False
+    if "ray._private.ray_constants" in sys.modules:  # ray was imported before (a test, a notebook): it read
+        from ray._private import ray_constants  # the flag then
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def connect_ray(config: StudyConfig, repo: Path) -> bool:
@@ -96,7 +97,7 @@ def connect_ray(config: StudyConfig, repo: Path) -> bool:
     # Tune saves its run state this often (by default every 10 s or more): a driver killed just after a
     # trial finished then finds it finished on restore, and does not train it again.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    quiet: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         # Ship this checkout's code to the cluster's workers; data goes through the object store.
         excludes = ["data/", ".dvc/", ".git/", ".venv/", "mlflow.db", "mlartifacts/", "*.egg-info/"]

@@ -7,7 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,14 @@ from pipeline.errors import TrainingError
 from pipeline.training import space
 from pipeline.training.session import METRIC, MODE
 from pipeline.training.trainable import CHECKPOINT_FILE
+
+if TYPE_CHECKING:
+    from ray.tune import Result, ResultGrid
+
+
+def results_of(grid: ResultGrid) -> list[Result]:
+    """The grid's results in trial order (a ResultGrid indexes, but declares no iteration)."""
+    return [grid[i] for i in range(len(grid))]
 
 
 def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:

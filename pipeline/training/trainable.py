@@ -121,6 +121,8 @@ def _train_trial(flat: dict[str, Any], data_by_kind: dict[str, TrialData | None]
     from ray import tune
 
     data = data_by_kind[trial_dataset(flat)]
+    if data is None:
+        raise RuntimeError(f"no {trial_dataset(flat)} data was handed to this trial")
     torch.set_num_threads(max(1, int(flat["train.cpus_per_trial"])))
     device = _device(flat)
     share = float(flat["train.gpus_per_trial"])

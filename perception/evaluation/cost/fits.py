@@ -43,7 +43,7 @@ def _slopes(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def resample_quantiles(
-    groups: Sequence[Sequence[float]], q: float, resamples: int, rng: np.random.Generator
+    groups: Sequence[Sequence[float] | np.ndarray], q: float, resamples: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Bootstrap quantiles: float[resamples, len(groups)], column j the q-quantiles of `resamples`
     resamples of groups[j], each drawn with replacement to the group's own size.
@@ -64,7 +64,7 @@ def resample_quantiles(
 
 
 def resample_medians(
-    groups: Sequence[Sequence[float]], resamples: int, rng: np.random.Generator
+    groups: Sequence[Sequence[float] | np.ndarray], resamples: int, rng: np.random.Generator
 ) -> np.ndarray:
     """`resample_quantiles` at the median."""
     return resample_quantiles(groups, 0.5, resamples, rng)
@@ -144,4 +144,5 @@ def _fit_resampled(
     observed = np.array([[float(np.quantile(times[j], q)) for j in keep]])  # [1, k]
     samples = _slopes(xs, resampled[:, keep])  # [R]
     interval = interval or _bootstrap_interval(level, resampled.shape[0])
-    return Exponent.from_samples(_slopes(xs, observed)[0], samples, level, xs, interval), samples
+    fitted = [tokens[j] for j in keep]
+    return Exponent.from_samples(_slopes(xs, observed)[0], samples, level, fitted, interval), samples

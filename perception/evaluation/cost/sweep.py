@@ -286,7 +286,7 @@ def default_cost_models(
     """
     if depth < 2:
         raise ValueError(f"depth must be >= 2 so the hybrid has both block kinds; got {depth}")
-    common = {"dim": dim, "depth": depth, "heads": heads, "patch_size": patch_size}
+    common: dict[str, Any] = {"dim": dim, "depth": depth, "heads": heads, "patch_size": patch_size}
     common |= {"num_classes": num_classes, "in_channels": in_channels}
     hybrid_attn = min(max(1, depth // 4), depth - 1)
 
@@ -370,7 +370,9 @@ def cost_study(
                 built, resolution, patch_size, order, 1, min_run_time, min_blocks, threads
             )
             rows.extend(point)
-            for row in point if progress is not None else ():
+            for row in point:
+                if progress is None:
+                    break
                 progress(
                     f"cost {row.model} {resolution}px ({row.tokens} tokens): {row.latency_ms:.1f} ms "
                     f"(median {row.latency_ms_median:.1f}, IQR {row.latency_ms_q25:.1f}-"
