@@ -443,8 +443,14 @@ class EvaluateConfig(Section):
     cost_min_run_time: Annotated[float, number(0.001, 3600.0, "seconds per model and point")] = 0.5
     cost_min_blocks: Annotated[int, whole(2, 10_000, "rounds of timed blocks per point")] = 7
     cost_fit_min_tokens: Annotated[int, whole(1, 10_000_000)] = 576
-    # Deployment cost of every trained model: seconds of batch-1 timing per model (torch.utils.benchmark)
-    deploy_min_run_time: Annotated[float, number(0.01, 3600.0, "seconds of timing per trained model")] = 0.2
+    # Deployment cost of every trained model. Batch-1 latency: every model timed in rounds of one block
+    # (about deploy_block_ms long) each, deploy_rounds rounds in each of three windows of the stage, on
+    # deploy_threads intra-op threads (0: torch's default, all cores). Throughput: deploy_min_run_time
+    # seconds of batch timing per model.
+    deploy_rounds: Annotated[int, whole(1, 10_000, "rounds per window")] = 8
+    deploy_block_ms: Annotated[float, number(0.1, 60_000.0, "milliseconds per timed block")] = 20.0
+    deploy_threads: Annotated[int, whole(0, 1024, "0 means torch's default")] = 1
+    deploy_min_run_time: Annotated[float, number(0.01, 3600.0, "seconds of batch timing per model")] = 0.2
     # Intervals: a hierarchical bootstrap (seeds, then test samples within each seed) with this many
     # resamples, drawn from a generator seeded with bootstrap_seed.
     bootstrap_resamples: Annotated[int, whole(100, 1_000_000)] = 2000

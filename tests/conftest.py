@@ -115,6 +115,8 @@ TINY_EVALUATE = {
     "cost_min_blocks": 3,
     "cost_fit_min_tokens": 16,
     "deploy_min_run_time": 0.02,
+    "deploy_rounds": 2,
+    "deploy_block_ms": 2,
 }
 
 

@@ -1,17 +1,23 @@
-"""Deployment cost of a trained model (`perception.evaluation.deployment`), measured on a real model."""
+"""Deployment cost of a trained model (`perception.evaluation.deployment`), measured on real models."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from perception.evaluation.deployment import measure_deployment, parameter_count
+from perception.evaluation.deployment import (
+    LatencyRounds,
+    measure_deployment,
+    median_interval,
+    parameter_count,
+)
 from perception.models import build
 
 
 @pytest.fixture
 def pointnet_file(tmp_path):
-    model = build("pointnet", "tiny", num_classes=5)
+    model = build("pointnet", "tiny", num_classes=5).eval()
     path = tmp_path / "seed-0.pt"
     torch.save(model.state_dict(), path)
     return model, path
@@ -20,29 +26,69 @@ def pointnet_file(tmp_path):
 def test_a_model_is_timed_sized_and_counted(pointnet_file) -> None:
     model, path = pointnet_file
     sample = torch.randn(1, 64, 3)
-    cost = measure_deployment(model, sample, batch_size=8, checkpoint=path, min_run_time=0.05)
+    rounds = LatencyRounds({"pointnet": (model, sample)}, block_ms=2.0, threads=1)
+    rounds.window(4)
+    rounds.window(4)
+    latency = rounds.latency("pointnet", resamples=200)
+    cost = measure_deployment(model, sample, latency, batch_size=8, checkpoint=path, min_run_time=0.05)
     assert cost.latency_ms > 0 and cost.latency_ms_lo <= cost.latency_ms <= cost.latency_ms_hi
     assert cost.latency_ms_q25 <= cost.latency_ms <= cost.latency_ms_q75
-    assert cost.blocks >= 2
+    assert (cost.windows, cost.rounds) == (2, 8)
     assert cost.throughput_per_s > 0
     assert cost.parameters == sum(p.numel() for p in model.parameters()) == parameter_count(model)
     assert cost.checkpoint_bytes == path.stat().st_size
     assert cost.input_shape == [64, 3] and cost.batch_size == 8
-    assert cost.device == "cpu" and cost.threads == torch.get_num_threads()
+    assert cost.device == "cpu" and cost.threads == 1
     assert cost.peak_memory_mb > 0
 
 
 def test_more_work_per_frame_takes_longer(pointnet_file) -> None:
-    """The latency is measured, not counted: 16x the points per cloud takes longer."""
-    model, path = pointnet_file
-    small = measure_deployment(model, torch.randn(1, 32, 3), batch_size=2, checkpoint=path, min_run_time=0.1)
-    large = measure_deployment(
-        model, torch.randn(1, 4096, 3), batch_size=2, checkpoint=path, min_run_time=0.1
-    )
-    assert large.latency_ms_lo > small.latency_ms_hi
+    """The latency is measured, not counted: 64x the points per cloud takes longer, in the same rounds."""
+    model, _ = pointnet_file
+    models = {"small": (model, torch.randn(1, 32, 3)), "large": (model, torch.randn(1, 2048, 3))}
+    rounds = LatencyRounds(models, block_ms=2.0, threads=1)
+    rounds.window(5)
+    rounds.window(5)
+    small, large = rounds.latency("small", 500), rounds.latency("large", 500)
+    assert large.lo > small.hi
+
+
+def test_every_model_is_timed_in_every_round_of_every_window(pointnet_file) -> None:
+    model, _ = pointnet_file
+    models = {name: (model, torch.randn(1, 16, 3)) for name in ("a", "b", "c")}
+    rounds = LatencyRounds(models, block_ms=1.0, threads=1)
+    for _ in range(3):
+        rounds.window(2)
+    assert {name: [len(w) for w in windows] for name, windows in rounds.times.items()} == {
+        name: [2, 2, 2] for name in models
+    }
+
+
+def test_the_interval_covers_the_spread_between_windows() -> None:
+    """Rounds tight within each window: windows apart give an interval that spans them; windows that agree
+    give a narrow one."""
+    rng = np.random.default_rng(0)
+    apart = np.stack([level + 0.001 * rng.standard_normal(8) for level in (1.0, 1.1, 1.2)])  # [3, 8]
+    lo, hi = median_interval(apart, 2000, np.random.default_rng(1))
+    assert lo < 1.01 and hi > 1.19
+    agree = np.stack([1.1 + 0.001 * rng.standard_normal(8) for _ in range(3)])  # [3, 8]
+    lo, hi = median_interval(agree, 2000, np.random.default_rng(1))
+    assert 1.09 < lo <= hi < 1.11
+
+
+def test_one_window_is_the_plain_bootstrap_of_its_rounds() -> None:
+    window = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    lo, hi = median_interval(window, 4000, np.random.default_rng(0))
+    assert 1.0 <= lo < 3.0 < hi <= 5.0
 
 
 def test_the_sample_must_be_a_batch_of_one(pointnet_file) -> None:
     model, path = pointnet_file
     with pytest.raises(ValueError, match="batch of one"):
-        measure_deployment(model, torch.randn(2, 32, 3), batch_size=2, checkpoint=path)
+        LatencyRounds({"pointnet": (model, torch.randn(2, 32, 3))})
+    rounds = LatencyRounds({"pointnet": (model, torch.randn(1, 32, 3))}, block_ms=1.0)
+    rounds.window(2)
+    with pytest.raises(ValueError, match="batch of one"):
+        measure_deployment(
+            model, torch.randn(2, 32, 3), rounds.latency("pointnet", 100), batch_size=2, checkpoint=path
+        )

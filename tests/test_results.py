@@ -92,7 +92,7 @@ def test_results_json_reads_back_as_the_same_results_byte_for_byte(evaluated):
     assert again == results
     assert to_json(again, sort_keys=True) == text
     data = json.loads(text)
-    assert data["schema_version"] == RESULTS_VERSION == 5
+    assert data["schema_version"] == RESULTS_VERSION == 6
     assert list(data) == sorted(data)  # keys sorted, as before
     assert set(data["evidence"]) == {"serialisation", "position_embedding", "cost", "rotation"}
     assert again.evidence.rotation.models[0].accuracy.lo <= again.evidence.rotation.models[0].accuracy.value
@@ -122,15 +122,16 @@ def test_the_report_writes_verdicts_json_with_its_schema_version(evaluated, tmp_
 
 
 def test_every_trained_model_has_a_measured_deployment_cost_beside_its_accuracy(evaluated):
-    import torch
 
     out, results = evaluated
     table = results.deployment
     assert set(table.models) == set(VARIANTS) | {"vit-learned_fixed"}  # the derived reading too
-    assert table.device == "cpu" and table.threads == torch.get_num_threads() and table.machine
+    assert table.device == "cpu" and table.threads == 1 and table.machine  # evaluate.deploy_threads
     for name, row in table.models.items():
         assert row.task == VARIANTS.get(name, ("", "images"))[1]
         assert row.latency_ms_lo <= row.latency_ms <= row.latency_ms_hi and row.latency_ms > 0
+        # three windows of the stage (before, between and after its parallel parts), every model in each
+        assert (row.windows, row.rounds) == (3, 3 * TINY_EVALUATE["deploy_rounds"])
         assert row.parameters > 0 and row.checkpoint_bytes > 0 and row.throughput_per_s > 0
         assert set(row.accuracy) == {c.name for c in table.conditions[row.task]}
     assert table.models["e3nn"].input_shape == [32, 3]  # the points it trained on
@@ -194,8 +195,8 @@ MALFORMED = {
         ["evidence.rotation.models.0.chance: Input should be a valid number"],
     ),
     "an unknown field": (_set("canvas.pixels", 3), ["canvas.pixels: Extra inputs are not permitted"]),
-    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 5"]),
-    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 5"]),
+    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 6"]),
+    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 6"]),
 }
 
 

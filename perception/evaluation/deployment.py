@@ -1,16 +1,23 @@
 """What a trained model costs to deploy, measured on the machine that runs this: batch-1 latency at the input
 size it was trained on, throughput at a batch size, peak memory, parameters and the checkpoint's bytes.
 
-Latency is `torch.utils.benchmark`'s: `Timer.blocked_autorange` runs the forward in blocks until
-`min_run_time` seconds have passed, and every block's mean time per call is one measurement. The latency
-reported is the median block, with a percentile-bootstrap interval of that median over the blocks and their
-interquartile range; a robot's frame budget compares with the median. Peak memory is the allocator's, as
-the cost sweep measures it (`perception.evaluation.cost.peak_memory_mb`).
+Latency is timed for all models together, in rounds: each round times one block of forwards (about
+`block_ms` long) of every model, in a fresh random order, so a slow spell of the machine falls on all models
+alike instead of on whichever was being timed. The rounds come in windows spread over a stage (the evaluate
+stage times one before its parallel parts, one after them and one at its end): a shared machine's speed
+drifts over minutes, and an interval from one burst of timing would claim more precision than a second
+run bears out. The latency reported is the median over every round of every window, with a two-level
+bootstrap interval of that median (windows, then rounds within each) and the rounds' interquartile range;
+a robot's frame budget compares with the median. Peak memory is the allocator's, as the cost sweep
+measures it (`perception.evaluation.cost.peak_memory_mb`).
+
+Glossary: W windows, R rounds per window, B bootstrap resamples.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +32,13 @@ from perception.evaluation.cost import peak_memory_mb, resample_medians
 class DeploymentCost:
     """One model's deployment cost on `device` with `threads` intra-op threads."""
 
-    latency_ms: float  # batch 1, median of the timed blocks
-    latency_ms_lo: float  # bootstrap interval of the median
+    latency_ms: float  # batch 1, median over every timed round
+    latency_ms_lo: float  # two-level bootstrap interval of the median (windows, then rounds)
     latency_ms_hi: float
-    latency_ms_q25: float  # the blocks' spread
+    latency_ms_q25: float  # the rounds' spread
     latency_ms_q75: float
-    blocks: int
+    windows: int
+    rounds: int  # in all windows together
     throughput_per_s: float  # samples per second at `batch_size`
     batch_size: int
     peak_memory_mb: float  # batch 1, above the pre-forward baseline
@@ -45,49 +53,134 @@ class DeploymentCost:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Batch-1 latency from rounds in windows: the median, its interval and the rounds' quartiles (ms)."""
+
+    median: float
+    lo: float
+    hi: float
+    q25: float
+    q75: float
+    windows: int
+    rounds: int
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _timer(model: nn.Module, x: torch.Tensor, threads: int) -> benchmark.Timer:
+    return benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+
+
 def _blocks_ms(model: nn.Module, x: torch.Tensor, min_run_time: float, threads: int) -> np.ndarray:
     """Mean milliseconds per forward in each timed block (`blocked_autorange`; CUDA is synchronised)."""
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
     with torch.inference_mode():
         model(x)  # warm-up: first-call allocations, lazy kernels
-        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+        measurement = _timer(model, x, threads).blocked_autorange(min_run_time=min_run_time)
     return 1000.0 * np.asarray(measurement.times, dtype=float)
+
+
+@dataclass
+class LatencyRounds:
+    """Batch-1 latency of several models, timed interleaved in rounds; `window` times one more window.
+
+    `models`: name -> (model in eval mode, one input of batch 1) on the device to time on. `times[name]` is
+    float[W, R] milliseconds per forward, each entry one block's mean.
+    """
+
+    models: Mapping[str, tuple[nn.Module, torch.Tensor]]
+    block_ms: float = 20.0
+    threads: int = 1
+    seed: int = 0
+    times: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _forwards: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, (_, sample) in self.models.items():
+            if sample.shape[0] != 1:
+                raise ValueError(
+                    f"{name}: the sample must be a batch of one, got shape {tuple(sample.shape)}"
+                )
+
+    def window(self, rounds: int) -> None:
+        """Time `rounds` more rounds of every model, each round in its own random order."""
+        order = np.random.default_rng([self.seed, len(next(iter(self.times.values()), []))])
+        names = list(self.models)
+        timers = {name: _timer(model, x, self.threads) for name, (model, x) in self.models.items()}
+        window: dict[str, list[float]] = {name: [] for name in names}
+        with torch.inference_mode():
+            for name in names:  # warm-up, and forwards per block (fixed for the study, from the first window)
+                timers[name].timeit(2)
+                if name not in self._forwards:
+                    once = timers[name].timeit(3).mean
+                    self._forwards[name] = max(1, round(self.block_ms / 1000.0 / max(once, 1e-9)))
+            for _ in range(rounds):
+                for index in order.permutation(len(names)):
+                    name = names[index]
+                    block = timers[name].timeit(self._forwards[name])
+                    window[name].append(1000.0 * block.mean)
+        for name in names:
+            self.times.setdefault(name, []).append(np.asarray(window[name], dtype=float))
+
+    def latency(self, name: str, resamples: int = 2000, level: float = 0.95) -> Latency:
+        """The median over every round of `name`, with its two-level bootstrap interval."""
+        if not self.times.get(name):
+            raise ValueError(f"{name}: no window was timed")
+        windows = np.stack(self.times[name])  # [W, R]
+        lo, hi = median_interval(windows, resamples, np.random.default_rng([self.seed, 0x1A7]), level)
+        flat = windows.reshape(-1)  # [W*R]
+        q25, median, q75 = np.quantile(flat, [0.25, 0.5, 0.75]).tolist()
+        return Latency(median, lo, hi, q25, q75, windows.shape[0], flat.size)
+
+
+def median_interval(
+    windows: np.ndarray, resamples: int, rng: np.random.Generator, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of the median of `windows` float[W, R] under a two-level bootstrap: draw W windows
+    with replacement, then R rounds with replacement within each drawn window. With one window, the plain
+    bootstrap over its rounds."""
+    num_windows, num_rounds = windows.shape
+    if num_windows == 1:
+        medians = resample_medians([windows[0]], resamples, rng)[:, 0]  # [B]
+    else:
+        picked = rng.integers(0, num_windows, size=(resamples, num_windows))  # [B, W]
+        rounds = rng.integers(0, num_rounds, size=(resamples, num_windows, num_rounds))  # [B, W, R]
+        drawn = windows[picked[:, :, None], rounds]  # [B, W, R]
+        medians = np.median(drawn.reshape(resamples, -1), axis=1)  # [B]
+    tail = (1.0 - level) / 2
+    lo, hi = np.quantile(medians, [tail, 1.0 - tail]).tolist()
+    return lo, hi
 
 
 def measure_deployment(
     model: nn.Module,
     sample: torch.Tensor,
+    latency: Latency,
     *,
     batch_size: int,
     checkpoint: Path,
     min_run_time: float = 0.2,
-    resamples: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
+    threads: int = 1,
 ) -> DeploymentCost:
-    """The cost of `model` (in eval mode) on one input `sample` (a batch of one, the shape it trained on)
-    and on `batch_size` copies of it, on `sample`'s device with this process's torch threads."""
+    """The cost of `model` (in eval mode) on one input `sample` (a batch of one, the shape it trained on),
+    given its batch-1 `latency` (`LatencyRounds`), and on `batch_size` copies of it, on `sample`'s
+    device with `threads` intra-op threads."""
     if sample.shape[0] != 1:
         raise ValueError(f"sample must be a batch of one, got shape {tuple(sample.shape)}")
     model = model.eval()
-    threads = torch.get_num_threads()
-    blocks = _blocks_ms(model, sample, min_run_time, threads)
-    medians = resample_medians([blocks], resamples, np.random.default_rng(seed))[:, 0]  # [R]
-    tail = (1.0 - level) / 2
     batch = sample.expand(batch_size, *sample.shape[1:]).contiguous()  # (batch_size, ...)
     batch_ms = float(np.median(_blocks_ms(model, batch, min_run_time, threads)))
     memory, method = peak_memory_mb(model, sample)
     return DeploymentCost(
-        latency_ms=float(np.median(blocks)),
-        latency_ms_lo=float(np.quantile(medians, tail)),
-        latency_ms_hi=float(np.quantile(medians, 1 - tail)),
-        latency_ms_q25=float(np.quantile(blocks, 0.25)),
-        latency_ms_q75=float(np.quantile(blocks, 0.75)),
-        blocks=int(blocks.size),
+        latency_ms=latency.median,
+        latency_ms_lo=latency.lo,
+        latency_ms_hi=latency.hi,
+        latency_ms_q25=latency.q25,
+        latency_ms_q75=latency.q75,
+        windows=latency.windows,
+        rounds=latency.rounds,
         throughput_per_s=1000.0 * batch_size / batch_ms,
         batch_size=batch_size,
         peak_memory_mb=float(memory),

@@ -24,7 +24,7 @@ import torch
 
 from perception.data.arrays import DatasetError
 from perception.evaluation.cost import torch_threads
-from perception.evaluation.deployment import DeploymentCost, measure_deployment
+from perception.evaluation.deployment import DeploymentCost, LatencyRounds, measure_deployment
 from perception.models.checkpoint import CheckpointError, ModelCheckpoint, build_float64, load_checkpoint
 from perception.training import predict, subsample_points
 from pipeline.parallel import parallel_map
@@ -275,37 +275,62 @@ def measure_images(
     return out
 
 
-def measure_deployment_costs(
-    checkpoints: dict[str, dict[int, Checkpoint]],
-    samples: dict[str, torch.Tensor],
-    *,
-    batch_size: int,
-    device: torch.device,
-    min_run_time: float,
-    seed: int,
-    progress=print,
-) -> dict[str, DeploymentCost]:
-    """variant -> its deployment cost (`perception.evaluation.deployment`), measured once per variant on its
-    first seed's checkpoint: the seeds of a variant share an architecture, so they cost the same to run.
-    `samples`: dataset -> one test input as the variant trained on it (batch of one). In this process, one
-    model at a time, after the parallel parts: timings need the machine to themselves."""
-    out = {}
-    for variant, by_seed in checkpoints.items():
-        ckpt = next(iter(by_seed.values()))
-        if ckpt.path is None:
-            raise ValueError(f"{variant}: its checkpoint has no file to size")
-        model = ckpt.saved.build().to(device)
-        sample = samples[ckpt.dataset].to(device)
-        cost = measure_deployment(
-            model, sample, batch_size=batch_size, checkpoint=ckpt.path, min_run_time=min_run_time, seed=seed
-        )
-        out[variant] = cost
-        progress(
-            f"evaluate: deploy {variant:26s} {cost.latency_ms:8.2f} ms [{cost.latency_ms_lo:.2f}, "
-            f"{cost.latency_ms_hi:.2f}] batch 1, {cost.throughput_per_s:8.0f}/s at batch {batch_size}, "
-            f"{cost.peak_memory_mb:6.1f} MiB, {cost.parameters:,} parameters on {cost.device}"
-        )
-    return out
+class DeploymentTiming:
+    """Every trained variant's deployment cost (`perception.evaluation.deployment`), measured once per
+    variant on its first seed's checkpoint: the seeds of a variant share an architecture, so they cost the
+    same to run. `samples`: dataset -> one test input as the variant trained on it (batch of one).
+
+    Batch-1 latency is timed in windows (`window`), all variants interleaved in rounds; the stage calls it
+    where this process has the machine to itself (before and after its parallel parts). `costs` adds
+    throughput, memory and size, and the latency over every window."""
+
+    def __init__(
+        self,
+        checkpoints: dict[str, dict[int, Checkpoint]],
+        samples: dict[str, torch.Tensor],
+        *,
+        device: torch.device,
+        block_ms: float,
+        threads: int,
+        seed: int,
+    ) -> None:
+        self.paths: dict[str, Path] = {}
+        models = {}
+        for variant, by_seed in checkpoints.items():
+            ckpt = next(iter(by_seed.values()))
+            if ckpt.path is None:
+                raise ValueError(f"{variant}: its checkpoint has no file to size")
+            self.paths[variant] = ckpt.path
+            models[variant] = (ckpt.saved.build().to(device).eval(), samples[ckpt.dataset].to(device))
+        self.threads = threads
+        self.rounds = LatencyRounds(models, block_ms=block_ms, threads=threads, seed=seed)
+
+    def window(self, rounds: int) -> None:
+        self.rounds.window(rounds)
+
+    def costs(
+        self, *, batch_size: int, min_run_time: float, resamples: int, progress=print
+    ) -> dict[str, DeploymentCost]:
+        out = {}
+        for variant, (model, sample) in self.rounds.models.items():
+            latency = self.rounds.latency(variant, resamples)
+            cost = measure_deployment(
+                model,
+                sample,
+                latency,
+                batch_size=batch_size,
+                checkpoint=self.paths[variant],
+                min_run_time=min_run_time,
+                threads=self.threads,
+            )
+            out[variant] = cost
+            progress(
+                f"evaluate: deploy {variant:26s} {cost.latency_ms:8.3f} ms [{cost.latency_ms_lo:.3f}, "
+                f"{cost.latency_ms_hi:.3f}] batch 1 ({cost.windows} windows, {cost.rounds} rounds), "
+                f"{cost.throughput_per_s:8.0f}/s at batch {batch_size}, {cost.peak_memory_mb:6.1f} MiB, "
+                f"{cost.parameters:,} parameters on {cost.device}"
+            )
+        return out
 
 
 def save_arrays(

@@ -39,7 +39,7 @@ from pipeline.outputs import read_json
 # 5: every trained model's deployment cost and accuracy by condition; 4: cost rows timed in alternating
 # blocks, with contention; 3: the typed contract of this module; 2: the
 # hand-written dict before it
-RESULTS_VERSION: Final = 5
+RESULTS_VERSION: Final = 6
 VERDICTS_VERSION: Final = 1
 DECISION_VERSION: Final = 1
 
@@ -184,12 +184,13 @@ class DeploymentRow(Contract):
 
     task: str  # points | images | proximity
     family: str
-    latency_ms: float  # batch 1, median block
-    latency_ms_lo: float  # bootstrap interval of the median
+    latency_ms: float  # batch 1, median over every timed round
+    latency_ms_lo: float  # two-level bootstrap interval of the median (windows, then rounds)
     latency_ms_hi: float
     latency_ms_q25: float
     latency_ms_q75: float
-    blocks: int
+    windows: int
+    rounds: int  # in all windows
     throughput_per_s: float
     batch_size: int
     peak_memory_mb: float
@@ -332,7 +333,7 @@ class Results(Contract):
     """`data/evaluation/results.json`: everything the evaluate stage measured, for the report, the figures
     and the DVC metrics and plots."""
 
-    schema_version: Literal[5] = RESULTS_VERSION
+    schema_version: Literal[6] = RESULTS_VERSION
     seed: int  # the data seed
     seeds: list[int]  # the training seeds
     evaluate: JsonObject  # the params' evaluate section, as the config resolved it

@@ -33,8 +33,8 @@ from perception.evaluation.intervals import BootstrapSettings
 from pipeline.config import StudyConfig
 from pipeline.evaluation import evidence
 from pipeline.evaluation.measurements import (
+    DeploymentTiming,
     load_checkpoints,
-    measure_deployment_costs,
     measure_images,
     measure_rotation,
     save_arrays,
@@ -73,25 +73,27 @@ def _cost(config: StudyConfig, settings: BootstrapSettings) -> dict[str, Any]:
     return study.as_dict()
 
 
-def _deployment(config, checkpoints, points, canvas_in, proximity, rotation, settings):
-    """Every trained variant's deployment cost on this machine (its GPU where there is one), on one test
+def _deployment_timing(config, checkpoints, points, images, proximity) -> DeploymentTiming:
+    """Every trained variant ready to be timed on this machine (its GPU where there is one), on one test
     input of the size it trained on."""
-    size = config.proximity.size
+    trained = evidence.trained_points(checkpoints, config.points.num_points)
+    test_points = points.array("test_points")
+    train_res, size = config.images.train_resolution, config.proximity.size
     samples = {
         "points": test_clouds(
-            np.array(points.array("test_points")[:1]), rotation.points_per_cloud, config.seed
+            np.array(test_points[:1]), min(trained or 1 << 30, test_points.shape[1]), config.seed
         ),
-        "images": torch.from_numpy(np.array(canvas_in[:1])),  # (1, C, H, W) at the training canvas
+        "images": torch.from_numpy(np.array(images.array(f"test_r{train_res}")[:1])),  # (1, C, H, W)
         "proximity": torch.from_numpy(np.array(proximity.array(f"test_r{size}")[:1])),
     }
-    return measure_deployment_costs(
+    ev = config.evaluate
+    return DeploymentTiming(
         checkpoints,
         samples,
-        batch_size=config.evaluate.batch_size,
         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-        min_run_time=config.evaluate.deploy_min_run_time,
-        seed=settings.seed,
-        progress=lambda line: print(line, flush=True),
+        block_ms=ev.deploy_block_ms,
+        threads=ev.deploy_threads or torch.get_num_threads(),
+        seed=ev.bootstrap_seed,
     )
 
 
@@ -131,6 +133,12 @@ def evaluate(
     infos = evidence.variant_infos(checkpoints)
     num_classes = len(points.manifest["classes"])
     train_res = config.images.train_resolution
+
+    # Latency is timed in three windows where this process has the machine to itself: now, after the
+    # parallel parts, and at the end (perception.evaluation.deployment says why).
+    deployment_timing = _deployment_timing(config, checkpoints, points, images, proximity)
+    deployment_timing.window(ev.deploy_rounds)
+    lap("deployment")
 
     workers = config.runtime.workers
     rotation = measure_rotation(
@@ -174,6 +182,8 @@ def evaluate(
         workers=workers,
     )
     lap("serialisation")
+    deployment_timing.window(ev.deploy_rounds)
+    lap("deployment")
 
     rotation_table = evidence.rotation_tables(rotation.correct, infos, settings)
     for variant, row in rotation_table.items():
@@ -215,7 +225,13 @@ def evaluate(
     cost = _cost(config, settings)
     claim_evidence["cost"] = evidence.cost_evidence(cost)
     lap("cost sweep")
-    deployment = _deployment(config, checkpoints, points, canvas_sets["in"], proximity, rotation, settings)
+    deployment_timing.window(ev.deploy_rounds)
+    deployment = deployment_timing.costs(
+        batch_size=ev.batch_size,
+        min_run_time=ev.deploy_min_run_time,
+        resamples=ev.bootstrap_resamples,
+        progress=lambda line: print(line, flush=True),
+    )
     deployment_table = evidence.deployment_table(
         {variant: c.as_dict() for variant, c in deployment.items()},
         rotation.correct,
