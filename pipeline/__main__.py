@@ -53,6 +53,10 @@ STAGES: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "check-params": ("validate params.yaml and print the resolved config", {}),
     "schema": ("write the JSON Schema of params.yaml (for editors)", {"out": "params.schema.json"}),
+    "profiles": (
+        "rewrite the benchmark profiles from params.yaml, keeping their points sections",
+        {"folder": "profiles"},
+    ),
 }
 
 
@@ -82,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
         args.out.write_text(json.dumps(params_schema(), indent=2) + "\n")
         print(f"wrote {args.out}")
+        return 0
+    if args.stage == "profiles":
+        from pipeline.config import PROFILES, synced_profile
+
+        params = args.params.read_text()
+        for name in PROFILES:
+            path = args.folder / f"{name}.yaml"
+            path.write_text(synced_profile(path.read_text(), params))
+            print(f"wrote {path}")
         return 0
     try:
         config = load_config(args.params)

@@ -786,3 +786,28 @@ def load_config(path: Path | str = "params.yaml") -> StudyConfig:
         return parse_config(data, path.resolve().parent)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark profiles: params.yaml with a points section of their own.
+
+PROFILES = ("modelnet40", "scanobjectnn")  # profiles/<name>.yaml that follow params.yaml (gpu.yaml does not)
+
+
+def _section_span(text: str, key: str) -> tuple[int, int]:
+    """Where the top-level `key:` section of a YAML text starts and where the next top-level key starts."""
+    match = re.search(rf"^{key}:", text, re.MULTILINE)
+    if match is None:
+        raise ConfigError(f"no top-level {key}: section")
+    following = re.search(r"^[A-Za-z_]\w*:", text[match.end() :], re.MULTILINE)
+    return match.start(), match.end() + following.start() if following else len(text)
+
+
+def synced_profile(profile: str, params: str) -> str:
+    """A benchmark profile brought up to date with params.yaml: the profile's opening comments and its own
+    `points:` section, every other line params.yaml's as written (comments included)."""
+    header = profile[: _section_span(profile, "seed")[0]]
+    start, end = _section_span(profile, "points")
+    body = params[_section_span(params, "seed")[0] :]
+    params_start, params_end = _section_span(body, "points")
+    return header + body[:params_start] + profile[start:end] + body[params_end:]

@@ -177,3 +177,23 @@ def test_the_json_schema_refuses_what_the_config_refuses(override, tmp_path):
         parse_config(merge(TINY_PARAMS, override), tmp_path)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(merge(TINY_PARAMS, override), params_schema())
+
+
+@pytest.mark.parametrize("name", ["modelnet40", "scanobjectnn"])
+def test_the_benchmark_profiles_follow_params_yaml_as_written(name) -> None:
+    """Everything but a profile's opening comments and points section is params.yaml's text."""
+    from pipeline.config import synced_profile
+
+    profile = (REPO / f"profiles/{name}.yaml").read_text()
+    params = (REPO / "params.yaml").read_text()
+    assert profile == synced_profile(profile, params), "rewrite them: python -m pipeline profiles"
+
+
+def test_a_synced_profile_takes_the_new_params_and_keeps_its_points() -> None:
+    from pipeline.config import synced_profile
+
+    profile = "# mine\nseed: 0\n\npoints:\n  source: scanobjectnn   # its own\n\ntrain:\n  epochs: 8\n"
+    params = "# schema\n# about\nseed: 0\n\npoints:\n  source: procedural\n\ntrain:\n  epochs: 12  # new\n"
+    assert synced_profile(profile, params) == (
+        "# mine\nseed: 0\n\npoints:\n  source: scanobjectnn   # its own\n\ntrain:\n  epochs: 12  # new\n"
+    )
