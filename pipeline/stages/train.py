@@ -117,14 +117,14 @@ def _fit_and_export(
     parent_id = None
     try:
         session.check_cluster_cpus(config)
-        parent_id = open_parent(
-            client,
-            config,
-            previous if restoring else {},
+        # Retried like every other MLflow step here: the first request after Ray's start can meet the server
+        # closing the idle connection (a keep-alive timeout), and a restore must find its parent run again.
+        parent_id = retrying(
+            lambda: open_parent(client, config, previous if restoring else {}, uri, repo, commit, inputs),
+            "opening the study's run",
             uri,
-            repo,
-            commit,
-            inputs,
+            wait_s,
+            print,
         )
         state = {"status": "running", "mlflow": {"tracking_uri": uri, "parent_run_id": parent_id}}
         session.write_state(experiment, state)

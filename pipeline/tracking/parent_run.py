@@ -12,17 +12,22 @@ import torch
 
 from pipeline.config import StudyConfig
 from pipeline.tracking import review
-from pipeline.tracking.store import artifact_root
+from pipeline.tracking.store import artifact_root, is_transient
 from pipeline.training.inputs import TrainingInputs
 
 
 def reopen_parent(client, run_id: str) -> str | None:
-    """The interrupted run's parent MLflow run, running again; None if it is gone."""
+    """The interrupted run's parent MLflow run, running again; None if it is gone (deleted, or not in this
+    store). A store that does not answer (`is_transient`: the server away, a dropped connection) is not a
+    run that is gone: that error goes to the caller, which retries. Taken for gone, the rerun would log
+    every trial under a new parent run and leave the interrupted one without what the outage kept from it."""
     from mlflow.exceptions import MlflowException
 
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as err:
+        if is_transient(err):
+            raise
         return None
     if run.info.lifecycle_stage != "active":
         return None
