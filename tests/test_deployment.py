@@ -92,3 +92,19 @@ def test_the_sample_must_be_a_batch_of_one(pointnet_file) -> None:
         measure_deployment(
             model, torch.randn(2, 32, 3), rounds.latency("pointnet", 100), batch_size=2, checkpoint=path
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_cost_is_measured_on_the_gpu(pointnet_file) -> None:
+    model, path = pointnet_file
+    model = model.cuda()
+    sample = torch.randn(1, 1024, 3, device="cuda")
+    rounds = LatencyRounds({"pointnet": (model, sample)}, block_ms=2.0)
+    rounds.window(4)
+    rounds.window(4)
+    latency = rounds.latency("pointnet", 500)
+    cost = measure_deployment(model, sample, latency, batch_size=4, checkpoint=path)
+    assert cost.device.startswith("cuda") and (cost.windows, cost.rounds) == (2, 8)
+    assert 0 < cost.latency_ms_lo <= cost.latency_ms <= cost.latency_ms_hi
+    assert cost.peak_memory_mb > 0 and cost.throughput_per_s > 0

@@ -290,8 +290,9 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
             "fastest whose accuracy interval overlaps the best's (the measurement cannot tell them apart); "
             "and the most accurate whose batch-1 latency is within report.latency_budget_ms = "
             f"{budget:g} ms. "
-            "Accuracy over seeds and test samples [95% interval]; latency: median of the timed blocks "
-            "[95% interval of the median]. The Pareto front lists the models no other is both faster and "
+            "Accuracy over seeds and test samples [95% interval]; latency: the median over every timed "
+            "round (all models timed in turn, in three windows of the stage) [95% interval of the median "
+            "over windows and rounds]. The Pareto front lists the models no other is both faster and "
             "more accurate than, fastest first.",
         ),
         (
