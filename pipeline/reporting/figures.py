@@ -223,7 +223,7 @@ def tradeoff_figure(results: Results, path: Path) -> Path:
         for task in DECISION_TASKS
         for condition, label in ((c.name, c.label) for c in results.deployment.conditions.get(task, []))
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.4), squeeze=False)
     for ax, (task, condition, label) in zip(axes[0], panels, strict=True):
         found = candidates(results, task, condition)
         front = pareto_front([c for c in found if c.adequate])
@@ -246,11 +246,16 @@ def tradeoff_figure(results: Results, path: Path) -> Path:
             ax.plot(xs, ys, "--", color="0.3", lw=1, zorder=0)
             ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="0.2", label="Pareto front")
         ax.set_xscale("log")
+        # Plain numbers at 1-2-5 steps: log axes' default minor labels overlap within a decade.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"batch-1 latency, ms ({results.deployment.device})")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{task}: {label}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        # Below the panel, where it hides no model.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return _save(fig, path)
 
 
