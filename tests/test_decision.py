@@ -80,3 +80,32 @@ def test_no_usable_model_gives_an_empty_row_that_says_why() -> None:
 def test_intervals_overlap_when_they_share_a_point(a, b, expected) -> None:
     assert overlaps(Estimate(sum(a) / 2, *a), Estimate(sum(b) / 2, *b)) is expected
     assert overlaps(Estimate(sum(b) / 2, *b), Estimate(sum(a) / 2, *a)) is expected
+
+
+def test_the_front_does_not_depend_on_latencies_the_measurement_cannot_tell_apart() -> None:
+    """Three models as fast as each other within their intervals: the measurably most accurate is on the
+    front, the others are not, whichever of them has the lowest point estimate."""
+    for order in ((0.200, 0.201, 0.202), (0.202, 0.201, 0.200)):
+        found = [
+            model("trained_rotated", 0.58, 0.02, order[0]),
+            model("plain", 0.23, 0.02, order[1]),
+            model("upright", 0.27, 0.02, order[2]),
+            model("equivariant", 0.86, 0.03, 5.5),
+        ]
+        assert pareto_front(found) == ["trained_rotated", "equivariant"]
+
+
+def test_models_that_cannot_be_told_apart_on_either_axis_are_all_on_the_front() -> None:
+    found = [model("a", 0.80, 0.03, 1.00), model("b", 0.82, 0.03, 1.02), model("slow_bad", 0.5, 0.02, 9.0)]
+    assert pareto_front(found) == ["a", "b"]
+
+
+def test_the_most_accurate_stays_on_the_front_when_closeness_chains() -> None:
+    """mid is as accurate as best within the intervals and faster; fast is as accurate as mid and faster
+    still, but measurably less accurate than best: best keeps its place, and so does each faster step."""
+    found = [
+        model("best", 0.824, 0.04, 1.7),
+        model("mid", 0.781, 0.04, 1.05),
+        model("fast", 0.737, 0.04, 0.72),
+    ]
+    assert pareto_front(found) == ["fast", "mid", "best"]

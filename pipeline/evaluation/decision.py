@@ -84,18 +84,24 @@ def decide(task: str, condition: str, candidates: Sequence[Candidate], budget_ms
     return DecisionRow(task, condition, best, fastest, tied_names, within, note, excluded)
 
 
+def dominates(o: Candidate, c: Candidate) -> bool:
+    """`o` is measurably the better choice than `c`: not measurably slower nor less accurate (their
+    intervals overlap, or `o` is ahead), and measurably faster or more accurate (the intervals apart).
+    On the point estimates alone, models the measurement cannot tell apart would swap places on the front
+    from one run to the next."""
+    not_worse = o.latency_ms.lo <= c.latency_ms.hi and o.accuracy.hi >= c.accuracy.lo
+    better = o.latency_ms.hi < c.latency_ms.lo or o.accuracy.lo > c.accuracy.hi
+    return not_worse and better
+
+
 def pareto_front(candidates: Sequence[Candidate]) -> list[str]:
-    """The names of the candidates no other candidate dominates (at least as fast and as accurate on the
-    point estimates, strictly better on one), fastest first."""
-    front = []
-    for c in candidates:
-        dominated = any(
-            o.latency_ms.value <= c.latency_ms.value
-            and o.accuracy.value >= c.accuracy.value
-            and (o.latency_ms.value < c.latency_ms.value or o.accuracy.value > c.accuracy.value)
-            for o in candidates
-        )
-        if not dominated:
+    """The front, fastest first: from the most accurate down, a candidate joins unless one already on the
+    front `dominates` it. Measured against the front only, because "not measurably different" does not
+    chain: a model as accurate as the best within the intervals, and one as accurate as that, need not be
+    as accurate as the best."""
+    front: list[Candidate] = []
+    for c in sorted(candidates, key=_by_accuracy):
+        if not any(dominates(o, c) for o in front):
             front.append(c)
     return [c.name for c in sorted(front, key=_by_latency)]
 

@@ -292,8 +292,9 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
             f"{budget:g} ms. "
             "Accuracy over seeds and test samples [95% interval]; latency: the median over every timed "
             "round (all models timed in turn, in three windows of the stage) [95% interval of the median "
-            "over windows and rounds]. The Pareto front lists the models no other is both faster and "
-            "more accurate than, fastest first.",
+            "over windows and rounds]. The Pareto front lists the models no other is measurably the better "
+            "choice than (not measurably slower nor less accurate, and measurably faster or more "
+            "accurate), fastest first.",
         ),
         (
             "table",
