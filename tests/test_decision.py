@@ -109,3 +109,13 @@ def test_the_most_accurate_stays_on_the_front_when_closeness_chains() -> None:
         model("fast", 0.737, 0.04, 0.72),
     ]
     assert pareto_front(found) == ["fast", "mid", "best"]
+
+
+def test_a_more_accurate_model_whose_latency_interval_reaches_the_budget_is_named() -> None:
+    """Over the budget on its median (1.6 ms), under it at its interval's low end (1.44 ms)."""
+    found = [model("hybrid", 0.82, 0.03, 1.6), model("rope", 0.78, 0.03, 1.0), model("slow", 0.9, 0.01, 9.0)]
+    row = decide("images", "in_distribution", found, budget_ms=1.5)
+    assert row.within_budget.name == "rope"
+    assert row.budget_edge == "hybrid"  # slow is more accurate still, but its interval is far from 1.5 ms
+    assert decide("images", "in_distribution", found, budget_ms=1.4).budget_edge is None  # 1.44 > 1.4
+    assert decide("images", "in_distribution", found, budget_ms=1.7).budget_edge is None  # it fits

@@ -44,6 +44,9 @@ class DecisionRow:
     within_budget: Candidate | None
     budget_note: str  # why `within_budget` is what it is
     excluded: tuple[str, ...]  # did not learn the task: never chosen
+    # A model more accurate than `within_budget` whose median is over the budget but whose latency
+    # interval reaches it: the measurement cannot say whether it fits.
+    budget_edge: str | None = None
 
 
 def overlaps(a: Estimate, b: Estimate) -> bool:
@@ -81,7 +84,14 @@ def decide(task: str, condition: str, candidates: Sequence[Candidate], budget_ms
             f"{quickest.latency_ms.value:.3g} ms"
         )
     tied_names = tuple(sorted(c.name for c in tied))
-    return DecisionRow(task, condition, best, fastest, tied_names, within, note, excluded)
+    edge = [
+        c
+        for c in usable
+        if c.latency_ms.lo <= budget_ms < c.latency_ms.value
+        and (within is None or _by_accuracy(c) < _by_accuracy(within))
+    ]
+    budget_edge = min(edge, key=_by_accuracy).name if edge else None
+    return DecisionRow(task, condition, best, fastest, tied_names, within, note, excluded, budget_edge)
 
 
 def dominates(o: Candidate, c: Candidate) -> bool:
@@ -147,6 +157,7 @@ def decision_table(results: Results, budget_ms: float) -> Decision:
                     tied_with_best=list(row.tied_with_best),
                     within_budget=_choice(row.within_budget),
                     budget_note=row.budget_note,
+                    budget_edge=row.budget_edge,
                     excluded=list(row.excluded),
                     pareto_front=pareto_front([c for c in found if c.adequate]),
                 )

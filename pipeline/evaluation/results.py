@@ -401,6 +401,7 @@ class DecisionRecord(Contract):
     tied_with_best: list[str]
     within_budget: DecisionChoice | None
     budget_note: str
+    budget_edge: str | None = None  # more accurate, over the budget, its latency interval reaching it
     excluded: list[str]
     pareto_front: list[str]  # fastest first
 

@@ -260,7 +260,14 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
                 if len(row.tied_with_best) > 1
                 else ""
             ),
-            _choice_text(row.within_budget) + ("" if row.within_budget else f" ({row.budget_note})"),
+            _choice_text(row.within_budget)
+            + ("" if row.within_budget else f" ({row.budget_note})")
+            + (
+                f" ({row.budget_edge} is more accurate, and its latency interval reaches {budget:g} ms: "
+                "the measurement cannot say whether it fits)"
+                if row.budget_edge
+                else ""
+            ),
             ", ".join(row.pareto_front) or "none",
             ", ".join(row.excluded) or "none",
         ]
