@@ -134,6 +134,12 @@ def stratified_subset(labels: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
+def tested_points(trained_points: int, points_in_file: int) -> int:
+    """Points per cloud every point model is tested and timed on: as many as it trained on (0: all), at
+    most what the test file holds."""
+    return min(trained_points or 1 << 30, points_in_file)
+
+
 def test_clouds(points: np.ndarray, trained_points: int, seed: int) -> torch.Tensor:
     """The test clouds at the point count the models trained on (a seeded random subset of each cloud)."""
     clouds = torch.from_numpy(points)
@@ -203,7 +209,7 @@ def measure_rotation(
         for _, _, c in jobs
     ]
     out = RotationMeasurements(
-        points_per_cloud=min(trained_points or 1 << 30, int(np.load(points_file, mmap_mode="r").shape[1]))
+        points_per_cloud=tested_points(trained_points, int(np.load(points_file, mmap_mode="r").shape[1]))
     )
     per_mode: dict[str, dict[str, list[np.ndarray]]] = {}
     for (variant, seed, _), (results, error) in zip(

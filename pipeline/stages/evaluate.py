@@ -39,6 +39,7 @@ from pipeline.evaluation.measurements import (
     measure_rotation,
     save_arrays,
     test_clouds,
+    tested_points,
     with_unhelped_tables,
 )
 from pipeline.evaluation.results import FitRecord, Results, to_json
@@ -81,7 +82,7 @@ def _deployment_timing(config, checkpoints, points, images, proximity) -> Deploy
     train_res, size = config.images.train_resolution, config.proximity.size
     samples = {
         "points": test_clouds(
-            np.array(test_points[:1]), min(trained or 1 << 30, test_points.shape[1]), config.seed
+            np.array(test_points[:1]), tested_points(trained, test_points.shape[1]), config.seed
         ),
         "images": torch.from_numpy(np.array(images.array(f"test_r{train_res}")[:1])),  # (1, C, H, W)
         "proximity": torch.from_numpy(np.array(proximity.array(f"test_r{size}")[:1])),
