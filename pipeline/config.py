@@ -769,19 +769,25 @@ _Yaml12Floats.add_implicit_resolver(
 )
 
 
-def load_config(path: Path | str = "params.yaml") -> StudyConfig:
-    """Read and validate a params file. Relative data paths are relative to the file's folder."""
+def read_params(path: Path | str = "params.yaml") -> Any:
+    """A params file as YAML 1.2 reads it (DVC's reading), not yet validated."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the params file ({err.strerror})") from None
     try:
-        data = yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506 (a SafeLoader with one more resolver)
+        return yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506 (a SafeLoader with one more resolver)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+
+
+def load_config(path: Path | str = "params.yaml") -> StudyConfig:
+    """Read and validate a params file. Relative data paths are relative to the file's folder."""
+    path = Path(path)
+    data = read_params(path)
     try:
         return parse_config(data, path.resolve().parent)
     except ConfigError as err:

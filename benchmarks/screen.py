@@ -1,0 +1,173 @@
+"""Screen one variant of `train.models` with changed settings, outside the study: train it as a trial does
+and print its validation curve, last-quarter gain, test accuracy and most frequent confusions.
+
+    python -m benchmarks.screen e3nn --seed 0 --set lmax=3 --set epochs=24     # about 2-5 minutes
+
+A variant is a name `python -m pipeline check-params` lists (`e3nn`, `dgcnn`, `pointnet-z`...); each `--set
+key=value` (the value read as YAML) replaces or adds one of its entry's settings, as `train.models` would.
+The data are params.yaml's points dataset, prepared into a temporary folder (or `--data`, a prepared points
+folder, to reuse one). Training is the trial's: one thread, the same split, batches, schedule and seed; the
+test accuracy is the best validation epoch's on the test clouds at the points the model trained on, as the
+evaluate stage measures it. Point variants only: the evaluation of image models has its own test sets. Two
+screens at a time use a 2-core machine fully. With `--json`, the result is appended to that file as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+import perception.training as training
+from perception.data.arrays import open_dataset
+from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
+from pipeline.evaluation.measurements import test_clouds, tested_points
+from pipeline.stages.prepare_points import prepare_points
+from pipeline.training import space
+from pipeline.training.inputs import split_data
+from pipeline.training.trainable import build_model, trial_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {text!r}: expected key=value, for example --set lmax=3")
+    return key.strip(), yaml.safe_load(value)
+
+
+def screened_config(params: Path, variant_name: str, settings: dict) -> tuple[StudyConfig, space.Variant]:
+    """params.yaml with `settings` written into the variant's `train.models` entry, validated as the study
+    validates it (one line naming the key and what is allowed, before any work), and the variant."""
+    data = read_params(params)
+    entries = data["train"]["models"]
+    names = {v.name: v.model for v in space.expand(load_config(params))}
+    if variant_name not in names:
+        raise ConfigError(
+            f"variant {variant_name!r} is not in train.models; expected one of {', '.join(names)}"
+        )
+    entry = entries.setdefault(names[variant_name], {})  # all_families: a family no entry names
+    for key, value in settings.items():
+        if isinstance(entry.get(key), dict):  # a grid or a search: its values name the variants
+            raise ConfigError(f"--set {key}: train.models.{names[variant_name]}.{key} is a grid or a search")
+        entry[key] = value
+    config = parse_config(data, params.resolve().parent)
+    variant = {v.name: v for v in space.expand(config)}[variant_name]
+    if variant.dataset != "points":
+        raise ConfigError(
+            f"variant {variant_name!r} trains on {variant.dataset}; the screen takes point models"
+        )
+    space.check(config, [variant], max(2, len(config.points.classes)), 1)  # builds its model config
+    return config, variant
+
+
+def screen(config: StudyConfig, variant: space.Variant, seed: int, points_folder: Path) -> dict:
+    """Train `variant` at training seed `seed` on a prepared points folder; its curve and test accuracy."""
+    dataset = open_dataset(points_folder, "points")
+    data = split_data(config, dataset.array("train_points"), dataset.array("train_labels"))
+    classes = list(dataset.manifest["classes"])
+    study = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
+    flat = space.resolved(
+        {**study, "trial": variant.as_trial(), "trial_seed": seed, "data.num_classes": len(classes),
+         "data.in_channels": 1}
+    )  # fmt: skip
+    resolved = trial_settings(flat)
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = build_model(flat)
+    step = training.StepSettings(
+        batch_size=int(resolved["batch_size"]),
+        augment=flat.get("trial.augment", "none"),
+        points_per_cloud=int(resolved["points_per_cloud"]),
+        grad_clip=float(resolved["grad_clip"]),
+    )
+    optimizer = torch.optim.AdamW(
+        training.parameter_groups(model, float(resolved["weight_decay"])), lr=float(resolved["lr"])
+    )
+    epochs = int(resolved["epochs"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, training.warmup_cosine(epochs, int(resolved["warmup_epochs"]))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    cpu = torch.device("cpu")
+    train_x, train_y = torch.from_numpy(data.train_inputs), torch.from_numpy(data.train_labels)
+    val_x, val_y = torch.from_numpy(data.val_inputs), torch.from_numpy(data.val_labels)
+    test_points = np.asarray(dataset.array("test_points"))
+    points = tested_points(step.points_per_cloud, test_points.shape[1])
+    test_x = test_clouds(test_points, points, config.seed)
+    test_y = torch.from_numpy(np.asarray(dataset.array("test_labels")))
+
+    curve: list[float] = []
+    best_state: dict[str, torch.Tensor] = {}
+    began = time.perf_counter()
+    for epoch in range(epochs):
+        training.train_one_epoch(model, optimizer, train_x, train_y, step, generator, cpu)
+        schedule.step()
+        curve.append(training.accuracy(model, val_x, val_y, step.batch_size, cpu))
+        if curve[-1] > max(curve[:-1], default=-1.0):  # the first of equal bests
+            best_state = {k: t.clone() for k, t in model.state_dict().items()}
+        print(f"screen: {variant.name} seed {seed} epoch {epoch + 1}/{epochs} val {curve[-1]:.3f}")
+    seconds = time.perf_counter() - began
+    model.load_state_dict(best_state)
+    predicted = training.predict(model, test_x, config.evaluate.batch_size, cpu)
+    wrong = Counter(
+        f"{classes[truth]} -> {classes[guess]}"
+        for truth, guess in zip(test_y.tolist(), predicted.tolist(), strict=True)
+        if truth != guess
+    )
+    return {
+        "variant": variant.name,
+        "seed": seed,
+        "test_accuracy": round(float((predicted == test_y).float().mean()), 4),
+        "best_val_accuracy": round(max(curve), 4),
+        "last_quarter_gain_points": round(100 * training.last_quarter_gain(curve), 2),
+        "train_seconds": round(seconds, 1),
+        "val_curve": [round(v, 4) for v in curve],
+        "confusions": dict(wrong.most_common(8)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.screen", description=__doc__.splitlines()[0])
+    parser.add_argument("variant")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--data", type=Path, help="a prepared points folder (default: prepare one)")
+    parser.add_argument("--json", type=Path, help="append the result to this file, one JSON line")
+    args = parser.parse_args(argv)
+    settings = dict(parse_setting(text) for text in args.settings)
+    try:
+        config, variant = screened_config(args.params, args.variant, settings)
+    except ConfigError as err:
+        raise SystemExit(f"screen: {err}") from None
+    with tempfile.TemporaryDirectory(prefix="screen-") as tmp:
+        folder = args.data
+        if folder is None:
+            folder = Path(tmp) / "points"
+            prepare_points(config, folder, args.params.resolve().parent)
+        result = screen(config, variant, args.seed, folder)
+    result["settings"] = settings
+    print(
+        f"screen: {args.variant} seed {args.seed} {settings or 'as in params'}: test "
+        f"{100 * result['test_accuracy']:.1f}%, best val {100 * result['best_val_accuracy']:.1f}%, "
+        f"last-quarter gain {result['last_quarter_gain_points']:+.2f} points, {result['train_seconds']:.0f} s"
+    )
+    print("screen: most confused: " + ", ".join(f"{k} {v}" for k, v in result["confusions"].items()))
+    if args.json:
+        with args.json.open("a") as out:
+            out.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

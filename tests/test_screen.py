@@ -1,0 +1,64 @@
+"""benchmarks.screen: one point variant with changed settings, trained as a trial, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.screen import screened_config
+from pipeline.config import ConfigError
+from tests.conftest import REPO, TINY_PARAMS, TINY_TRAIN, merge, write_params
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> Path:
+    return write_params(tmp_path / "params.yaml", merge(TINY_PARAMS, {"train": TINY_TRAIN}))
+
+
+def test_a_screen_trains_the_variant_with_its_settings_and_reports_its_test_accuracy(params, tmp_path):
+    out = tmp_path / "screen.jsonl"
+    command = [sys.executable, "-m", "benchmarks.screen", "pointnet-so3", "--params", str(params)]
+    command += ["--set", "epochs=3", "--set", "dim=16", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["variant"] == "pointnet-so3"
+    assert result["settings"] == {"epochs": 3, "dim": 16}
+    assert len(result["val_curve"]) == 3  # the epochs it was given, not params.yaml's
+    assert result["best_val_accuracy"] == max(result["val_curve"])
+    test_count = 4 * 2  # classes x test_per_class of TINY_PARAMS
+    wrong = round((1 - result["test_accuracy"]) * test_count)
+    assert sum(result["confusions"].values()) == wrong
+    assert "test" in done.stdout.splitlines()[-2]
+
+
+@pytest.mark.parametrize(
+    ("variant", "settings", "named"),
+    [
+        ("dgcnn", {"bogus": 1}, "DGCNNConfig.bogus: unknown hparam"),
+        ("dgcnn", {"epochs": 0}, "train.models.dgcnn.epochs = 0"),
+        ("e3nn", {"lmax": 9}, "E3nnConfig.lmax = 9"),
+        ("pointnet-so3", {"augment": "z"}, "train.models.pointnet.augment is a grid"),
+        ("vit-learned", {}, "trains on images"),
+        ("nope", {}, "variant 'nope' is not in train.models"),
+    ],
+)
+def test_bad_settings_get_one_line_naming_them_before_any_work(params, variant, settings, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as caught:
+        screened_config(params, variant, settings)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_cli_stops_on_bad_settings_and_writes_nothing(params, tmp_path):
+    out = tmp_path / "screen.jsonl"
+    command = [sys.executable, "-m", "benchmarks.screen", "e3nn", "--params", str(params)]
+    command += ["--set", "lmax=9", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "lmax = 9" in done.stderr
+    assert not out.exists()
