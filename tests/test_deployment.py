@@ -8,6 +8,7 @@ import torch
 
 from perception.evaluation.deployment import (
     LatencyRounds,
+    machine_reference,
     measure_deployment,
     median_interval,
     parameter_count,
@@ -92,6 +93,20 @@ def test_the_sample_must_be_a_batch_of_one(pointnet_file) -> None:
         measure_deployment(
             model, torch.randn(2, 32, 3), rounds.latency("pointnet", 100), batch_size=2, checkpoint=path
         )
+
+
+def test_the_machine_reference_is_the_same_workload_in_every_run() -> None:
+    """Same weights, same input, same output: only the machine's speed can move its latency."""
+    (first, x), (second, y) = machine_reference(), machine_reference()
+    assert torch.equal(x, y) and x.shape == (1, 128, 96)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        assert torch.equal(first(x), second(y))
+    # and what it is timed on scales like a workload: 4x the tokens take longer, in the same rounds
+    rounds = LatencyRounds({"reference": (first, x), "longer": (first, x.repeat(1, 4, 1))}, block_ms=2.0)
+    rounds.window(5)
+    assert rounds.latency("longer", 200).lo > rounds.latency("reference", 200).hi
 
 
 @pytest.mark.gpu

@@ -92,7 +92,7 @@ def test_results_json_reads_back_as_the_same_results_byte_for_byte(evaluated):
     assert again == results
     assert to_json(again, sort_keys=True) == text
     data = json.loads(text)
-    assert data["schema_version"] == RESULTS_VERSION == 6
+    assert data["schema_version"] == RESULTS_VERSION == 7
     assert list(data) == sorted(data)  # keys sorted, as before
     assert set(data["evidence"]) == {"serialisation", "position_embedding", "cost", "rotation"}
     assert again.evidence.rotation.models[0].accuracy.lo <= again.evidence.rotation.models[0].accuracy.value
@@ -127,6 +127,9 @@ def test_every_trained_model_has_a_measured_deployment_cost_beside_its_accuracy(
     table = results.deployment
     assert set(table.models) == set(VARIANTS) | {"vit-learned_fixed"}  # the derived reading too
     assert table.device == "cpu" and table.threads == 1 and table.machine  # evaluate.deploy_threads
+    # the machine reference, timed in the same rounds, is not a model of the table
+    reference, reference_lo, reference_hi = table.reference_ms
+    assert 0 < reference_lo <= reference <= reference_hi and "machine reference" not in table.models
     for name, row in table.models.items():
         assert row.task == VARIANTS.get(name, ("", "images"))[1]
         assert row.latency_ms_lo <= row.latency_ms <= row.latency_ms_hi and row.latency_ms > 0
@@ -195,8 +198,8 @@ MALFORMED = {
         ["evidence.rotation.models.0.chance: Input should be a valid number"],
     ),
     "an unknown field": (_set("canvas.pixels", 3), ["canvas.pixels: Extra inputs are not permitted"]),
-    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 6"]),
-    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 6"]),
+    "the older schema": (_set("schema_version", 2), ["schema_version 2, expected 7"]),
+    "no schema version": (_set("schema_version", ...), ["schema_version missing, expected 7"]),
 }
 
 

@@ -8,8 +8,14 @@ stage times one before its parallel parts, one after them and one at its end): a
 drifts over minutes, and an interval from one burst of timing would claim more precision than a second
 run bears out. The latency reported is the median over every round of every window, with a two-level
 bootstrap interval of that median (windows, then rounds within each) and the rounds' interquartile range;
-a robot's frame budget compares with the median. Peak memory is the allocator's, as the cost sweep
-measures it (`perception.evaluation.cost.peak_memory_mb`).
+a robot's frame budget compares with the median.
+
+The windows cover drift within a run, not a machine that changed between runs: a VM moved to another host,
+or a host busier for an hour, runs every model at another speed. `machine_reference` is a fixed workload
+(the same weights and input in every run) timed in the same rounds as the models, so two runs' references
+say whether the machine ran at the same speed; where they disagree, so will the models, and the comparison
+(`benchmarks.latency_agreement`) is of two machines, not of two measurements. Peak memory is the
+allocator's, as the cost sweep measures it (`perception.evaluation.cost.peak_memory_mb`).
 
 Glossary: W windows, R rounds per window, B bootstrap resamples.
 """
@@ -64,6 +70,23 @@ class Latency:
     q75: float
     windows: int
     rounds: int
+
+
+REFERENCE = "machine reference"  # its name among the timed models: no variant has a space in its name
+
+
+def machine_reference(device: torch.device | str = "cpu") -> tuple[nn.Module, torch.Tensor]:
+    """The fixed workload every run times beside the models: a transformer encoder layer (width 96, 4 heads,
+    feed-forward 384) on one sequence of 128 tokens, float32, weights and input drawn from seed 0 on the CPU.
+    Attention, matrix products, softmax and layer norm: the operations the study's models spend their time in.
+    """
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.TransformerEncoderLayer(96, 4, dim_feedforward=384, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    tokens = torch.randn(1, 128, 96, generator=generator)  # (batch 1, tokens, width)
+    return layer.to(device).eval(), tokens.to(device)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -162,10 +162,13 @@ def decision_table(results: Results, budget_ms: float) -> Decision:
                     pareto_front=pareto_front([c for c in found if c.adequate]),
                 )
             )
+    ref, ref_lo, ref_hi = table.reference_ms
     caveat = (
         f"Latencies are batch-1 medians measured on {table.machine} ({table.device}, {table.threads} "
-        "threads) at each model's training input size; on the robot's own hardware the order can differ: "
-        "rerun `dvc repro -f evaluate report` there."
+        f"threads) at each model's training input size, where a fixed reference workload took {ref:.3f} ms "
+        f"[{ref_lo:.3f}, {ref_hi:.3f}] (another run whose reference differs ran on a faster or slower "
+        "machine); on the robot's own hardware the order can differ: rerun `dvc repro -f evaluate report` "
+        "there."
     )
     return Decision(
         latency_budget_ms=budget_ms,

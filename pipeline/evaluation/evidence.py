@@ -455,8 +455,10 @@ def deployment_table(
     canvases: tuple[int, ...],
     settings: BootstrapSettings,
     machine: str,
+    reference_ms: tuple[float, float, float],
 ) -> dict[str, Any]:
-    """The deployment table (`results.DeploymentTable`) measured on `machine`: variant -> its deployment
+    """The deployment table (`results.DeploymentTable`) measured on `machine`, whose fixed reference workload
+    took `reference_ms` (median, interval) in the same rounds: variant -> its deployment
     cost (a `perception.evaluation.deployment.DeploymentCost` dict) with its task and its accuracy (an
     Estimate dict, over seeds and test samples) under each of its task's conditions
     (`deployment_conditions`)."""
@@ -484,6 +486,7 @@ def deployment_table(
     first: dict[str, Any] = next(iter(costs.values()), {})
     return {
         "machine": machine,
+        "reference_ms": list(reference_ms),
         "device": first.get("device", ""),
         "threads": first.get("threads", 0),
         "conditions": conditions,

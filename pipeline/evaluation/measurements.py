@@ -24,7 +24,14 @@ import torch
 
 from perception.data.arrays import DatasetError
 from perception.evaluation.cost import torch_threads
-from perception.evaluation.deployment import DeploymentCost, LatencyRounds, measure_deployment
+from perception.evaluation.deployment import (
+    REFERENCE,
+    DeploymentCost,
+    Latency,
+    LatencyRounds,
+    machine_reference,
+    measure_deployment,
+)
 from perception.models.checkpoint import CheckpointError, ModelCheckpoint, build_float64, load_checkpoint
 from perception.training import predict, subsample_points
 from pipeline.parallel import parallel_map
@@ -308,6 +315,7 @@ class DeploymentTiming:
                 raise ValueError(f"{variant}: its checkpoint has no file to size")
             self.paths[variant] = ckpt.path
             models[variant] = (ckpt.saved.build().to(device).eval(), samples[ckpt.dataset].to(device))
+        models[REFERENCE] = machine_reference(device)  # timed in the same rounds: the machine's speed
         self.threads = threads
         self.rounds = LatencyRounds(models, block_ms=block_ms, threads=threads, seed=seed)
 
@@ -319,6 +327,8 @@ class DeploymentTiming:
     ) -> dict[str, DeploymentCost]:
         out = {}
         for variant, (model, sample) in self.rounds.models.items():
+            if variant == REFERENCE:
+                continue
             latency = self.rounds.latency(variant, resamples)
             cost = measure_deployment(
                 model,
@@ -337,6 +347,10 @@ class DeploymentTiming:
                 f"{cost.parameters:,} parameters on {cost.device}"
             )
         return out
+
+    def reference(self, resamples: int) -> Latency:
+        """The machine reference's latency over the same rounds (`perception.evaluation.deployment`)."""
+        return self.rounds.latency(REFERENCE, resamples)
 
 
 def save_arrays(

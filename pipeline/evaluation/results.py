@@ -36,10 +36,11 @@ from pipeline.evaluation.verdicts import (
 )
 from pipeline.outputs import read_json
 
+# 7: the machine reference's latency in the deployment table; 6: latency in windows of rounds;
 # 5: every trained model's deployment cost and accuracy by condition; 4: cost rows timed in alternating
 # blocks, with contention; 3: the typed contract of this module; 2: the
 # hand-written dict before it
-RESULTS_VERSION: Final = 6
+RESULTS_VERSION: Final = 7
 VERDICTS_VERSION: Final = 1
 DECISION_VERSION: Final = 1
 
@@ -210,6 +211,9 @@ class Condition(Contract):
 
 class DeploymentTable(Contract):
     machine: str  # where the latencies were measured: host, CPU, cores
+    # the fixed workload timed in the same rounds (`perception.evaluation.deployment.machine_reference`):
+    # batch-1 milliseconds, [median, lo, hi]; two runs whose references disagree ran on machines of two speeds
+    reference_ms: tuple[float, float, float]
     device: str
     threads: int
     conditions: dict[str, list[Condition]]  # task -> its conditions, in the decision table's order
@@ -333,7 +337,7 @@ class Results(Contract):
     """`data/evaluation/results.json`: everything the evaluate stage measured, for the report, the figures
     and the DVC metrics and plots."""
 
-    schema_version: Literal[6] = RESULTS_VERSION
+    schema_version: Literal[7] = RESULTS_VERSION
     seed: int  # the data seed
     seeds: list[int]  # the training seeds
     evaluate: JsonObject  # the params' evaluate section, as the config resolved it

@@ -233,6 +233,12 @@ def evaluate(
         resamples=ev.bootstrap_resamples,
         progress=lambda line: print(line, flush=True),
     )
+    reference = deployment_timing.reference(ev.bootstrap_resamples)
+    print(
+        f"evaluate: deploy {'(machine reference)':26s} {reference.median:8.3f} ms [{reference.lo:.3f}, "
+        f"{reference.hi:.3f}]: a fixed workload, to compare this machine's speed between runs",
+        flush=True,
+    )
     deployment_table = evidence.deployment_table(
         {variant: c.as_dict() for variant, c in deployment.items()},
         rotation.correct,
@@ -242,6 +248,7 @@ def evaluate(
         canvases,
         settings,
         _machine(),
+        (reference.median, reference.lo, reference.hi),
     )
     lap("deployment")
 
