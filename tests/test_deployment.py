@@ -123,3 +123,45 @@ def test_on_cuda_the_cost_is_measured_on_the_gpu(pointnet_file) -> None:
     assert cost.device.startswith("cuda") and (cost.windows, cost.rounds) == (2, 8)
     assert 0 < cost.latency_ms_lo <= cost.latency_ms <= cost.latency_ms_hi
     assert cost.peak_memory_mb > 0 and cost.throughput_per_s > 0
+
+
+def test_windows_timed_elsewhere_are_recorded_as_their_own() -> None:
+    """`time_window` times without recording; `add_window` records it."""
+    model = build("pointnet", "tiny", num_classes=5).eval()
+    models = {"a": (model, torch.randn(1, 32, 3)), "b": (model, torch.randn(1, 64, 3))}
+    rounds = LatencyRounds(models, block_ms=1.0)
+    window = rounds.time_window(3, index=0)
+    assert rounds.times == {} and {name: len(t) for name, t in window.items()} == {"a": 3, "b": 3}
+    rounds.add_window(window)
+    rounds.add_window(rounds.time_window(3, index=1))
+    assert {name: len(w) for name, w in rounds.times.items()} == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match="a window must time every model"):
+        rounds.add_window({"a": window["a"]})
+
+
+def test_each_window_of_the_stage_runs_in_a_fresh_process(tmp_path) -> None:
+    """Where weights land in memory moves latency from one process to the next: every window samples it."""
+    import os
+
+    from perception.models.checkpoint import ModelCheckpoint, model_config, save_checkpoint
+    from pipeline.evaluation.measurements import Checkpoint, DeploymentTiming
+
+    model = build("pointnet", "tiny", num_classes=5).eval()
+    saved = ModelCheckpoint("pointnet", model_config(model), model.state_dict(), {"dataset": "points"})
+    path = tmp_path / "seed-0.pt"
+    save_checkpoint(path, saved)
+    checkpoints = {"pointnet-none": {0: Checkpoint("pointnet-none", 0, saved, model, path)}}
+    samples = {"points": torch.randn(1, 32, 3)}
+    timing = DeploymentTiming(
+        checkpoints, samples, device=torch.device("cpu"), block_ms=1.0, threads=1, seed=0
+    )
+    for _ in range(3):
+        timing.window(2)
+    assert len(set(timing.window_pids)) == 3 and os.getpid() not in timing.window_pids
+    assert {name: [len(w) for w in windows] for name, windows in timing.rounds.times.items()} == {
+        "pointnet-none": [2, 2, 2],
+        "machine reference": [2, 2, 2],
+    }
+    costs = timing.costs(batch_size=2, min_run_time=0.01, resamples=100, progress=lambda _: None)
+    assert set(costs) == {"pointnet-none"} and costs["pointnet-none"].windows == 3
+    assert timing.reference(100).rounds == 6

@@ -118,7 +118,7 @@ class LatencyRounds:
     threads: int = 1
     seed: int = 0
     times: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    _forwards: dict[str, int] = field(default_factory=dict)
+    forwards: dict[str, int] = field(default_factory=dict)  # per block, fixed by the first window
 
     def __post_init__(self) -> None:
         for name, (_, sample) in self.models.items():
@@ -129,23 +129,38 @@ class LatencyRounds:
 
     def window(self, rounds: int) -> None:
         """Time `rounds` more rounds of every model, each round in its own random order."""
-        order = np.random.default_rng([self.seed, len(next(iter(self.times.values()), []))])
+        index = len(next(iter(self.times.values()), []))
+        for name, times in self.time_window(rounds, index).items():
+            self.times.setdefault(name, []).append(times)
+
+    def time_window(self, rounds: int, index: int) -> dict[str, np.ndarray]:
+        """Window `index`'s times, float[R] per model, without recording them (a window timed in another
+        process is recorded with `add_window`). The rounds' orders are drawn from (seed, index)."""
+        order = np.random.default_rng([self.seed, index])
         names = list(self.models)
         timers = {name: _timer(model, x, self.threads) for name, (model, x) in self.models.items()}
         window: dict[str, list[float]] = {name: [] for name in names}
         with torch.inference_mode():
             for name in names:  # warm-up, and forwards per block (fixed for the study, from the first window)
                 timers[name].timeit(2)
-                if name not in self._forwards:
+                if name not in self.forwards:
                     once = timers[name].timeit(3).mean
-                    self._forwards[name] = max(1, round(self.block_ms / 1000.0 / max(once, 1e-9)))
+                    self.forwards[name] = max(1, round(self.block_ms / 1000.0 / max(once, 1e-9)))
             for _ in range(rounds):
-                for index in order.permutation(len(names)):
-                    name = names[index]
-                    block = timers[name].timeit(self._forwards[name])
+                for position in order.permutation(len(names)):
+                    name = names[position]
+                    block = timers[name].timeit(self.forwards[name])
                     window[name].append(1000.0 * block.mean)
-        for name in names:
-            self.times.setdefault(name, []).append(np.asarray(window[name], dtype=float))
+        return {name: np.asarray(window[name], dtype=float) for name in names}
+
+    def add_window(self, times: Mapping[str, np.ndarray]) -> None:
+        """Record a window timed elsewhere (`time_window`), for every model."""
+        if set(times) != set(self.models):
+            raise ValueError(
+                f"a window must time every model: got {sorted(times)}, have {sorted(self.models)}"
+            )
+        for name in self.models:
+            self.times.setdefault(name, []).append(np.asarray(times[name], dtype=float))
 
     def latency(self, name: str, resamples: int = 2000, level: float = 0.95) -> Latency:
         """The median over every round of `name`, with its two-level bootstrap interval."""

@@ -15,6 +15,9 @@ Arrays (numpy, bool or float):
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,8 +297,10 @@ class DeploymentTiming:
     same to run. `samples`: dataset -> one test input as the variant trained on it (batch of one).
 
     Batch-1 latency is timed in windows (`window`), all variants interleaved in rounds; the stage calls it
-    where this process has the machine to itself (before and after its parallel parts). `costs` adds
-    throughput, memory and size, and the latency over every window."""
+    where this process has the machine to itself (before and after its parallel parts). Each window runs in
+    a fresh process that rebuilds the models: where weights and buffers land in memory moves a model's
+    latency by a few percent from one process to the next, which one process would never show, and a
+    second run would. `costs` adds throughput, memory and size, and the latency over every window."""
 
     def __init__(
         self,
@@ -308,19 +313,28 @@ class DeploymentTiming:
         seed: int,
     ) -> None:
         self.paths: dict[str, Path] = {}
-        models = {}
+        self.specs: dict[str, tuple[ModelCheckpoint, torch.Tensor]] = {}
         for variant, by_seed in checkpoints.items():
             ckpt = next(iter(by_seed.values()))
             if ckpt.path is None:
                 raise ValueError(f"{variant}: its checkpoint has no file to size")
             self.paths[variant] = ckpt.path
-            models[variant] = (ckpt.saved.build().to(device).eval(), samples[ckpt.dataset].to(device))
-        models[REFERENCE] = machine_reference(device)  # timed in the same rounds: the machine's speed
+            self.specs[variant] = (ckpt.saved, samples[ckpt.dataset])
+        self.device = device
         self.threads = threads
-        self.rounds = LatencyRounds(models, block_ms=block_ms, threads=threads, seed=seed)
+        self.rounds = LatencyRounds(_timed_models(self.specs, device), block_ms, threads, seed)
+        self.window_pids: list[int] = []  # the process each window ran in
 
     def window(self, rounds: int) -> None:
-        self.rounds.window(rounds)
+        """Time one more window of `rounds` rounds, in a fresh (spawned) process."""
+        index = len(self.window_pids)
+        r = self.rounds
+        item = (self.specs, self.device, r.block_ms, r.threads, r.seed, dict(r.forwards), rounds, index)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            times, forwards, pid = pool.submit(_timed_window, item).result()
+        r.forwards.update(forwards)  # blocks keep the first window's length for the whole stage
+        r.add_window(times)
+        self.window_pids.append(pid)
 
     def costs(
         self, *, batch_size: int, min_run_time: float, resamples: int, progress=print
@@ -351,6 +365,22 @@ class DeploymentTiming:
     def reference(self, resamples: int) -> Latency:
         """The machine reference's latency over the same rounds (`perception.evaluation.deployment`)."""
         return self.rounds.latency(REFERENCE, resamples)
+
+
+def _timed_models(
+    specs: dict[str, tuple[ModelCheckpoint, torch.Tensor]], device: torch.device
+) -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    """Every variant rebuilt in eval mode with its sample, and the machine reference, on `device`."""
+    models = {v: (saved.build().to(device).eval(), sample.to(device)) for v, (saved, sample) in specs.items()}
+    models[REFERENCE] = machine_reference(device)  # timed in the same rounds: the machine's speed
+    return models
+
+
+def _timed_window(item: tuple) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
+    """One latency window in this (fresh) process: its times per model, the forwards per block, its pid."""
+    specs, device, block_ms, threads, seed, forwards, rounds, index = item
+    timed = LatencyRounds(_timed_models(specs, device), block_ms, threads, seed, forwards=forwards)
+    return timed.time_window(rounds, index), timed.forwards, os.getpid()
 
 
 def save_arrays(
