@@ -444,10 +444,10 @@ class EvaluateConfig(Section):
     cost_min_blocks: Annotated[int, whole(2, 10_000, "rounds of timed blocks per point")] = 7
     cost_fit_min_tokens: Annotated[int, whole(1, 10_000_000)] = 576
     # Deployment cost of every trained model. Batch-1 latency: every model timed in rounds of one block
-    # (about deploy_block_ms long) each, deploy_rounds rounds in each of three windows of the stage, on
-    # deploy_threads intra-op threads (0: torch's default, all cores). Throughput: deploy_min_run_time
-    # seconds of batch timing per model.
-    deploy_rounds: Annotated[int, whole(1, 10_000, "rounds per window")] = 8
+    # (about deploy_block_ms long) each, deploy_rounds rounds in each of six windows (two fresh processes at
+    # each of three points of the stage), on deploy_threads intra-op threads (0: torch's default, all
+    # cores). Throughput: deploy_min_run_time seconds of batch timing per model.
+    deploy_rounds: Annotated[int, whole(1, 10_000, "rounds per window")] = 4
     deploy_block_ms: Annotated[float, number(0.1, 60_000.0, "milliseconds per timed block")] = 20.0
     deploy_threads: Annotated[int, whole(0, 1024, "0 means torch's default")] = 1
     deploy_min_run_time: Annotated[float, number(0.01, 3600.0, "seconds of batch timing per model")] = 0.2

@@ -133,8 +133,8 @@ def test_every_trained_model_has_a_measured_deployment_cost_beside_its_accuracy(
     for name, row in table.models.items():
         assert row.task == VARIANTS.get(name, ("", "images"))[1]
         assert row.latency_ms_lo <= row.latency_ms <= row.latency_ms_hi and row.latency_ms > 0
-        # three windows of the stage (before, between and after its parallel parts), every model in each
-        assert (row.windows, row.rounds) == (3, 3 * TINY_EVALUATE["deploy_rounds"])
+        # six windows, two fresh processes at each of three points of the stage, every model in each
+        assert (row.windows, row.rounds) == (6, 6 * TINY_EVALUATE["deploy_rounds"])
         assert row.parameters > 0 and row.checkpoint_bytes > 0 and row.throughput_per_s > 0
         assert set(row.accuracy) == {c.name for c in table.conditions[row.task]}
     assert table.models["e3nn"].input_shape == [32, 3]  # the points it trained on

@@ -325,6 +325,11 @@ class DeploymentTiming:
         self.rounds = LatencyRounds(_timed_models(self.specs, device), block_ms, threads, seed)
         self.window_pids: list[int] = []  # the process each window ran in
 
+    def windows(self, count: int, rounds: int) -> None:
+        """Time `count` more windows of `rounds` rounds each, one after another, each in a fresh process."""
+        for _ in range(count):
+            self.window(rounds)
+
     def window(self, rounds: int) -> None:
         """Time one more window of `rounds` rounds, in a fresh (spawned) process."""
         index = len(self.window_pids)

@@ -74,6 +74,12 @@ def _cost(config: StudyConfig, settings: BootstrapSettings) -> dict[str, Any]:
     return study.as_dict()
 
 
+# Latency windows at each of the stage's three pauses: a model's latency moves by several percent from one
+# process to the next (8-12% between six fresh processes here, 4-6% between six windows of one process), so
+# the interval needs several processes to see it.
+WINDOWS_PER_PAUSE = 2
+
+
 def _deployment_timing(config, checkpoints, points, images, proximity) -> DeploymentTiming:
     """Every trained variant ready to be timed on this machine (its GPU where there is one), on one test
     input of the size it trained on."""
@@ -135,10 +141,10 @@ def evaluate(
     num_classes = len(points.manifest["classes"])
     train_res = config.images.train_resolution
 
-    # Latency is timed in three windows where this process has the machine to itself: now, after the
-    # parallel parts, and at the end (perception.evaluation.deployment says why).
+    # Latency is timed where this process has the machine to itself: now, after the parallel parts, and at
+    # the end, WINDOWS_PER_PAUSE windows each, every window in a fresh process (DeploymentTiming says why).
     deployment_timing = _deployment_timing(config, checkpoints, points, images, proximity)
-    deployment_timing.window(ev.deploy_rounds)
+    deployment_timing.windows(WINDOWS_PER_PAUSE, ev.deploy_rounds)
     lap("deployment")
 
     workers = config.runtime.workers
@@ -183,7 +189,7 @@ def evaluate(
         workers=workers,
     )
     lap("serialisation")
-    deployment_timing.window(ev.deploy_rounds)
+    deployment_timing.windows(WINDOWS_PER_PAUSE, ev.deploy_rounds)
     lap("deployment")
 
     rotation_table = evidence.rotation_tables(rotation.correct, infos, settings)
@@ -226,7 +232,7 @@ def evaluate(
     cost = _cost(config, settings)
     claim_evidence["cost"] = evidence.cost_evidence(cost)
     lap("cost sweep")
-    deployment_timing.window(ev.deploy_rounds)
+    deployment_timing.windows(WINDOWS_PER_PAUSE, ev.deploy_rounds)
     deployment = deployment_timing.costs(
         batch_size=ev.batch_size,
         min_run_time=ev.deploy_min_run_time,
