@@ -288,6 +288,7 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
         for name, row in results.deployment.models.items()
     ]
     batch = next(iter(results.deployment.models.values())).batch_size if costs else 0
+    windows = next(iter(results.deployment.models.values())).windows if costs else 0
     blocks: list[tuple] = [
         ("h2", "Which backbone: accuracy against deployment cost"),
         ("p", decision.caveat),
@@ -298,7 +299,8 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
             "and the most accurate whose batch-1 latency is within report.latency_budget_ms = "
             f"{budget:g} ms. "
             "Accuracy over seeds and test samples [95% interval]; latency: the median over every timed "
-            "round (all models timed in turn, in three windows of the stage) [95% interval of the median "
+            f"round (all models timed in turn, in {windows} windows of the stage, each in a fresh process) "
+            "[95% interval of the median "
             "over windows and rounds]. The Pareto front lists the models no other is measurably the better "
             "choice than (not measurably slower nor less accurate, and measurably faster or more "
             "accurate), fastest first.",
