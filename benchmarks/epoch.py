@@ -36,7 +36,7 @@ from pipeline.stages.prepare_points import prepare_points
 from pipeline.stages.prepare_proximity import prepare_proximity
 from pipeline.training import space
 from pipeline.training.inputs import split_data
-from pipeline.training.trainable import build_model, trial_settings
+from pipeline.training.trainable import build_model, step_settings, trial_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 # One variant per family (and the proximity task's pure Mamba, the study's most numerous trials).
@@ -74,16 +74,8 @@ def one_epoch(flat: dict, data, seed: int) -> float:
     """Seconds for one epoch and its validation, from a freshly built model."""
     torch.manual_seed(seed)
     model = build_model(flat)
-    settings = trial_settings(flat)
-    step = training.StepSettings(
-        batch_size=int(settings["batch_size"]),
-        augment=flat.get("trial.augment", "none"),
-        points_per_cloud=int(settings["points_per_cloud"]),
-        grad_clip=float(settings["grad_clip"]),
-    )
-    optimizer = torch.optim.AdamW(
-        training.parameter_groups(model, float(settings["weight_decay"])), lr=float(settings["lr"])
-    )
+    step = step_settings(flat)
+    optimizer = trial_optimizer(model, flat)
     x, y = torch.from_numpy(data.train_inputs), torch.from_numpy(data.train_labels)
     vx, vy = torch.from_numpy(data.val_inputs), torch.from_numpy(data.val_labels)
     generator = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from pipeline.evaluation.measurements import test_clouds, tested_points
 from pipeline.stages.prepare_points import prepare_points
 from pipeline.training import space
 from pipeline.training.inputs import split_data
-from pipeline.training.trainable import build_model, trial_settings
+from pipeline.training.trainable import build_model, step_settings, trial_optimizer, trial_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,15 +84,8 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, points_folder
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     model = build_model(flat)
-    step = training.StepSettings(
-        batch_size=int(resolved["batch_size"]),
-        augment=flat.get("trial.augment", "none"),
-        points_per_cloud=int(resolved["points_per_cloud"]),
-        grad_clip=float(resolved["grad_clip"]),
-    )
-    optimizer = torch.optim.AdamW(
-        training.parameter_groups(model, float(resolved["weight_decay"])), lr=float(resolved["lr"])
-    )
+    step = step_settings(flat)
+    optimizer = trial_optimizer(model, flat)
     epochs = int(resolved["epochs"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, training.warmup_cosine(epochs, int(resolved["warmup_epochs"]))

@@ -62,6 +62,25 @@ def trial_settings(flat: dict[str, Any]) -> dict[str, Any]:
     return {key: flat.get(f"trial.{key}", flat[f"train.{key}"]) for key in TRAINING_KEYS}
 
 
+def step_settings(flat: dict[str, Any]) -> StepSettings:
+    """How each of a trial's steps runs: batch size, augmentation, points per cloud, clipping, bf16."""
+    settings = trial_settings(flat)
+    return StepSettings(
+        batch_size=int(settings["batch_size"]),
+        augment=flat.get("trial.augment", "none"),
+        points_per_cloud=int(settings["points_per_cloud"]),
+        grad_clip=float(settings["grad_clip"]),
+        bf16=bool(flat["train.bf16"]),
+    )
+
+
+def trial_optimizer(model: torch.nn.Module, flat: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW at the trial's lr, decaying every parameter but those `parameter_groups` keeps."""
+    settings = trial_settings(flat)
+    groups = parameter_groups(model, float(settings["weight_decay"]))
+    return torch.optim.AdamW(groups, lr=float(settings["lr"]))
+
+
 def training_record(flat: dict[str, Any]) -> dict[str, Any]:
     """How a trial trains, in plain values: what its checkpoint keeps beside the model's own config."""
     return {
@@ -133,17 +152,9 @@ def _train_trial(flat: dict[str, Any], data_by_kind: dict[str, TrialData | None]
     torch.manual_seed(seed)
 
     settings = trial_settings(flat)
-    step = StepSettings(
-        batch_size=int(settings["batch_size"]),
-        augment=flat.get("trial.augment", "none"),
-        points_per_cloud=int(settings["points_per_cloud"]),
-        grad_clip=float(settings["grad_clip"]),
-        bf16=bool(flat["train.bf16"]),
-    )
+    step = step_settings(flat)
     model = build_model(flat).to(device)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, float(settings["weight_decay"])), lr=float(settings["lr"])
-    )
+    optimizer = trial_optimizer(model, flat)
     epochs = int(settings["epochs"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(epochs, int(settings["warmup_epochs"]))
