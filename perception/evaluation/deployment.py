@@ -4,11 +4,12 @@ size it was trained on, throughput at a batch size, peak memory, parameters and 
 Latency is timed for all models together, in rounds: each round times one block of forwards (about
 `block_ms` long) of every model, in a fresh random order, so a slow spell of the machine falls on all models
 alike instead of on whichever was being timed. The rounds come in windows spread over a stage (the evaluate
-stage times one before its parallel parts, one after them and one at its end): a shared machine's speed
-drifts over minutes, and an interval from one burst of timing would claim more precision than a second
-run bears out. The latency reported is the median over every round of every window, with a two-level
-bootstrap interval of that median (windows, then rounds within each) and the rounds' interquartile range;
-a robot's frame budget compares with the median.
+stage times two before its parallel parts, two after them and two at its end, each in a fresh process that
+rebuilds the models): a shared machine's speed drifts over minutes, and a model's latency moves from one
+process to the next, so an interval from one burst of timing in one process would claim more precision
+than a second run bears out. The latency reported is the median over every round of every window, with a
+two-level bootstrap interval of that median (windows, then rounds within each) and the rounds'
+interquartile range; a robot's frame budget compares with the median.
 
 The windows cover drift within a run, not a machine that changed between runs: a VM moved to another host,
 or a host busier for an hour, runs every model at another speed. `machine_reference` is a fixed workload
