@@ -1,5 +1,6 @@
 """Screen one variant of `train.models` with changed settings, outside the study: train it as a trial does
-and print its validation curve, last-quarter gain, test accuracy and most frequent confusions.
+and print its training loss and validation accuracy per epoch, last-quarter gain, test accuracy and most
+frequent confusions.
 
     python -m benchmarks.screen e3nn --seed 0 --set lmax=3 --set epochs=24     # about 2-5 minutes
 
@@ -100,15 +101,19 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, points_folder
     test_y = torch.from_numpy(np.asarray(dataset.array("test_labels")))
 
     curve: list[float] = []
+    losses: list[float] = []  # mean training loss per epoch: near 0 with a low curve is overfitting
     best_state: dict[str, torch.Tensor] = {}
     began = time.perf_counter()
     for epoch in range(epochs):
-        training.train_one_epoch(model, optimizer, train_x, train_y, step, generator, cpu)
+        losses.append(training.train_one_epoch(model, optimizer, train_x, train_y, step, generator, cpu))
         schedule.step()
         curve.append(training.accuracy(model, val_x, val_y, step.batch_size, cpu))
         if curve[-1] > max(curve[:-1], default=-1.0):  # the first of equal bests
             best_state = {k: t.clone() for k, t in model.state_dict().items()}
-        print(f"screen: {variant.name} seed {seed} epoch {epoch + 1}/{epochs} val {curve[-1]:.3f}")
+        print(
+            f"screen: {variant.name} seed {seed} epoch {epoch + 1}/{epochs} "
+            f"train loss {losses[-1]:.3f} val {curve[-1]:.3f}"
+        )
     seconds = time.perf_counter() - began
     model.load_state_dict(best_state)
     predicted = training.predict(model, test_x, config.evaluate.batch_size, cpu)
@@ -125,6 +130,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, points_folder
         "last_quarter_gain_points": round(100 * training.last_quarter_gain(curve), 2),
         "train_seconds": round(seconds, 1),
         "val_curve": [round(v, 4) for v in curve],
+        "train_loss": [round(v, 4) for v in losses],
         "confusions": dict(wrong.most_common(8)),
     }
 

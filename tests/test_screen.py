@@ -30,6 +30,8 @@ def test_a_screen_trains_the_variant_with_its_settings_and_reports_its_test_accu
     assert result["settings"] == {"epochs": 3, "dim": 16}
     assert len(result["val_curve"]) == 3  # the epochs it was given, not params.yaml's
     assert result["best_val_accuracy"] == max(result["val_curve"])
+    assert len(result["train_loss"]) == 3 and all(loss > 0 for loss in result["train_loss"])
+    assert f"train loss {result['train_loss'][-1]:.3f}" in done.stdout  # each epoch's line says it
     test_count = 4 * 2  # classes x test_per_class of TINY_PARAMS
     wrong = round((1 - result["test_accuracy"]) * test_count)
     assert sum(result["confusions"].values()) == wrong
