@@ -5,7 +5,8 @@ step-level changes of this version, in one run:
 
 "before" runs the reference paths these changes kept beside their fast ones (`serialize_ref`, the advanced
 indexing that put a token grid in scan order; validation under `torch.no_grad` rather than
-`torch.inference_mode`); "after" the code as it is. Each family trains one epoch (and validates) on one
+`torch.inference_mode`; DGCNN's `forward_per_edge`, BatchNorm and LeakyReLU on every edge before the max over
+neighbours); "after" the code as it is. Each family trains one epoch (and validates) on one
 thread, as a trial does, alternating before / after three times on the same data, model and seed; the
 median of each is reported with their ratio. The image models also predict the whole test set on the
 larger canvas (the evaluate stage's work), before and after, the same way. The data are the default
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import perception.models.dgcnn as dgcnn
 import perception.models.mamba_hybrid as mamba_hybrid
 import perception.training as training
 from perception.data.arrays import open_dataset
@@ -58,16 +60,19 @@ PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view
 def before() -> Iterator[None]:
     """The reference paths in place of the fast ones."""
     fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
+    fast_edge_block = dgcnn.DynamicEdgeBlock.forward
 
     @torch.no_grad()
     def predict_no_grad(model, inputs, batch_size, device, bf16=False):
         return fast_predict.__wrapped__(model, inputs, batch_size, device, bf16)
 
     mamba_hybrid.serialize, training.predict = serialize_ref, predict_no_grad
+    dgcnn.DynamicEdgeBlock.forward = dgcnn.DynamicEdgeBlock.forward_per_edge  # type: ignore[method-assign]
     try:
         yield
     finally:
         mamba_hybrid.serialize, training.predict = fast_serialize, fast_predict
+        dgcnn.DynamicEdgeBlock.forward = fast_edge_block  # type: ignore[method-assign]
 
 
 def one_epoch(flat: dict, data, seed: int) -> float:

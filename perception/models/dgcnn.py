@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,14 +17,73 @@ def _edge_mlp(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2 * c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2))
 
 
+class _NeighbourMax(torch.autograd.Function):
+    """[B, N, k, C] -> [B, N, C], the max over neighbours: `amax` forward (`max` with its indices took 10x as
+    long on CPU), and a backward that sends each output's gradient to the neighbours that reach the max,
+    shared among ties as `amax`'s own backward shares it (which took twice as long as this one)."""
+
+    @staticmethod
+    def forward(ctx: Any, edges: Tensor) -> Tensor:
+        top = edges.amax(dim=2)  # [B, N, C]
+        ctx.save_for_backward(edges, top)
+        return top
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        edges, top = ctx.saved_tensors
+        hits = (edges == top[:, :, None, :]).to(grad.dtype)  # [B, N, k, C]; a bool sum would widen to int64
+        return hits.mul_((grad / hits.sum(dim=2))[:, :, None, :])
+
+
+def _edge_statistics(
+    centre: Tensor, neighbour: Tensor, edges: Tensor, sources: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance [C] over every edge `e_ij = centre_i + neighbour_j` of `edges` [B, N, k, C],
+    from [B, N, C]-sized sums: each neighbour's term weighted by how often it is one, and the cross term
+    through the sum over each point's neighbours. `torch.var_mean` over the edges' rows took longer than the
+    whole block. Both parts are centred first, so the squares do not cancel.
+
+    centre [B, N, C]; neighbour [B*N, C]; sources long[B, N, k], each edge's neighbour among the B*N."""
+    k = edges.shape[2]
+    total = edges.numel() // edges.shape[-1]  # B*N*k edges
+    uses = torch.bincount(sources.reshape(-1), minlength=neighbour.shape[0]).to(neighbour.dtype)[:, None]
+    centre_mean = centre.mean(dim=(0, 1))  # [C]
+    neighbour_mean = (uses * neighbour).sum(dim=0) / total  # [C]: over edges, not points
+    centred = centre - centre_mean  # [B, N, C]
+    around = edges.sum(dim=2) - k * centre - k * neighbour_mean  # [B, N, C]: sum_j (neighbour_j - its mean)
+    var = (
+        k * centred.square().sum(dim=(0, 1))
+        + 2 * (centred * around).sum(dim=(0, 1))
+        + (uses * (neighbour - neighbour_mean).square()).sum(dim=0)
+    ) / total
+    return centre_mean + neighbour_mean, var
+
+
+@torch.no_grad()
+def _track_statistics(norm: nn.BatchNorm1d, mean: Tensor, var: Tensor, count: int) -> None:
+    """BatchNorm1d's running statistics after a training batch of `count` rows with this mean and (biased)
+    variance, as `nn.BatchNorm1d.forward` keeps them: the running variance is the unbiased one."""
+    tracked = norm.num_batches_tracked
+    if norm.running_mean is None or norm.running_var is None or tracked is None:
+        return
+    tracked += 1
+    momentum = 1.0 / float(tracked) if norm.momentum is None else norm.momentum
+    norm.running_mean.lerp_(mean, momentum)
+    norm.running_var.lerp_(var * count / max(count - 1, 1), momentum)
+
+
 class DynamicEdgeBlock(nn.Module):
     """EdgeConv (max over neighbours) on the kNN graph of this block's own input features.
 
     `forward` computes EdgeConv densely over [B, N, k, C]: the edge MLP's linear layer on [x_i, x_j - x_i] is
     `W_c x_i + W_d (x_j - x_i) = (W_c - W_d) x_i + W_d x_j`, so it runs once per point rather than once per
-    edge, and the max over neighbours is a plain `amax` (a scatter-max's backward was half the step time on
-    CPU). `forward_ref` is the same block through `torch_geometric.nn.EdgeConv` on an edge list: the slow
-    reference the tests compare against.
+    edge. BatchNorm then LeakyReLU is monotonic in each channel (increasing where BatchNorm's weight is
+    positive, decreasing where negative), so the max over neighbours of the activated edges is the activation
+    of the max (or the min) of the raw edges: the max comes first, and BatchNorm and LeakyReLU run on
+    [B, N, C] rather than on every edge, with BatchNorm's statistics still taken over every edge. The max is
+    `_NeighbourMax` (a scatter-max's backward was half the step time on CPU). `forward_per_edge` keeps the
+    per-edge order, and `forward_ref` is the same block through `torch_geometric.nn.EdgeConv` on an edge list:
+    the slow references the tests compare against.
     """
 
     def __init__(self, c_in: int, c_out: int, k: int) -> None:
@@ -35,20 +95,43 @@ class DynamicEdgeBlock(nn.Module):
         self.k = k
         self.conv = EdgeConv(_edge_mlp(c_in, c_out), aggr="max")
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [B, N, C]; the graph is rebuilt from x (coordinates for the first block, features after that).
+    def _edge_parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The linear layer's two parts, centre [B, N, c_out] and neighbour [B*N, c_out], and each point's
+        neighbours among the B*N points, long[B, N, k]: edge (i, j) is centre_i + neighbour_j."""
         batch, num_points, channels = x.shape
         # A matrix-product distance is fine here: features have no symmetry to preserve beyond point order.
         idx = knn_indices(x, self.k, loop=True, exact=channels <= 3)  # [B, N, k]
-        linear, norm, act = self.conv.nn
-        w_centre, w_diff = linear.weight.split(channels, dim=1)  # each [c_out, C]
+        w_centre, w_diff = self.conv.nn[0].weight.split(channels, dim=1)  # each [c_out, C]
         centre = x @ (w_centre - w_diff).T  # [B, N, c_out]
         neighbour = (x @ w_diff.T).reshape(batch * num_points, -1)  # [B*N, c_out]
         offsets = torch.arange(batch, device=x.device)[:, None, None] * num_points
-        edges = centre[:, :, None, :] + neighbour[idx + offsets]  # [B, N, k, c_out]
+        return centre, neighbour, idx + offsets
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, N, C]; the graph is rebuilt from x (coordinates for the first block, features after that).
+        _, norm, act = self.conv.nn
+        centre, neighbour, sources = self._edge_parts(x)
+        # Each channel times the sign of its BatchNorm weight, so that one max serves both directions.
+        sign = torch.where(norm.weight < 0, -1.0, 1.0).to(x.dtype).detach()  # [c_out]
+        centre, neighbour = centre * sign, neighbour * sign
+        signed = centre[:, :, None, :] + neighbour[sources]  # [B, N, k, c_out]
+        if norm.training or norm.running_mean is None or norm.running_var is None:  # the batch's statistics
+            mean, var = _edge_statistics(centre, neighbour, signed, sources)
+            mean = mean * sign  # the unsigned edges' mean; the variance is the same
+            _track_statistics(norm, mean.detach(), var.detach(), signed.numel() // signed.shape[-1])
+        else:
+            mean, var = norm.running_mean, norm.running_var
+        extreme = _NeighbourMax.apply(signed) * sign  # [B, N, c_out]: the max, or the min where sign < 0
+        return act((extreme - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias)  # [B, N, c_out]
+
+    def forward_per_edge(self, x: Tensor) -> Tensor:
+        """`forward` in EdgeConv's own order, BatchNorm and LeakyReLU on every edge and then the max: what
+        `forward` did before it took the max first (`benchmarks.epoch` times it as "before")."""
+        _, norm, act = self.conv.nn
+        centre, neighbour, sources = self._edge_parts(x)
+        edges = centre[:, :, None, :] + neighbour[sources]  # [B, N, k, c_out]
         edges = act(norm(edges.reshape(-1, edges.shape[-1])))  # [B*N*k, c_out]
-        # max (not amax): its backward routes the gradient by index rather than through a [B, N, k, C] mask.
-        return edges.reshape(batch, num_points, self.k, -1).max(dim=2).values  # [B, N, c_out]
+        return edges.reshape(*sources.shape, -1).max(dim=2).values  # [B, N, c_out]
 
     def forward_ref(self, x: Tensor) -> Tensor:
         batch, num_points, channels = x.shape
