@@ -6,7 +6,8 @@ step-level changes of this version, in one run:
 "before" runs the reference paths these changes kept beside their fast ones (`serialize_ref`, the advanced
 indexing that put a token grid in scan order; validation under `torch.no_grad` rather than
 `torch.inference_mode`; DGCNN's `forward_per_edge`, BatchNorm and LeakyReLU on every edge before the max over
-neighbours); "after" the code as it is. Each family trains one epoch (and validates) on one
+neighbours; e3nn's own TensorProduct in place of the fused kernel of `perception.ops.tensor_product`);
+"after" the code as it is. Each family trains one epoch (and validates) on one
 thread, as a trial does, alternating before / after three times on the same data, model and seed; the
 median of each is reported with their ratio. The image models also predict the whole test set on the
 larger canvas (the evaluate stage's work), before and after, the same way. The data are the default
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 import perception.models.dgcnn as dgcnn
+import perception.models.equivariant as equivariant
 import perception.models.mamba_hybrid as mamba_hybrid
 import perception.training as training
 from perception.data.arrays import open_dataset
@@ -61,6 +63,7 @@ def before() -> Iterator[None]:
     """The reference paths in place of the fast ones."""
     fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
     fast_edge_block = dgcnn.DynamicEdgeBlock.forward
+    fast_tensor_product = equivariant.tensor_product
 
     @torch.no_grad()
     def predict_no_grad(model, inputs, batch_size, device, bf16=False):
@@ -68,11 +71,13 @@ def before() -> Iterator[None]:
 
     mamba_hybrid.serialize, training.predict = serialize_ref, predict_no_grad
     dgcnn.DynamicEdgeBlock.forward = dgcnn.DynamicEdgeBlock.forward_per_edge  # type: ignore[method-assign]
+    equivariant.tensor_product = lambda tp, terms, x1, x2, weight: tp(x1, x2, weight)
     try:
         yield
     finally:
         mamba_hybrid.serialize, training.predict = fast_serialize, fast_predict
         dgcnn.DynamicEdgeBlock.forward = fast_edge_block  # type: ignore[method-assign]
+        equivariant.tensor_product = fast_tensor_product
 
 
 def one_epoch(flat: dict, data, seed: int) -> float:

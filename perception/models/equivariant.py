@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from perception.models.registry import check
 from perception.ops.graphs import farthest_point_sampling, knn, knn_graph
+from perception.ops.tensor_product import UVUTerms, tensor_product
 
 
 class PointConvolution(nn.Module):
@@ -73,6 +74,7 @@ class PointConvolution(nn.Module):
             internal_weights=False,
             shared_weights=False,
         )
+        self.tp_terms = UVUTerms(self.tp)  # the same product as a list of terms, for the fused CPU kernel
         self.radial = FullyConnectedNet(
             [num_basis, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu
         )
@@ -90,7 +92,7 @@ class PointConvolution(nn.Module):
         """x: source features [n_src, irreps_in.dim]; x_dst: target features if the graph is bipartite."""
         x_dst = x if x_dst is None else x_dst
         weight = self.radial(edge_len_emb)  # [E, tp.weight_numel]
-        messages = self.tp(self.lin1(x)[edge_src], edge_sh, weight)  # [E, irreps_mid.dim]
+        messages = tensor_product(self.tp, self.tp_terms, self.lin1(x)[edge_src], edge_sh, weight)  # [E, mid]
         # The sum over each target's incoming edges, as torch_geometric.utils.scatter(reduce="sum") computes
         # it; plain index_add_ spares every trial's worker the 2 s import of torch_geometric.
         aggregated = messages.new_zeros(x_dst.shape[0], messages.shape[1]).index_add_(0, edge_dst, messages)

@@ -14,31 +14,20 @@ only this user can write; without a compiler the backend hands its work to `chun
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from perception.ops.native import compiled_library, failure_text, run_parts
 from perception.ops.scan.chunked import selective_scan_chunked
 from perception.ops.scan.common import check_shapes
 
 _NATIVE_SOURCE = Path(__file__).with_name("native_scan.c").read_text()
-_NATIVE_FLAGS = (
-    "-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
-    "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
-)  # fmt: skip
 _native_libs: dict[int, ctypes.CDLL | None] = {}
 _native_error: str | None = None
-_pool: ThreadPoolExecutor | None = None
 
 
 def _native_lib(n: int) -> ctypes.CDLL | None:
@@ -48,35 +37,14 @@ def _native_lib(n: int) -> ctypes.CDLL | None:
         return _native_libs[n]
     lib = None
     try:
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            raise RuntimeError("no C compiler (cc or gcc) on PATH")
-        flags = (*_NATIVE_FLAGS, f"-DNS={n}")
-        # The key covers the source, flags and machine (-march=native code must not cross machines).
-        key = "\n".join((_NATIVE_SOURCE, cc, *flags, platform.node(), platform.machine()))
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        # A cache only this user can write: a shared /tmp would let another account plant a library here.
-        default = (
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "perception-study" / "scan"
-        )
-        cache = Path(os.environ.get("PERCEPTION_SCAN_CACHE") or default)
-        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        so = cache / f"scan_n{n}_{digest}.so"
-        if not so.exists():
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src, out = Path(tmp) / "scan.c", Path(tmp) / so.name
-                src.write_text(_NATIVE_SOURCE)
-                subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True)
-                os.replace(out, so)  # atomic: concurrent processes never load a half-written library
-        lib = ctypes.CDLL(str(so))
+        lib = compiled_library(f"#define NS {n}\n{_NATIVE_SOURCE}")
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
         lib.scan_fwd.argtypes = [i64, i64, i64, *[ptr] * 8, i32, ptr, i64, i64]
         lib.scan_bwd.argtypes = [i64, i64, i64, *[ptr] * 8, i32, *[ptr] * 9, i64, i64]
         for fn in (lib.scan_fwd, lib.scan_bwd):
             fn.restype = None
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        _native_error = f"{e} {detail.decode(errors='replace')[:500]}".strip()
+        _native_error = failure_text(e)
         warnings.warn(f"native selective scan unavailable, using 'chunked': {_native_error}", stacklevel=3)
     _native_libs[n] = lib
     return lib
@@ -93,28 +61,6 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if t is None else t.data_ptr())
 
 
-def _run_channels(fn, channels: int, args: list, per_part: Callable[[int], list] = lambda i: []) -> int:
-    """Run fn(*args, *per_part(i), c0, c1) over contiguous channel ranges, one per torch thread.
-
-    ctypes drops the GIL during the call, so the parts run in parallel on a small thread pool.
-    Returns the number of parts.
-    """
-    global _pool
-    parts = max(1, min(torch.get_num_threads(), channels))
-    bounds = [channels * i // parts for i in range(parts + 1)]
-    calls = [(*args, *per_part(i), bounds[i], bounds[i + 1]) for i in range(parts)]
-    if parts == 1:
-        fn(*calls[0])
-        return 1
-    if _pool is None or _pool._max_workers < parts - 1:
-        _pool = ThreadPoolExecutor(max_workers=max(parts - 1, os.cpu_count() or 1))
-    futures = [_pool.submit(fn, *call) for call in calls[1:]]
-    fn(*calls[0])
-    for f in futures:
-        f.result()
-    return parts
-
-
 class _NativeScan(torch.autograd.Function):
     """out = (scan(softplus?(delta + bias)) + D u) * silu(z), all in one kernel. float32, contiguous;
     u, delta, z [b, d, l]; A [d, n]; B, C [b, g, l, n] (time-major per group); D, bias [d] or None."""
@@ -127,7 +73,7 @@ class _NativeScan(torch.autograd.Function):
         out = torch.empty_like(u)
         head = [ctypes.c_int64(d), ctypes.c_int64(L), ctypes.c_int64(g)]
         ins = [_ptr(t) for t in (u, delta, A, B, C, D, z, bias)]
-        _run_channels(lib.scan_fwd, b * d, [*head, *ins, ctypes.c_int32(int(softplus)), _ptr(out)])
+        run_parts(lib.scan_fwd, b * d, [*head, *ins, ctypes.c_int32(int(softplus)), _ptr(out)])
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias)
         ctx.softplus = softplus
         return out
@@ -151,7 +97,7 @@ class _NativeScan(torch.autograd.Function):
         def per_part(i: int) -> list:
             return [_ptr(dBC[i, 0]), _ptr(dBC[i, 1]), _ptr(dD), _ptr(dz), _ptr(dbias)]
 
-        _run_channels(_native_lib(n).scan_bwd, b * d, args, per_part)
+        run_parts(_native_lib(n).scan_bwd, b * d, args, per_part)
         dB, dC = dBC.sum(0).unbind(0)
         return (
             du,

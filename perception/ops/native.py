@@ -1,0 +1,83 @@
+"""C kernels compiled on first use with the machine's C compiler, cached on disk, and called through ctypes.
+
+`compiled_library` builds one source with its flags into a shared library, once per machine, in a cache
+only this user can write; `run_parts` splits a call over contiguous ranges of its work, one per torch thread
+(ctypes drops the GIL, so they run in parallel). Used by the selective scan (`perception.ops.scan.native`)
+and the tensor product of the e3nn model (`perception.ops.tensor_product`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+FLAGS = (
+    "-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
+    "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
+)  # fmt: skip
+_pool: ThreadPoolExecutor | None = None
+
+
+def compiled_library(source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
+    """`source` compiled with `flags` (once per machine: cached on disk) and loaded.
+
+    The cache is ~/.cache/perception-study/kernels (or $XDG_CACHE_HOME's, or $PERCEPTION_KERNEL_CACHE).
+    Raises RuntimeError without a C compiler, subprocess.CalledProcessError (its stderr says why) when the
+    compiler fails, OSError when the library does not load."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    # The key covers the source, flags and machine (-march=native code must not cross machines).
+    key = "\n".join((source, cc, *flags, platform.node(), platform.machine()))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    # A cache only this user can write: a shared /tmp would let another account plant a library here.
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    default = home_cache / "perception-study" / "kernels"
+    cache = Path(os.environ.get("PERCEPTION_KERNEL_CACHE") or default)
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    so = cache / f"kernel_{digest}.so"
+    if not so.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, out = Path(tmp) / "kernel.c", Path(tmp) / so.name
+            src.write_text(source)
+            subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True)
+            os.replace(out, so)  # atomic: concurrent processes never load a half-written library
+    return ctypes.CDLL(str(so))
+
+
+def failure_text(error: Exception) -> str:
+    """One line of what `compiled_library` raised, with the compiler's stderr where there is one."""
+    detail = getattr(error, "stderr", b"") or b""
+    return f"{error} {detail.decode(errors='replace')[:500]}".strip()
+
+
+def run_parts(
+    fn, total: int, args: list, per_part: Callable[[int], list] = lambda i: [], align: int = 1
+) -> int:
+    """Run fn(*args, *per_part(i), start, stop) over contiguous ranges of [0, total), one per torch thread,
+    each range's start a multiple of `align`. ctypes drops the GIL during the call, so the parts run in
+    parallel on a small thread pool. Returns the number of parts."""
+    global _pool
+    parts = max(1, min(torch.get_num_threads(), -(-total // align)))
+    bounds = [min(total, (total * i // parts) // align * align) for i in range(parts)] + [total]
+    calls = [(*args, *per_part(i), bounds[i], bounds[i + 1]) for i in range(parts)]
+    if parts == 1:
+        fn(*calls[0])
+        return 1
+    if _pool is None or _pool._max_workers < parts - 1:
+        _pool = ThreadPoolExecutor(max_workers=max(parts - 1, os.cpu_count() or 1))
+    futures = [_pool.submit(fn, *call) for call in calls[1:]]
+    fn(*calls[0])
+    for f in futures:
+        f.result()
+    return parts
