@@ -165,3 +165,34 @@ def test_each_window_of_the_stage_runs_in_a_fresh_process(tmp_path) -> None:
     costs = timing.costs(batch_size=2, min_run_time=0.01, resamples=100, progress=lambda _: None)
     assert set(costs) == {"pointnet-none"} and costs["pointnet-none"].windows == 3
     assert timing.reference(100).rounds == 6
+
+
+def test_windows_build_side_by_side_but_time_one_at_a_time(tmp_path) -> None:
+    """The stage's two windows at a pause start together; their timing never overlaps, and each runs in its
+    own process with the block lengths fixed once for the stage."""
+    import os
+
+    from perception.models.checkpoint import ModelCheckpoint, model_config, save_checkpoint
+    from pipeline.evaluation.measurements import Checkpoint, DeploymentTiming
+
+    model = build("pointnet", "tiny", num_classes=5).eval()
+    saved = ModelCheckpoint("pointnet", model_config(model), model.state_dict(), {"dataset": "points"})
+    path = tmp_path / "seed-0.pt"
+    save_checkpoint(path, saved)
+    checkpoints = {"pointnet-none": {0: Checkpoint("pointnet-none", 0, saved, model, path)}}
+    timing = DeploymentTiming(
+        checkpoints,
+        {"points": torch.randn(1, 32, 3)},
+        device=torch.device("cpu"),
+        block_ms=2.0,
+        threads=1,
+        seed=0,
+    )
+    timing.windows(2, 3)
+    forwards = dict(timing.rounds.forwards)
+    timing.windows(2, 3)
+    assert timing.rounds.forwards == forwards and set(forwards) == {"pointnet-none", "machine reference"}
+    assert len(set(timing.window_pids)) == 4 and os.getpid() not in timing.window_pids
+    spans = sorted(timing.window_spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False))
+    assert [len(w) for w in timing.rounds.times["pointnet-none"]] == [3, 3, 3, 3]

@@ -142,17 +142,28 @@ class LatencyRounds:
         timers = {name: _timer(model, x, self.threads) for name, (model, x) in self.models.items()}
         window: dict[str, list[float]] = {name: [] for name in names}
         with torch.inference_mode():
-            for name in names:  # warm-up, and forwards per block (fixed for the study, from the first window)
-                timers[name].timeit(2)
-                if name not in self.forwards:
-                    once = timers[name].timeit(3).mean
-                    self.forwards[name] = max(1, round(self.block_ms / 1000.0 / max(once, 1e-9)))
+            self._warm_up(timers)
             for _ in range(rounds):
                 for position in order.permutation(len(names)):
                     name = names[position]
                     block = timers[name].timeit(self.forwards[name])
                     window[name].append(1000.0 * block.mean)
         return {name: np.asarray(window[name], dtype=float) for name in names}
+
+    def calibrate(self) -> None:
+        """Fix every model's forwards per block (about `block_ms` of them) where not yet fixed: once, so that
+        every window of a stage times blocks of the same length."""
+        timers = {name: _timer(model, x, self.threads) for name, (model, x) in self.models.items()}
+        with torch.inference_mode():
+            self._warm_up(timers)
+
+    def _warm_up(self, timers: Mapping[str, benchmark.Timer]) -> None:
+        """Two forwards of every model, and its forwards per block where not yet fixed."""
+        for name, timer in timers.items():
+            timer.timeit(2)
+            if name not in self.forwards:
+                once = timer.timeit(3).mean
+                self.forwards[name] = max(1, round(self.block_ms / 1000.0 / max(once, 1e-9)))
 
     def add_window(self, times: Mapping[str, np.ndarray]) -> None:
         """Record a window timed elsewhere (`time_window`), for every model."""

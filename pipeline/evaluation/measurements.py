@@ -14,9 +14,11 @@ Arrays (numpy, bool or float):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,22 +326,32 @@ class DeploymentTiming:
         self.threads = threads
         self.rounds = LatencyRounds(_timed_models(self.specs, device), block_ms, threads, seed)
         self.window_pids: list[int] = []  # the process each window ran in
+        self.window_spans: list[tuple[float, float]] = []  # when each window timed (time.monotonic)
 
     def windows(self, count: int, rounds: int) -> None:
-        """Time `count` more windows of `rounds` rounds each, one after another, each in a fresh process."""
-        for _ in range(count):
-            self.window(rounds)
+        """Time `count` more windows of `rounds` rounds each, each in its own fresh (spawned) process. The
+        processes start together and build their models side by side, most of a window's time, then time one
+        at a time (a barrier, then a lock): no window's timing shares the machine with another's."""
+        r = self.rounds
+        if not r.forwards:  # every window of the stage times blocks of the same length
+            r.calibrate()
+        first = len(self.window_pids)
+        items = [
+            (self.specs, self.device, r.block_ms, r.threads, r.seed, dict(r.forwards), rounds, first + i)
+            for i in range(count)
+        ]
+        context = multiprocessing.get_context("spawn")
+        sync = (context.Barrier(count), context.Lock())
+        with ProcessPoolExecutor(count, mp_context=context, initializer=_window_sync, initargs=sync) as pool:
+            results = [future.result() for future in [pool.submit(_timed_window, item) for item in items]]
+        for times, pid, span in results:
+            r.add_window(times)
+            self.window_pids.append(pid)
+            self.window_spans.append(span)
 
     def window(self, rounds: int) -> None:
         """Time one more window of `rounds` rounds, in a fresh (spawned) process."""
-        index = len(self.window_pids)
-        r = self.rounds
-        item = (self.specs, self.device, r.block_ms, r.threads, r.seed, dict(r.forwards), rounds, index)
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            times, forwards, pid = pool.submit(_timed_window, item).result()
-        r.forwards.update(forwards)  # blocks keep the first window's length for the whole stage
-        r.add_window(times)
-        self.window_pids.append(pid)
+        self.windows(1, rounds)
 
     def costs(
         self, *, batch_size: int, min_run_time: float, resamples: int, progress=print
@@ -381,11 +393,26 @@ def _timed_models(
     return models
 
 
-def _timed_window(item: tuple) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
-    """One latency window in this (fresh) process: its times per model, the forwards per block, its pid."""
+_WINDOW_SYNC: tuple[Any, Any] | None = None  # in a window's process: the barrier and the lock of its batch
+
+
+def _window_sync(barrier: Any, lock: Any) -> None:
+    global _WINDOW_SYNC
+    _WINDOW_SYNC = (barrier, lock)
+
+
+def _timed_window(item: tuple) -> tuple[dict[str, np.ndarray], int, tuple[float, float]]:
+    """One latency window in this (fresh) process: its times per model, its pid, and when it timed. It
+    builds its models, waits for the other windows of its batch to have built theirs, then times alone."""
     specs, device, block_ms, threads, seed, forwards, rounds, index = item
     timed = LatencyRounds(_timed_models(specs, device), block_ms, threads, seed, forwards=forwards)
-    return timed.time_window(rounds, index), timed.forwards, os.getpid()
+    barrier, lock = _WINDOW_SYNC or (None, None)
+    if barrier is not None:
+        barrier.wait(timeout=600)  # a window that failed to build breaks it: the others raise, not hang
+    with lock if lock is not None else contextlib.nullcontext():
+        began = time.monotonic()
+        times = timed.time_window(rounds, index)
+        return times, os.getpid(), (began, time.monotonic())
 
 
 def save_arrays(
