@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from perception.models.registry import check
 from perception.ops.graphs import farthest_point_sampling, knn_graph, knn_indices
+from perception.ops.neighbour_reduce import neighbour_max_sum
 
 
 def _edge_mlp(c_in: int, c_out: int) -> nn.Sequential:
@@ -17,40 +17,23 @@ def _edge_mlp(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2 * c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2))
 
 
-class _NeighbourMax(torch.autograd.Function):
-    """[B, N, k, C] -> [B, N, C], the max over neighbours: `amax` forward (`max` with its indices took 10x as
-    long on CPU), and a backward that sends each output's gradient to the neighbours that reach the max,
-    shared among ties as `amax`'s own backward shares it (which took twice as long as this one)."""
-
-    @staticmethod
-    def forward(ctx: Any, edges: Tensor) -> Tensor:
-        top = edges.amax(dim=2)  # [B, N, C]
-        ctx.save_for_backward(edges, top)
-        return top
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        edges, top = ctx.saved_tensors
-        hits = (edges == top[:, :, None, :]).to(grad.dtype)  # [B, N, k, C]; a bool sum would widen to int64
-        return hits.mul_((grad / hits.sum(dim=2))[:, :, None, :])
-
-
 def _edge_statistics(
-    centre: Tensor, neighbour: Tensor, edges: Tensor, sources: Tensor
+    centre: Tensor, neighbour: Tensor, neighbour_sum: Tensor, sources: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance [C] over every edge `e_ij = centre_i + neighbour_j` of `edges` [B, N, k, C],
+    """Mean and biased variance [C] over every edge `e_ij = centre_i + neighbour_j` of the graph `sources`,
     from [B, N, C]-sized sums: each neighbour's term weighted by how often it is one, and the cross term
     through the sum over each point's neighbours. `torch.var_mean` over the edges' rows took longer than the
     whole block. Both parts are centred first, so the squares do not cancel.
 
-    centre [B, N, C]; neighbour [B*N, C]; sources long[B, N, k], each edge's neighbour among the B*N."""
-    k = edges.shape[2]
-    total = edges.numel() // edges.shape[-1]  # B*N*k edges
+    centre [B, N, C]; neighbour [B*N, C]; neighbour_sum [B, N, C], each point's sum over its neighbours'
+    rows; sources long[B, N, k], each edge's neighbour among the B*N."""
+    k = sources.shape[2]
+    total = sources.numel()  # B*N*k edges
     uses = torch.bincount(sources.reshape(-1), minlength=neighbour.shape[0]).to(neighbour.dtype)[:, None]
     centre_mean = centre.mean(dim=(0, 1))  # [C]
     neighbour_mean = (uses * neighbour).sum(dim=0) / total  # [C]: over edges, not points
     centred = centre - centre_mean  # [B, N, C]
-    around = edges.sum(dim=2) - k * centre - k * neighbour_mean  # [B, N, C]: sum_j (neighbour_j - its mean)
+    around = neighbour_sum - k * neighbour_mean  # [B, N, C]: sum_j (neighbour_j - its mean)
     var = (
         k * centred.square().sum(dim=(0, 1))
         + 2 * (centred * around).sum(dim=(0, 1))
@@ -75,15 +58,16 @@ def _track_statistics(norm: nn.BatchNorm1d, mean: Tensor, var: Tensor, count: in
 class DynamicEdgeBlock(nn.Module):
     """EdgeConv (max over neighbours) on the kNN graph of this block's own input features.
 
-    `forward` computes EdgeConv densely over [B, N, k, C]: the edge MLP's linear layer on [x_i, x_j - x_i] is
+    `forward` computes EdgeConv per point: the edge MLP's linear layer on [x_i, x_j - x_i] is
     `W_c x_i + W_d (x_j - x_i) = (W_c - W_d) x_i + W_d x_j`, so it runs once per point rather than once per
     edge. BatchNorm then LeakyReLU is monotonic in each channel (increasing where BatchNorm's weight is
     positive, decreasing where negative), so the max over neighbours of the activated edges is the activation
     of the max (or the min) of the raw edges: the max comes first, and BatchNorm and LeakyReLU run on
-    [B, N, C] rather than on every edge, with BatchNorm's statistics still taken over every edge. The max is
-    `_NeighbourMax` (a scatter-max's backward was half the step time on CPU). `forward_per_edge` keeps the
-    per-edge order, and `forward_ref` is the same block through `torch_geometric.nn.EdgeConv` on an edge list:
-    the slow references the tests compare against.
+    [B, N, C] rather than on every edge, with BatchNorm's statistics still taken over every edge. The max of
+    `centre_i + neighbour_j` over j is `centre_i` plus the max of the neighbours' rows, which
+    `perception.ops.neighbour_reduce` takes (with their sum, for the statistics) without gathering a
+    [B, N, k, C] tensor. `forward_per_edge` keeps the per-edge order, and `forward_ref` is the same block
+    through `torch_geometric.nn.EdgeConv` on an edge list: the slow references the tests compare against.
     """
 
     def __init__(self, c_in: int, c_out: int, k: int) -> None:
@@ -114,14 +98,16 @@ class DynamicEdgeBlock(nn.Module):
         # Each channel times the sign of its BatchNorm weight, so that one max serves both directions.
         sign = torch.where(norm.weight < 0, -1.0, 1.0).to(x.dtype).detach()  # [c_out]
         centre, neighbour = centre * sign, neighbour * sign
-        signed = centre[:, :, None, :] + neighbour[sources]  # [B, N, k, c_out]
+        # max_j (centre_i + neighbour_j) = centre_i + max_j neighbour_j: no [B, N, k, c_out] edge tensor
+        top, neighbour_sum = neighbour_max_sum(neighbour, sources.reshape(-1, self.k))  # each [B*N, c_out]
+        top, neighbour_sum = top.view_as(centre), neighbour_sum.view_as(centre)  # [B, N, c_out]
         if norm.training or norm.running_mean is None or norm.running_var is None:  # the batch's statistics
-            mean, var = _edge_statistics(centre, neighbour, signed, sources)
+            mean, var = _edge_statistics(centre, neighbour, neighbour_sum, sources)
             mean = mean * sign  # the unsigned edges' mean; the variance is the same
-            _track_statistics(norm, mean.detach(), var.detach(), signed.numel() // signed.shape[-1])
+            _track_statistics(norm, mean.detach(), var.detach(), sources.numel())
         else:
             mean, var = norm.running_mean, norm.running_var
-        extreme = _NeighbourMax.apply(signed) * sign  # [B, N, c_out]: the max, or the min where sign < 0
+        extreme = (centre + top) * sign  # [B, N, c_out]: the max, or the min where sign < 0
         return act((extreme - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias)  # [B, N, c_out]
 
     def forward_per_edge(self, x: Tensor) -> Tensor:
