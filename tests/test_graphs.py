@@ -16,6 +16,8 @@ from perception.ops.graphs import (
     knn_ref,
     radius_graph,
     radius_graph_ref,
+    smallest_k,
+    smallest_k_ref,
 )
 
 
@@ -150,3 +152,34 @@ def test_bad_arguments_raise() -> None:
         knn(pos, pos[:, :3], k=11)
     with pytest.raises(ValueError, match="differ in B or D"):
         knn(pos, _cloud(2, 3), k=2)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (12, 12), (192, 11), (300, 40)])
+def test_smallest_k_equals_a_stable_sort(n: int, k: int) -> None:
+    generator = torch.Generator().manual_seed(n + k)
+    dist = torch.randn(5, 7, n, generator=generator)
+    dist[:, :, ::3] = dist[:, :, :1].clone()  # ties: a third of each row equals its first entry
+    dist[0, 0, 0] = float("nan")  # counts as +inf: last
+    got = smallest_k(dist, k)
+    assert torch.equal(got, smallest_k_ref(dist, k))
+    assert got.shape == (5, 7, k) and got.dtype == torch.long
+    if n > 1:
+        assert 0 not in got[0, 0, : k - 1].tolist() or k == n
+
+
+def test_smallest_k_runs_the_kernel_for_float32_cpu_and_the_sort_for_the_rest(monkeypatch) -> None:
+    import perception.ops.graphs as graphs
+
+    if graphs._smallest_k_library() is None:
+        pytest.skip("no C compiler here: the sort runs everything")
+    dist = torch.rand(3, 50)
+    want = smallest_k_ref(dist, 5)
+
+    def refused(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(graphs, "smallest_k_ref", refused)
+    assert torch.equal(smallest_k(dist, 5), want)  # float32 on CPU: the kernel
+    for other in (dist.double(), torch.rand(2, 400)):  # float64, and k beyond the kernel's 256
+        with pytest.raises(AssertionError, match="reference ran"):
+            smallest_k(other, 5 if other.dtype == torch.float64 else 300)
