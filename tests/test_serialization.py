@@ -13,6 +13,7 @@ from perception.ops.serialization import (
     SCAN_ORDERS,
     SEQUENCE_ORDERS,
     deserialize,
+    deserialize_mean,
     locality_stats,
     num_directions,
     scan_directions,
@@ -102,7 +103,7 @@ def test_serialize_then_deserialize_puts_every_direction_back_on_the_grid():
         assert torch.equal(deserialize(seqs, paths), x.unsqueeze(1).expand(2, k, 3, 12))
 
 
-@pytest.mark.parametrize("name", ["rowmajor", "hilbert", "random", "cross"])
+@pytest.mark.parametrize("name", ["rowmajor", "snake", "hilbert", "random", "cross"])
 def test_serialize_agrees_with_its_reference_in_values_and_gradients(name):
     paths = scan_directions(name, 5, 7)
     x = torch.randn(2, 3, 35, dtype=torch.float64, requires_grad=True)
@@ -112,6 +113,19 @@ def test_serialize_agrees_with_its_reference_in_values_and_gradients(name):
     (grad_fast,) = torch.autograd.grad((fast * weights).sum(), x)
     (grad_ref,) = torch.autograd.grad((ref * weights).sum(), x)
     torch.testing.assert_close(grad_fast, grad_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["rowmajor", "snake", "hilbert", "random", "cross"])
+def test_deserialize_mean_agrees_with_deserialize_then_mean(name):
+    """The [order, reversed order] fast path (a flip, one scatter or none) against the k-way gather."""
+    paths = scan_directions(name, 5, 7)
+    y = torch.randn(2, paths.shape[0] * 3, 35, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, 35, dtype=torch.float64)
+    fast, ref = deserialize_mean(y, paths), deserialize(y, paths).mean(dim=1)
+    assert fast.shape == (2, 3, 35) and torch.equal(fast, ref)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), y)
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), y)
+    assert torch.equal(grad_fast, grad_ref)
 
 
 def test_cross_scan_with_a_cumulative_sum_for_the_scan():

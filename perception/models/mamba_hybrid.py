@@ -19,7 +19,13 @@ from perception.layers.attention import TransformerBlock
 from perception.layers.patch_embed import PatchEmbed
 from perception.models.registry import check
 from perception.ops.scan import BACKEND_NAMES, selective_scan
-from perception.ops.serialization import SCAN_ORDERS, deserialize, num_directions, scan_directions, serialize
+from perception.ops.serialization import (
+    SCAN_ORDERS,
+    deserialize_mean,
+    num_directions,
+    scan_directions,
+    serialize,
+)
 
 
 class MultiScanMamba(nn.Module):
@@ -93,7 +99,7 @@ class MultiScanMamba(nn.Module):
             x, delta, -torch.exp(self.A_log), Bs, Cs, self.D,
             delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
         )  # (B, k*d_inner, L)  # fmt: skip
-        y = deserialize(y, paths).mean(dim=1)  # (B, d_inner, L): each direction back at its tokens, averaged
+        y = deserialize_mean(y, paths)  # (B, d_inner, L): each direction back at its tokens, averaged
         y = y * F.silu(z)  # (B, d_inner, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, dim)
 

@@ -23,7 +23,8 @@ A model scans in several directions at once. `scan_directions(name, height, widt
   [row-major, column-major, reversed row-major, reversed column-major]. Every 4-neighbour pair is
   adjacent in one of the directions, and transposing the grid swaps the row- and column-major paths.
 `serialize(x, paths)` / `deserialize(y, paths)` gather row-major tokens into the k sequences and scatter
-each sequence's outputs back to grid positions.
+each sequence's outputs back to grid positions; `deserialize_mean` averages them there, as the Mamba mixer
+does. An order and its reverse need one gather (none for row-major) and a flip, not k gathers.
 
 What holds for "hilbert" (checked for every size up to 32 x 32 in tests/test_serialization.py):
 consecutive tokens are 4-neighbours on every grid except when the long side is odd and the short side
@@ -154,6 +155,14 @@ def scan_directions(name: str, height: int, width: int) -> torch.Tensor:
     return _directions(name, int(height), int(width)).clone()
 
 
+def _reversed_pair(paths: torch.Tensor) -> tuple[bool, bool]:
+    """(whether paths is [order, reversed order], whether that order is row-major), checked on CPU only: a
+    comparison on a GPU would wait for it, and could not be captured in a CUDA graph."""
+    if paths.device.type != "cpu" or paths.shape[0] != 2 or not torch.equal(paths[1], paths[0].flip(0)):
+        return False, False
+    return True, torch.equal(paths[0], torch.arange(paths.shape[1]))
+
+
 def serialize(x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
     """Row-major tokens x (B, C, L) -> k sequences stacked on channels (B, k*C, L), direction j in
     channels [j*C, (j+1)*C), its tokens in the order paths[j]. paths: LongTensor[k, L] on x's device.
@@ -166,6 +175,10 @@ def serialize(x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
     """
     B, C, L = x.shape
     k = paths.shape[0]
+    pair, rowmajor = _reversed_pair(paths)
+    if pair:  # [order, reversed order] (every one-sequence order): one gather, or none, and a flip
+        first = x if rowmajor else x.index_select(2, paths[0])  # (B, C, L)
+        return torch.cat([first, first.flip(-1)], dim=1)  # (B, 2*C, L)
     # rows[b, j*L + i] = x[b, :, paths[j, i]]
     rows = x.transpose(1, 2).index_select(1, paths.reshape(-1))  # (B, k*L, C)
     return rows.view(B, k, L, C).permute(0, 1, 3, 2).reshape(B, k * C, L)  # (B, k*C, L)
@@ -187,6 +200,21 @@ def deserialize(y: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
     position = torch.argsort(paths, dim=-1)  # (k, L): row-major token -> its position in direction j
     index = position.view(1, k, 1, L).expand(B, k, kC // k, L)  # (B, k, C, L)
     return y.view(B, k, kC // k, L).gather(-1, index)  # (B, k, C, L)
+
+
+def deserialize_mean(y: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """`deserialize(y, paths).mean(dim=1)`, (B, k*C, L) -> (B, C, L): the directions' outputs back at their
+    row-major tokens, averaged. For [order, reversed order] the reversed direction is flipped onto the
+    first, and one scatter (none for row-major) puts their mean back: the same values, without the
+    (B, k, C, L) gather (tests/test_serialization.py)."""
+    pair, rowmajor = _reversed_pair(paths)
+    if not pair:
+        return deserialize(y, paths).mean(dim=1)
+    first, second = y.chunk(2, dim=1)  # each (B, C, L), in the order's sequence
+    mean = (first + second.flip(-1)) / 2  # (B, C, L): position i of both directions is token order[i]
+    if rowmajor:
+        return mean
+    return torch.empty_like(mean).index_copy_(2, paths[0], mean)  # token order[i] <- position i
 
 
 def locality_stats(order: torch.Tensor, height: int, width: int, window: int = 4) -> dict[str, float]:
