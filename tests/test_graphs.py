@@ -167,19 +167,22 @@ def test_smallest_k_equals_a_stable_sort(n: int, k: int) -> None:
         assert 0 not in got[0, 0, : k - 1].tolist() or k == n
 
 
-def test_smallest_k_runs_the_kernel_for_float32_cpu_and_the_sort_for_the_rest(monkeypatch) -> None:
+def test_smallest_k_runs_the_kernel_for_float32_cpu_and_topk_for_the_rest(monkeypatch) -> None:
     import perception.ops.graphs as graphs
 
     if graphs._smallest_k_library() is None:
-        pytest.skip("no C compiler here: the sort runs everything")
+        pytest.skip("no C compiler here: topk runs everything")
     dist = torch.rand(3, 50)
     want = smallest_k_ref(dist, 5)
+    topk = torch.Tensor.topk
 
-    def refused(*args):
-        raise AssertionError("the reference ran")
+    def refused(*args, **kwargs):
+        raise AssertionError("topk ran")
 
-    monkeypatch.setattr(graphs, "smallest_k_ref", refused)
+    monkeypatch.setattr(torch.Tensor, "topk", refused)
     assert torch.equal(smallest_k(dist, 5), want)  # float32 on CPU: the kernel
-    for other in (dist.double(), torch.rand(2, 400)):  # float64, and k beyond the kernel's 256
-        with pytest.raises(AssertionError, match="reference ran"):
-            smallest_k(other, 5 if other.dtype == torch.float64 else 300)
+    for other, k in ((dist.double(), 5), (torch.rand(2, 400), 300)):  # float64, and k beyond the kernel's 256
+        with pytest.raises(AssertionError, match="topk ran"):
+            smallest_k(other, k)
+    monkeypatch.setattr(torch.Tensor, "topk", topk)
+    assert torch.equal(smallest_k(dist.double(), 5), want)  # distinct values: topk's order is the same
