@@ -245,3 +245,19 @@ def test_unknown_order_and_empty_grid_fail():
         scan_directions("cross", 0, 4)
     with pytest.raises(ValueError, match="use scan_directions"):
         scan_order("cross", 4, 4)
+
+
+def test_the_row_major_check_is_remembered_per_tensor_until_it_changes_or_dies():
+    import gc
+
+    import perception.ops.serialization as serialization
+
+    paths = scan_directions("rowmajor", 4, 4)
+    assert serialization._rowmajor_pair(paths) and id(paths) in serialization._rowmajor_pairs
+    paths[0] = paths[0].flip(0)  # in place: now [reversed, reversed], not row-major
+    assert not serialization._rowmajor_pair(paths)
+    assert not serialization._rowmajor_pair(scan_directions("snake", 4, 4))
+    key = id(paths)
+    del paths
+    gc.collect()
+    assert key not in serialization._rowmajor_pairs
