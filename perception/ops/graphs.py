@@ -15,15 +15,13 @@ Graphs come back PyG-style: `edge_index: long[2, E]` as (source, target) over th
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from perception.ops.native import compiled_library, failure_text, run_parts
+from perception.ops.native import Kernel, run_parts
 
 # Distance matrices are built a few samples at a time so that b * M * N stays below this many elements.
 _CHUNK_ELEMENTS = 1 << 24
@@ -62,7 +60,7 @@ def smallest_k(dist: Tensor, k: int) -> Tensor:
     kernel for float32 CPU tensors (`smallest_k.c`: one pass per row that keeps the k best in order, ties to
     the lower index, 1.8x as fast as torch's `topk`, which took a fifth of a DGCNN step); `topk` for
     anything else (GPUs, float64, k > 256). `smallest_k_ref` is the reference the kernel is tested against."""
-    lib = _smallest_k_library()
+    lib = SMALLEST_K.library()
     cpu32 = dist.device.type == "cpu" and dist.dtype == torch.float32
     if not cpu32 or lib is None or dist.numel() == 0 or not 1 <= k <= min(_MAX_K, dist.shape[-1]):
         return dist.topk(k, dim=-1, largest=False).indices  # ties in topk's own order
@@ -80,21 +78,20 @@ def smallest_k_ref(dist: Tensor, k: int) -> Tensor:
 
 
 _MAX_K = 256  # the kernel's MAX_K
-_smallest_k_lib: list[ctypes.CDLL | None] = []  # built once per process; [None] where it cannot be
-
-
-def _smallest_k_library() -> ctypes.CDLL | None:
-    if not _smallest_k_lib:
-        lib = None
-        try:
-            lib = compiled_library(Path(__file__).with_name("smallest_k.c").read_text())
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.smallest_k.argtypes = [i64, i64, ptr, ptr, i64, i64]
-            lib.smallest_k.restype = None
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-            warnings.warn(f"C k-smallest unavailable, using a sort: {failure_text(e)}", stacklevel=3)
-        _smallest_k_lib.append(lib)
-    return _smallest_k_lib[0]
+SMALLEST_K = Kernel(
+    Path(__file__).with_name("smallest_k.c"),
+    {
+        "smallest_k": [
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ]
+    },
+    "using torch.topk",
+)
 
 
 def _knn(source: Tensor, target: Tensor, k: int, same: bool, loop: bool, exact: bool) -> Tensor:

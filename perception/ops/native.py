@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +54,45 @@ def compiled_library(source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL
             subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True)
             os.replace(out, so)  # atomic: concurrent processes never load a half-written library
     return ctypes.CDLL(str(so))
+
+
+class Kernel:
+    """A C source beside its Python module, compiled and loaded on first use, once per process.
+
+    `signatures`: function name -> its argument types (each returns void). `library()` is the loaded
+    library, or None, with one warning naming `fallback`, where it cannot be built (no compiler); the
+    callers then take their reference path."""
+
+    def __init__(self, source: Path, signatures: dict[str, list], fallback: str) -> None:
+        self.source, self.signatures, self.fallback = source, signatures, fallback
+        self._lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+
+    def library(self) -> ctypes.CDLL | None:
+        if self._lib is None and self.error is None:
+            try:
+                lib = compiled_library(self.source.read_text())
+                for name, argtypes in self.signatures.items():
+                    function = getattr(lib, name)
+                    function.argtypes, function.restype = argtypes, None
+                self._lib = lib
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+                self.error = failure_text(e)
+                warnings.warn(f"{self.source.name} unavailable, {self.fallback}: {self.error}", stacklevel=3)
+        return self._lib
+
+    def available(self) -> bool:
+        """Whether the kernel compiles and loads here (it needs a C compiler); no warning."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.library() is not None
+
+    def loaded(self) -> ctypes.CDLL:
+        """The library, for a caller that already checked `library()`."""
+        lib = self.library()
+        if lib is None:
+            raise RuntimeError(f"{self.source.name} unavailable: {self.error}")
+        return lib
 
 
 def failure_text(error: Exception) -> str:

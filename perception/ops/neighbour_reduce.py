@@ -16,8 +16,6 @@ kernel does not take: float64, other devices, a machine without a C compiler. Bo
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +23,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from perception.ops.native import compiled_library, failure_text, run_parts
+from perception.ops.native import Kernel, run_parts
 
-_SOURCE = Path(__file__).with_name("neighbour_reduce.c").read_text()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-
-
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with one warning) where it cannot be built."""
-    global _lib, _error
-    if _lib is None and _error is None:
-        try:
-            lib = compiled_library(_SOURCE)
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.reduce_fwd.argtypes = [i64, i64, *[ptr] * 4, i64, i64]
-            lib.reduce_bwd.argtypes = [i64, i64, *[ptr] * 6, i64, i64]
-            lib.reduce_fwd.restype = lib.reduce_bwd.restype = None
-            _lib = lib
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-            _error = failure_text(e)
-            warnings.warn(f"fused neighbour max unavailable, using a gather: {_error}", stacklevel=3)
-    return _lib
+_i64, _ptr_t = ctypes.c_int64, ctypes.c_void_p
+KERNEL = Kernel(
+    Path(__file__).with_name("neighbour_reduce.c"),
+    {
+        "reduce_fwd": [_i64, _i64, *[_ptr_t] * 4, _i64, _i64],
+        "reduce_bwd": [_i64, _i64, *[_ptr_t] * 6, _i64, _i64],
+    },
+    "using a gather",
+)
 
 
 def fused_available() -> bool:
     """Whether the kernel compiles and loads here (it needs a C compiler)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _library() is not None
-
-
-def _loaded() -> ctypes.CDLL:
-    lib = _library()
-    if lib is None:  # `neighbour_max_sum` only takes the fused path where the library loaded
-        raise RuntimeError(f"fused neighbour max unavailable: {_error}")
-    return lib
+    return KERNEL.available()
 
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p:
@@ -72,7 +50,7 @@ class _NeighbourMaxSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, features: Tensor, sources: Tensor) -> tuple[Tensor, Tensor]:
-        lib = _loaded()
+        lib = KERNEL.loaded()
         features, sources = features.detach().contiguous(), sources.contiguous()
         if int(sources.min()) < 0 or int(sources.max()) >= features.shape[0]:  # the kernel does not check
             raise IndexError(f"sources must index the {features.shape[0]} rows of features")
@@ -87,7 +65,7 @@ class _NeighbourMaxSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_top: Tensor | None, grad_total: Tensor | None):
-        lib = _loaded()
+        lib = KERNEL.loaded()
         features, sources, top = ctx.saved_tensors
         targets, k = sources.shape
         grad = torch.zeros_like(features)
@@ -132,7 +110,7 @@ def neighbour_max_sum(features: Tensor, sources: Tensor) -> tuple[Tensor, Tensor
         features.device.type == "cpu"
         and features.dtype == torch.float32
         and sources.numel() > 0
-        and _library() is not None
+        and KERNEL.library() is not None
     )
     if not fast:
         return neighbour_max_sum_ref(features, sources)

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import subprocess
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,36 +29,23 @@ from e3nn import o3
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from perception.ops.native import compiled_library, failure_text, run_parts
+from perception.ops.native import Kernel, run_parts
 
 CHUNK = 64  # edges per chunk in the kernel (its CHUNK): each thread's range starts at a multiple of it
-_SOURCE = Path(__file__).with_name("tensor_product.c").read_text()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-
-
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with one warning) where it cannot be built."""
-    global _lib, _error
-    if _lib is None and _error is None:
-        try:
-            lib = compiled_library(_SOURCE)
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.tp_fwd.argtypes = [*[i64] * 5, *[ptr] * 5, *[ptr] * 4, i64, i64]
-            lib.tp_bwd.argtypes = [*[i64] * 5, *[ptr] * 5, *[ptr] * 7, i64, i64]
-            lib.tp_fwd.restype = lib.tp_bwd.restype = None
-            _lib = lib
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-            _error = failure_text(e)
-            warnings.warn(f"fused tensor product unavailable, using e3nn's: {_error}", stacklevel=3)
-    return _lib
+_i64, _ptr_t = ctypes.c_int64, ctypes.c_void_p
+KERNEL = Kernel(
+    Path(__file__).with_name("tensor_product.c"),
+    {
+        "tp_fwd": [*[_i64] * 5, *[_ptr_t] * 5, *[_ptr_t] * 4, _i64, _i64],
+        "tp_bwd": [*[_i64] * 5, *[_ptr_t] * 5, *[_ptr_t] * 7, _i64, _i64],
+    },
+    "using e3nn's tensor product",
+)
 
 
 def fused_available() -> bool:
     """Whether the fused kernel compiles and loads here (it needs a C compiler)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _library() is not None
+    return KERNEL.available()
 
 
 class UVUTerms(nn.Module):
@@ -127,7 +112,7 @@ class _FusedUVU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, terms: UVUTerms, x1: Tensor, x2: Tensor, weight: Tensor) -> Tensor:
-        lib = _loaded()
+        lib = KERNEL.loaded()
         x1, x2, weight = (t.detach().contiguous() for t in (x1, x2, weight))
         out = x1.new_empty(x1.shape[0], terms.dims[3])  # [E, D_out]
         args = [*_head(terms), *map(_ptr, (x1, x2, weight, out))]
@@ -140,7 +125,7 @@ class _FusedUVU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gout: Tensor):
         x1, x2, weight = ctx.saved_tensors
-        lib = _loaded()
+        lib = KERNEL.loaded()
         gout = gout.to(torch.float32).contiguous()  # [E, D_out]
         dx1, dweight = torch.empty_like(x1), torch.empty_like(weight)
         dx2 = torch.empty_like(x2) if ctx.needs_input_grad[2] else None
@@ -155,13 +140,6 @@ def _head(terms: UVUTerms) -> list:
     return [*sizes, *map(_ptr, terms.arrays())]
 
 
-def _loaded() -> ctypes.CDLL:
-    lib = _library()
-    if lib is None:  # `tensor_product` only takes the fused path where the library loaded
-        raise RuntimeError(f"fused tensor product unavailable: {_error}")
-    return lib
-
-
 def tensor_product(tp: o3.TensorProduct, terms: UVUTerms, x1: Tensor, x2: Tensor, weight: Tensor) -> Tensor:
     """tp(x1, x2, weight) for x1 [E, D1], x2 [E, D2], weight [E, W]: the fused kernel for float32 CPU tensors
     where it is available, e3nn's `tp` (the reference) for anything else."""
@@ -169,7 +147,7 @@ def tensor_product(tp: o3.TensorProduct, terms: UVUTerms, x1: Tensor, x2: Tensor
         x1.device.type == "cpu"
         and all(t.dtype == torch.float32 for t in (x1, x2, weight))
         and x1.shape[0] > 0
-        and _library() is not None
+        and KERNEL.library() is not None
     )
     if not fast:
         return tp(x1, x2, weight)
