@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from perception.ops.native import Kernel, run_parts
+from perception.ops.native import Kernel, pointer, run_parts
 
 # Distance matrices are built a few samples at a time so that b * M * N stays below this many elements.
 _CHUNK_ELEMENTS = 1 << 24
@@ -67,7 +67,7 @@ def smallest_k(dist: Tensor, k: int) -> Tensor:
     rows = dist.reshape(-1, dist.shape[-1]).contiguous()  # [R, n]
     out = torch.empty(rows.shape[0], k, dtype=torch.long)
     head = [ctypes.c_int64(rows.shape[1]), ctypes.c_int64(k)]
-    pointers = [ctypes.c_void_p(rows.data_ptr()), ctypes.c_void_p(out.data_ptr())]
+    pointers = [pointer(rows), pointer(out)]
     run_parts(lib.smallest_k, rows.shape[0], [*head, *pointers])
     return out.reshape(*dist.shape[:-1], k)
 

@@ -2,8 +2,10 @@
 
 `compiled_library` builds one source with its flags into a shared library, once per machine, in a cache
 only this user can write; `run_parts` splits a call over contiguous ranges of its work, one per torch thread
-(ctypes drops the GIL, so they run in parallel). Used by the selective scan (`perception.ops.scan.native`)
-and the tensor product of the e3nn model (`perception.ops.tensor_product`).
+(ctypes drops the GIL, so they run in parallel); `Kernel` loads one source once per process, or warns and
+lets its caller take the reference path. Used by the selective scan (`perception.ops.scan.native`), e3nn's
+tensor product (`perception.ops.tensor_product`), DGCNN's neighbour max (`perception.ops.neighbour_reduce`)
+and the k nearest neighbours (`perception.ops.graphs.smallest_k`).
 """
 
 from __future__ import annotations
@@ -59,19 +61,20 @@ def compiled_library(source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL
 class Kernel:
     """A C source beside its Python module, compiled and loaded on first use, once per process.
 
-    `signatures`: function name -> its argument types (each returns void). `library()` is the loaded
-    library, or None, with one warning naming `fallback`, where it cannot be built (no compiler); the
-    callers then take their reference path."""
+    `signatures`: function name -> its argument types (each returns void); `prefix`: text put before the
+    source (a `#define` for a compile-time size). `library()` is the loaded library, or None, with one
+    warning naming `fallback`, where it cannot be built (no compiler); the callers then take their
+    reference path."""
 
-    def __init__(self, source: Path, signatures: dict[str, list], fallback: str) -> None:
-        self.source, self.signatures, self.fallback = source, signatures, fallback
+    def __init__(self, source: Path, signatures: dict[str, list], fallback: str, prefix: str = "") -> None:
+        self.source, self.signatures, self.fallback, self.prefix = source, signatures, fallback, prefix
         self._lib: ctypes.CDLL | None = None
         self.error: str | None = None
 
     def library(self) -> ctypes.CDLL | None:
         if self._lib is None and self.error is None:
             try:
-                lib = compiled_library(self.source.read_text())
+                lib = compiled_library(self.prefix + self.source.read_text())
                 for name, argtypes in self.signatures.items():
                     function = getattr(lib, name)
                     function.argtypes, function.restype = argtypes, None
@@ -93,6 +96,11 @@ class Kernel:
         if lib is None:
             raise RuntimeError(f"{self.source.name} unavailable: {self.error}")
         return lib
+
+
+def pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p:
+    """A tensor's data for a kernel argument (NULL for None)."""
+    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
 
 
 def failure_text(error: Exception) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from perception.ops.native import Kernel, run_parts
+from perception.ops.native import Kernel, pointer, run_parts
 
 _i64, _ptr_t = ctypes.c_int64, ctypes.c_void_p
 KERNEL = Kernel(
@@ -41,10 +41,6 @@ def fused_available() -> bool:
     return KERNEL.available()
 
 
-def _ptr(t: Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
 class _NeighbourMaxSum(torch.autograd.Function):
     """float32 CPU: features [R, C], sources long[T, k] -> max and sum [T, C] over each target's rows."""
 
@@ -58,7 +54,7 @@ class _NeighbourMaxSum(torch.autograd.Function):
         channels = features.shape[1]
         top, total = features.new_empty(targets, channels), features.new_empty(targets, channels)
         head = [ctypes.c_int64(channels), ctypes.c_int64(k)]
-        run_parts(lib.reduce_fwd, targets, [*head, *map(_ptr, (features, sources, top, total))])
+        run_parts(lib.reduce_fwd, targets, [*head, *map(pointer, (features, sources, top, total))])
         ctx.save_for_backward(features, sources, top)
         return top, total
 
@@ -72,7 +68,7 @@ class _NeighbourMaxSum(torch.autograd.Function):
         grad_top = torch.zeros_like(top) if grad_top is None else grad_top.to(torch.float32).contiguous()
         grad_total = None if grad_total is None else grad_total.to(torch.float32).contiguous()
         head = [ctypes.c_int64(features.shape[1]), ctypes.c_int64(k)]
-        arrays = [_ptr(t) for t in (features, sources, top, grad_top, grad_total, grad)]
+        arrays = [pointer(t) for t in (features, sources, top, grad_top, grad_total, grad)]
         # One thread: targets that share a neighbour add into its row.
         lib.reduce_bwd(*head, *arrays, 0, targets)
         return grad, None

@@ -29,7 +29,7 @@ from e3nn import o3
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from perception.ops.native import Kernel, run_parts
+from perception.ops.native import Kernel, pointer, run_parts
 
 CHUNK = 64  # edges per chunk in the kernel (its CHUNK): each thread's range starts at a multiple of it
 _i64, _ptr_t = ctypes.c_int64, ctypes.c_void_p
@@ -103,10 +103,6 @@ class UVUTerms(nn.Module):
         return f"terms={self.count}, dims (x1, x2, weight, out)={self.dims}"
 
 
-def _ptr(t: Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
 class _FusedUVU(torch.autograd.Function):
     """float32 CPU tensors: x1 [E, D1], x2 [E, D2], weight [E, W] -> [E, D_out]."""
 
@@ -115,7 +111,7 @@ class _FusedUVU(torch.autograd.Function):
         lib = KERNEL.loaded()
         x1, x2, weight = (t.detach().contiguous() for t in (x1, x2, weight))
         out = x1.new_empty(x1.shape[0], terms.dims[3])  # [E, D_out]
-        args = [*_head(terms), *map(_ptr, (x1, x2, weight, out))]
+        args = [*_head(terms), *map(pointer, (x1, x2, weight, out))]
         run_parts(lib.tp_fwd, x1.shape[0], args, align=CHUNK)
         ctx.save_for_backward(x1, x2, weight)
         ctx.terms = terms
@@ -129,7 +125,7 @@ class _FusedUVU(torch.autograd.Function):
         gout = gout.to(torch.float32).contiguous()  # [E, D_out]
         dx1, dweight = torch.empty_like(x1), torch.empty_like(weight)
         dx2 = torch.empty_like(x2) if ctx.needs_input_grad[2] else None
-        args = [*_head(ctx.terms), *map(_ptr, (x1, x2, weight, gout, dx1, dx2, dweight))]
+        args = [*_head(ctx.terms), *map(pointer, (x1, x2, weight, gout, dx1, dx2, dweight))]
         run_parts(lib.tp_bwd, x1.shape[0], args, align=CHUNK)
         return None, dx1, dx2, dweight
 
@@ -137,7 +133,7 @@ class _FusedUVU(torch.autograd.Function):
 def _head(terms: UVUTerms) -> list:
     """The kernels' leading arguments: the four widths, the number of terms and the terms."""
     sizes = [ctypes.c_int64(n) for n in (*terms.dims, terms.count)]
-    return [*sizes, *map(_ptr, terms.arrays())]
+    return [*sizes, *map(pointer, terms.arrays())]
 
 
 def tensor_product(tp: o3.TensorProduct, terms: UVUTerms, x1: Tensor, x2: Tensor, weight: Tensor) -> Tensor:

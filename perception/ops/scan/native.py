@@ -14,51 +14,38 @@ only this user can write; without a compiler the backend hands its work to `chun
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from perception.ops.native import compiled_library, failure_text, run_parts
+from perception.ops.native import Kernel, pointer, run_parts
 from perception.ops.scan.chunked import selective_scan_chunked
 from perception.ops.scan.common import check_shapes
 
-_NATIVE_SOURCE = Path(__file__).with_name("native_scan.c").read_text()
-_native_libs: dict[int, ctypes.CDLL | None] = {}
-_native_error: str | None = None
+_i64, _i32, _ptr_t = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+_SIGNATURES = {
+    "scan_fwd": [_i64, _i64, _i64, *[_ptr_t] * 8, _i32, _ptr_t, _i64, _i64],
+    "scan_bwd": [_i64, _i64, _i64, *[_ptr_t] * 8, _i32, *[_ptr_t] * 9, _i64, _i64],
+}
+_kernels: dict[int, Kernel] = {}  # one per state size N, compiled in (NS)
+
+
+def _kernel(n: int) -> Kernel:
+    if n not in _kernels:
+        source = Path(__file__).with_name("native_scan.c")
+        _kernels[n] = Kernel(source, _SIGNATURES, "using 'chunked'", prefix=f"#define NS {n}\n")
+    return _kernels[n]
 
 
 def _native_lib(n: int) -> ctypes.CDLL | None:
     """The kernel for N = n states, compiled once per machine (cached on disk), or None with no compiler."""
-    global _native_error
-    if n in _native_libs:
-        return _native_libs[n]
-    lib = None
-    try:
-        lib = compiled_library(f"#define NS {n}\n{_NATIVE_SOURCE}")
-        i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-        lib.scan_fwd.argtypes = [i64, i64, i64, *[ptr] * 8, i32, ptr, i64, i64]
-        lib.scan_bwd.argtypes = [i64, i64, i64, *[ptr] * 8, i32, *[ptr] * 9, i64, i64]
-        for fn in (lib.scan_fwd, lib.scan_bwd):
-            fn.restype = None
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        _native_error = failure_text(e)
-        warnings.warn(f"native selective scan unavailable, using 'chunked': {_native_error}", stacklevel=3)
-    _native_libs[n] = lib
-    return lib
+    return _kernel(n).library()
 
 
 def native_available(n: int = 16) -> bool:
     """Whether the native kernel compiles and loads here (it needs a C compiler)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _native_lib(n) is not None
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
+    return _kernel(n).available()
 
 
 class _NativeScan(torch.autograd.Function):
@@ -72,8 +59,8 @@ class _NativeScan(torch.autograd.Function):
         lib = _native_lib(n)
         out = torch.empty_like(u)
         head = [ctypes.c_int64(d), ctypes.c_int64(L), ctypes.c_int64(g)]
-        ins = [_ptr(t) for t in (u, delta, A, B, C, D, z, bias)]
-        run_parts(lib.scan_fwd, b * d, [*head, *ins, ctypes.c_int32(int(softplus)), _ptr(out)])
+        ins = [pointer(t) for t in (u, delta, A, B, C, D, z, bias)]
+        run_parts(lib.scan_fwd, b * d, [*head, *ins, ctypes.c_int32(int(softplus)), pointer(out)])
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias)
         ctx.softplus = softplus
         return out
@@ -91,11 +78,19 @@ class _NativeScan(torch.autograd.Function):
         parts = max(1, min(torch.get_num_threads(), b * d))
         dBC = u.new_zeros(parts, 2, *B.shape)  # per-part dB, dC: channels of one group share B and C
         head = [ctypes.c_int64(d), ctypes.c_int64(L), ctypes.c_int64(g)]
-        ins = [_ptr(t) for t in (u, delta, A, B, C, D, z, bias)]
-        args = [*head, *ins, ctypes.c_int32(int(ctx.softplus)), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dA)]
+        ins = [pointer(t) for t in (u, delta, A, B, C, D, z, bias)]
+        args = [
+            *head,
+            *ins,
+            ctypes.c_int32(int(ctx.softplus)),
+            pointer(gout),
+            pointer(du),
+            pointer(ddelta),
+            pointer(dA),
+        ]
 
         def per_part(i: int) -> list:
-            return [_ptr(dBC[i, 0]), _ptr(dBC[i, 1]), _ptr(dD), _ptr(dz), _ptr(dbias)]
+            return [pointer(dBC[i, 0]), pointer(dBC[i, 1]), pointer(dD), pointer(dz), pointer(dbias)]
 
         run_parts(_native_lib(n).scan_bwd, b * d, args, per_part)
         dB, dC = dBC.sum(0).unbind(0)
