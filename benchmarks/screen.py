@@ -3,14 +3,17 @@ and print its training loss and validation accuracy per epoch, last-quarter gain
 frequent confusions.
 
     python -m benchmarks.screen e3nn --seed 0 --set lmax=3 --set epochs=24     # about 2-5 minutes
+    python -m benchmarks.screen vit-rope --seed 1 --set epochs=16 --data /tmp/screen-data
 
-A variant is a name `python -m pipeline check-params` lists (`e3nn`, `dgcnn`, `pointnet-z`...); each `--set
-key=value` (the value read as YAML) replaces or adds one of its entry's settings, as `train.models` would.
-The data are params.yaml's points dataset, prepared into a temporary folder (or `--data`, a prepared points
-folder, to reuse one). Training is the trial's: one thread, the same split, batches, schedule and seed; the
-test accuracy is the best validation epoch's on the test clouds at the points the model trained on, as the
-evaluate stage measures it. Point variants only: the evaluation of image models has its own test sets. Two
-screens at a time use a 2-core machine fully. With `--json`, the result is appended to that file as one line.
+A variant is a name `python -m pipeline check-params` lists (`e3nn`, `dgcnn`, `pointnet-z`, `vit-rope`,
+`proximity_mamba-hilbert`...); each `--set key=value` (the value read as YAML) replaces or adds one of its
+entry's settings, as `train.models` would. The data are params.yaml's datasets, prepared into a temporary
+folder, or into `--data` (its `points/`, `images/`, `proximity/`, each prepared there once and reused by
+later screens). Training is the trial's: one thread, the same split, batches, schedule and seed; the test
+accuracy is the best validation epoch's on the in-distribution test set, as the evaluate stage measures it:
+the test clouds at the points the model trained on, the images at the training canvas, the proximity task's
+test images. Two screens at a time use a 2-core machine fully. With `--json`, the result is appended to
+that file as one line.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import perception.training as training
 from perception.data.arrays import open_dataset
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
 from pipeline.evaluation.measurements import test_clouds, tested_points
+from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import prepare_points
+from pipeline.stages.prepare_proximity import prepare_proximity
 from pipeline.training import space
 from pipeline.training.inputs import split_data
 from pipeline.training.trainable import build_model, step_settings, trial_optimizer, trial_settings
@@ -63,23 +68,44 @@ def screened_config(params: Path, variant_name: str, settings: dict) -> tuple[St
         entry[key] = value
     config = parse_config(data, params.resolve().parent)
     variant = {v.name: v for v in space.expand(config)}[variant_name]
-    if variant.dataset != "points":
-        raise ConfigError(
-            f"variant {variant_name!r} trains on {variant.dataset}; the screen takes point models"
-        )
-    space.check(config, [variant], max(2, len(config.points.classes)), 1)  # builds its model config
+    space.check(config, [variant], max(2, len(config.points.classes)), IMAGE_CHANNELS)  # builds its config
     return config, variant
 
 
-def screen(config: StudyConfig, variant: space.Variant, seed: int, points_folder: Path) -> dict:
-    """Train `variant` at training seed `seed` on a prepared points folder; its curve and test accuracy."""
-    dataset = open_dataset(points_folder, "points")
-    data = split_data(config, dataset.array("train_points"), dataset.array("train_labels"))
-    classes = list(dataset.manifest["classes"])
+IMAGE_CHANNELS = 4  # the renders' depth and normal (perception.data.canvas)
+
+
+def prepared_folder(config: StudyConfig, dataset: str, data: Path, root: Path) -> Path:
+    """`data / dataset`, prepared there as its stage would (images from the prepared points) unless it
+    already holds a prepared dataset."""
+    folders = {kind: data / kind for kind in ("points", "images", "proximity")}
+    for kind in ("points", dataset) if dataset == "images" else (dataset,):
+        if (folders[kind] / "manifest.json").is_file():
+            continue
+        if kind == "points":
+            prepare_points(config, folders["points"], root)
+        elif kind == "images":
+            prepare_images(config, folders["points"], folders["images"])
+        else:
+            prepare_proximity(config, folders["proximity"])
+    return folders[dataset]
+
+
+def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path) -> dict:
+    """Train `variant` at training seed `seed` on its prepared dataset in `folder`; its curve and test
+    accuracy on the in-distribution test set."""
+    dataset = open_dataset(folder, "points" if variant.dataset == "points" else "images")
+    stem = {
+        "points": "points",
+        "images": f"r{config.images.train_resolution}",
+        "proximity": f"r{config.proximity.size}",
+    }[variant.dataset]
+    data = split_data(config, dataset.array(f"train_{stem}"), dataset.array("train_labels"))
+    classes = [str(c) for c in dataset.manifest.get("classes", ["broken", "solid"])]
     study = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
     flat = space.resolved(
         {**study, "trial": variant.as_trial(), "trial_seed": seed, "data.num_classes": len(classes),
-         "data.in_channels": 1}
+         "data.in_channels": IMAGE_CHANNELS}
     )  # fmt: skip
     resolved = trial_settings(flat)
     torch.set_num_threads(1)
@@ -95,9 +121,12 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, points_folder
     cpu = torch.device("cpu")
     train_x, train_y = torch.from_numpy(data.train_inputs), torch.from_numpy(data.train_labels)
     val_x, val_y = torch.from_numpy(data.val_inputs), torch.from_numpy(data.val_labels)
-    test_points = np.asarray(dataset.array("test_points"))
-    points = tested_points(step.points_per_cloud, test_points.shape[1])
-    test_x = test_clouds(test_points, points, config.seed)
+    if variant.dataset == "points":
+        test_points = np.asarray(dataset.array("test_points"))
+        points = tested_points(step.points_per_cloud, test_points.shape[1])
+        test_x = test_clouds(test_points, points, config.seed)
+    else:
+        test_x = torch.from_numpy(np.asarray(dataset.array(f"test_{stem}")))
     test_y = torch.from_numpy(np.asarray(dataset.array("test_labels")))
 
     curve: list[float] = []
@@ -141,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--data", type=Path, help="a prepared points folder (default: prepare one)")
+    parser.add_argument(
+        "--data", type=Path, help="a folder to prepare the datasets in once, and reuse (default: temporary)"
+    )
     parser.add_argument("--json", type=Path, help="append the result to this file, one JSON line")
     args = parser.parse_args(argv)
     settings = dict(parse_setting(text) for text in args.settings)
@@ -150,10 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         raise SystemExit(f"screen: {err}") from None
     with tempfile.TemporaryDirectory(prefix="screen-") as tmp:
-        folder = args.data
-        if folder is None:
-            folder = Path(tmp) / "points"
-            prepare_points(config, folder, args.params.resolve().parent)
+        data = args.data or Path(tmp)
+        folder = prepared_folder(config, variant.dataset, data, args.params.resolve().parent)
         result = screen(config, variant, args.seed, folder)
     result["settings"] = settings
     print(

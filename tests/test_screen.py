@@ -1,4 +1,5 @@
-"""benchmarks.screen: one point variant with changed settings, trained as a trial, on tiny data."""
+"""benchmarks.screen: one variant (points, images or the proximity task) with changed settings, trained as a
+trial, on tiny data."""
 
 from __future__ import annotations
 
@@ -39,13 +40,37 @@ def test_a_screen_trains_the_variant_with_its_settings_and_reports_its_test_accu
 
 
 @pytest.mark.parametrize(
+    ("variant", "dataset", "test_count"),
+    [("vit-none", "images", 4 * 2), ("proximity_mamba-hilbert", "proximity", 12)],  # TINY_PARAMS' test sets
+)
+def test_an_image_or_proximity_screen_prepares_its_data_once_and_tests_in_distribution(
+    params, tmp_path, variant, dataset, test_count
+):
+    data, out = tmp_path / "data", tmp_path / "screen.jsonl"
+    command = [sys.executable, "-m", "benchmarks.screen", variant, "--params", str(params)]
+    command += ["--data", str(data), "--set", "epochs=2", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (data / dataset / "manifest.json").is_file()  # kept in --data for the next screen
+    assert not (data / "proximity").exists() or dataset == "proximity"  # only what the variant needs
+    prepared = (data / dataset / "manifest.json").stat().st_mtime_ns
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (data / dataset / "manifest.json").stat().st_mtime_ns == prepared  # reused, not prepared again
+    first, second = (json.loads(line) for line in out.read_text().splitlines())
+    assert first["val_curve"] == second["val_curve"] and len(first["val_curve"]) == 2  # same data, same seed
+    wrong = round((1 - first["test_accuracy"]) * test_count)
+    assert sum(first["confusions"].values()) == wrong  # every test image of the in-distribution set counted
+
+
+@pytest.mark.parametrize(
     ("variant", "settings", "named"),
     [
         ("dgcnn", {"bogus": 1}, "DGCNNConfig.bogus: unknown hparam"),
         ("dgcnn", {"epochs": 0}, "train.models.dgcnn.epochs = 0"),
         ("e3nn", {"lmax": 9}, "E3nnConfig.lmax = 9"),
         ("pointnet-so3", {"augment": "z"}, "train.models.pointnet.augment is a grid"),
-        ("vit-learned", {}, "trains on images"),
+        ("vit-learned", {"augment": "z"}, "train.models.vit.augment: only point models take it"),
         ("nope", {}, "variant 'nope' is not in train.models"),
     ],
 )
