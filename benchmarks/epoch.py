@@ -4,14 +4,15 @@ step-level changes of this version, in one run:
     python -m benchmarks.epoch --json epoch.json          # about 4 minutes on 2 cores
 
 "before" runs the reference paths these changes kept beside their fast ones, or the code they replaced:
-`serialize_ref`, the advanced indexing that put a token grid in scan order, and `deserialize` then a mean
-over the directions; validation under `torch.no_grad` rather than `torch.inference_mode`; DGCNN's
-`forward_per_edge`, BatchNorm and LeakyReLU on every edge before the max over neighbours; e3nn's own
-TensorProduct in place of the fused kernel of `perception.ops.tensor_product`; torch's `topk` in place of
-`smallest_k` for the k nearest neighbours. "after" the code as it is. Each family trains one epoch (and
-validates) on one thread, as a trial does, alternating before / after three times on the same data, model
-and seed; the median of each is reported with their ratio. The image models also predict the whole test
-set on the larger canvas (the evaluate stage's work), before and after, the same way. The data are the
+`serialize_ref`, the advanced indexing that put a token grid in scan order, and `deserialize` then a mean over
+the directions; Mamba's causal convolution as `nn.Conv1d` then SiLU (`causal_conv1d_silu_ref`) rather than the
+fused kernel of `perception.ops.causal_conv`; validation under `torch.no_grad` rather than
+`torch.inference_mode`; DGCNN's `forward_per_edge`, BatchNorm and LeakyReLU on every edge before the max over
+neighbours; e3nn's own TensorProduct in place of the fused kernel of `perception.ops.tensor_product`; torch's
+`topk` in place of `smallest_k` for the k nearest neighbours. "after" the code as it is. Each family trains
+one epoch (and validates) on one thread, as a trial does, alternating before / after three times on the same
+data, model and seed; the median of each is reported with their ratio. The image models also predict the whole
+test set on the larger canvas (the evaluate stage's work), before and after, the same way. The data are the
 default params' datasets, prepared into a temporary folder first.
 """
 
@@ -35,6 +36,7 @@ import perception.models.mamba_hybrid as mamba_hybrid
 import perception.ops.graphs as graphs
 import perception.training as training
 from perception.data.arrays import open_dataset
+from perception.ops.causal_conv import causal_conv1d_silu_ref
 from perception.ops.serialization import deserialize, serialize_ref
 from pipeline.config import load_config
 from pipeline.stages.prepare_images import prepare_images
@@ -65,6 +67,7 @@ def before() -> Iterator[None]:
     """The reference paths in place of the fast ones."""
     fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
     fast_deserialize_mean = mamba_hybrid.deserialize_mean
+    fast_conv = mamba_hybrid.causal_conv1d_silu
     fast_edge_block = dgcnn.DynamicEdgeBlock.forward
     fast_tensor_product = equivariant.tensor_product
     fast_smallest_k = graphs.smallest_k
@@ -75,6 +78,7 @@ def before() -> Iterator[None]:
 
     mamba_hybrid.serialize, training.predict = serialize_ref, predict_no_grad
     mamba_hybrid.deserialize_mean = lambda y, paths: deserialize(y, paths).mean(dim=1)
+    mamba_hybrid.causal_conv1d_silu = causal_conv1d_silu_ref
     dgcnn.DynamicEdgeBlock.forward = dgcnn.DynamicEdgeBlock.forward_per_edge  # type: ignore[method-assign]
     equivariant.tensor_product = lambda tp, terms, x1, x2, weight: tp(x1, x2, weight)
     graphs.smallest_k = lambda dist, k: dist.topk(k, dim=-1, largest=False).indices
@@ -83,6 +87,7 @@ def before() -> Iterator[None]:
     finally:
         mamba_hybrid.serialize, training.predict = fast_serialize, fast_predict
         mamba_hybrid.deserialize_mean = fast_deserialize_mean
+        mamba_hybrid.causal_conv1d_silu = fast_conv
         dgcnn.DynamicEdgeBlock.forward = fast_edge_block  # type: ignore[method-assign]
         equivariant.tensor_product = fast_tensor_product
         graphs.smallest_k = fast_smallest_k

@@ -18,6 +18,7 @@ from torch import nn
 from perception.layers.attention import TransformerBlock
 from perception.layers.patch_embed import PatchEmbed
 from perception.models.registry import check
+from perception.ops.causal_conv import causal_conv1d_silu
 from perception.ops.scan import BACKEND_NAMES, selective_scan
 from perception.ops.serialization import (
     SCAN_ORDERS,
@@ -91,7 +92,7 @@ class MultiScanMamba(nn.Module):
             raise ValueError(f"paths must be [k={k}, L={L}] scan directions; got {tuple(paths.shape)}")
         x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # each (B, d_inner, L), row-major
         x = serialize(x, paths)  # (B, k*d_inner, L): direction j's channels, in direction j's order
-        x = F.silu(self.conv1d(x)[..., :L])  # (B, k*d_inner, L)
+        x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (B, k*d_inner, L)
         x_dbl = torch.einsum("bkdl,kcd->bkcl", x.view(B, k, d, L), self.x_proj)  # (B, k, r+2n, L)
         dt, Bs, Cs = x_dbl.split([r, n, n], dim=2)  # (B, k, r, L), (B, k, n, L), (B, k, n, L)
         delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj).reshape(B, k * d, L)  # (B, k*d_inner, L)

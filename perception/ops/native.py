@@ -4,8 +4,9 @@
 only this user can write; `run_parts` splits a call over contiguous ranges of its work, one per torch thread
 (ctypes drops the GIL, so they run in parallel); `Kernel` loads one source once per process, or warns and
 lets its caller take the reference path. Used by the selective scan (`perception.ops.scan.native`), e3nn's
-tensor product (`perception.ops.tensor_product`), DGCNN's neighbour max (`perception.ops.neighbour_reduce`)
-and the k nearest neighbours (`perception.ops.graphs.smallest_k`).
+tensor product (`perception.ops.tensor_product`), DGCNN's neighbour max (`perception.ops.neighbour_reduce`),
+the k nearest neighbours (`perception.ops.graphs.smallest_k`) and Mamba's causal convolution
+(`perception.ops.causal_conv`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ FLAGS = (
     "-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
     "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
 )  # fmt: skip
+FASTMATH = Path(__file__).with_name("fastmath.h")  # vectorisable exp, sigmoid, softplus for the kernels
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -62,19 +64,29 @@ class Kernel:
     """A C source beside its Python module, compiled and loaded on first use, once per process.
 
     `signatures`: function name -> its argument types (each returns void); `prefix`: text put before the
-    source (a `#define` for a compile-time size). `library()` is the loaded library, or None, with one
-    warning naming `fallback`, where it cannot be built (no compiler); the callers then take their
-    reference path."""
+    source (a `#define` for a compile-time size), then the text of each of `headers` (shared inline code,
+    such as `fastmath.h`: the compiled text is one file, so it cannot #include its neighbours).
+    `library()` is the loaded library, or None, with one warning naming `fallback`, where it cannot be
+    built (no compiler); the callers then take their reference path."""
 
-    def __init__(self, source: Path, signatures: dict[str, list], fallback: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        source: Path,
+        signatures: dict[str, list],
+        fallback: str,
+        prefix: str = "",
+        headers: tuple[Path, ...] = (),
+    ) -> None:
         self.source, self.signatures, self.fallback, self.prefix = source, signatures, fallback, prefix
+        self.headers = headers
         self._lib: ctypes.CDLL | None = None
         self.error: str | None = None
 
     def library(self) -> ctypes.CDLL | None:
         if self._lib is None and self.error is None:
             try:
-                lib = compiled_library(self.prefix + self.source.read_text())
+                text = "".join(path.read_text() for path in (*self.headers, self.source))
+                lib = compiled_library(self.prefix + text)
                 for name, argtypes in self.signatures.items():
                     function = getattr(lib, name)
                     function.argtypes, function.restype = argtypes, None

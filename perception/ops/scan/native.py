@@ -5,7 +5,8 @@ states and channels in parallel (channels split across threads). Forward fuses b
 D and the gate, and saves nothing but the inputs; backward recomputes the channel's states into a
 per-thread buffer ((L + 1) N floats of h and L N of Ā: 0.5 MiB at L = 4096, N = 16, so it stays in L2)
 and runs the adjoint backwards over it. exp, softplus and sigmoid are branch-free polynomials so the
-compiler vectorises them; exp's argument is clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
+compiler vectorises them (`perception/ops/fastmath.h`); exp's argument is clamped to [-87, 88] (exp(-87)
+~ 1.6e-38 stands in for 0).
 
 The kernel is compiled on first use with the machine's C compiler, per state size N, and cached in a folder
 only this user can write; without a compiler the backend hands its work to `chunked` with a warning.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from perception.ops.native import Kernel, pointer, run_parts
+from perception.ops.native import FASTMATH, Kernel, pointer, run_parts
 from perception.ops.scan.chunked import selective_scan_chunked
 from perception.ops.scan.common import check_shapes
 
@@ -34,7 +35,8 @@ _kernels: dict[int, Kernel] = {}  # one per state size N, compiled in (NS)
 def _kernel(n: int) -> Kernel:
     if n not in _kernels:
         source = Path(__file__).with_name("native_scan.c")
-        _kernels[n] = Kernel(source, _SIGNATURES, "using 'chunked'", prefix=f"#define NS {n}\n")
+        headers = (FASTMATH,)
+        _kernels[n] = Kernel(source, _SIGNATURES, "using 'chunked'", f"#define NS {n}\n", headers)
     return _kernels[n]
 
 
