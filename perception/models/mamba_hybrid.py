@@ -93,9 +93,13 @@ class MultiScanMamba(nn.Module):
         x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # each (B, d_inner, L), row-major
         x = serialize(x, paths)  # (B, k*d_inner, L): direction j's channels, in direction j's order
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (B, k*d_inner, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", x.view(B, k, d, L), self.x_proj)  # (B, k, r+2n, L)
+        # Batched matmuls over (B, k) in the layout the scan reads: einsum permuted x to put L beside
+        # d, a transposing copy forward and backward.
+        x_dbl = torch.matmul(self.x_proj, x.view(B, k, d, L))  # (k, r+2n, d) @ (B, k, d, L): (B, k, r+2n, L)
         dt, Bs, Cs = x_dbl.split([r, n, n], dim=2)  # (B, k, r, L), (B, k, n, L), (B, k, n, L)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj).reshape(B, k * d, L)  # (B, k*d_inner, L)
+        delta = torch.matmul(self.dt_proj, dt).view(
+            B, k * d, L
+        )  # (k, d, r) @ (B, k, r, L): (B, k*d_inner, L)
         y = selective_scan(
             x, delta, -torch.exp(self.A_log), Bs, Cs, self.D,
             delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
