@@ -60,15 +60,21 @@ void scan_bwd(int64_t d, int64_t L, int64_t g, const float *u, const float *delt
             H[k] = carry[k] = dAacc[k] = 0.0f;
         }
         for (int64_t t = 0; t < L; t++) {
-            const float *Bt = Bc + t * NS, *Ct = Cc + t * NS, *hp = H + t * NS;
+            const float *Bt = Bc + t * NS, *hp = H + t * NS;
             const float dtt = dt[t], dut = dtt * uc[t];
-            float *ht = H + (t + 1) * NS, *et = E + t * NS, yt = 0.0f;
+            float *ht = H + (t + 1) * NS, *et = E + t * NS;
             for (int k = 0; k < NS; k++) {
                 et[k] = fexp(dtt * a[k]);
                 ht[k] = et[k] * hp[k] + dut * Bt[k];
-                yt += ht[k] * Ct[k];
             }
-            y[t] = yt;
+        }
+        if (z) {  /* only the gate's gradient needs y: its sum over the states is a horizontal add per step */
+            for (int64_t t = 0; t < L; t++) {
+                const float *Ct = Cc + t * NS, *ht = H + (t + 1) * NS;
+                float yt = 0.0f;
+                for (int k = 0; k < NS; k++) yt += ht[k] * Ct[k];
+                y[t] = yt;
+            }
         }
         /* out = (y + D u) * silu(z): gy = dout/dy, dz, dD */
         float dDacc = 0.0f;
