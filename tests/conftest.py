@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # the GPU machine's tests run without pydantic: pipeline is i
     from pipeline.config import StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 TINY_PARAMS = {
     "seed": 7,
@@ -118,6 +120,21 @@ TINY_EVALUATE = {
     "deploy_rounds": 2,
     "deploy_block_ms": 2,
 }
+
+
+def on_one_then_two_threads(run: Callable[[], T]) -> tuple[T, T]:
+    """run() on one torch thread, then on two, the caller's count restored after: a kernel that splits its
+    work over threads must give the same bits either way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        return one, run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tool_env(extra: dict | None = None) -> dict[str, str]:

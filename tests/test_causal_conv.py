@@ -8,6 +8,7 @@ import torch
 import perception.ops.causal_conv as causal_conv
 from perception.models.mamba_hybrid import MambaHybrid, MambaHybridConfig
 from perception.ops.causal_conv import causal_conv1d_silu, causal_conv1d_silu_ref, fused_available
+from tests.conftest import on_one_then_two_threads
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="causal conv kernel: no C compiler here")
 
@@ -69,14 +70,7 @@ def test_two_threads_give_exactly_what_one_gives() -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(16, 16, 4, groups=16, padding=3)
     x = torch.randn(8, 16, 33)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run(causal_conv1d_silu, x, conv)
-        torch.set_num_threads(2)
-        two = _run(causal_conv1d_silu, x, conv)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_one_then_two_threads(lambda: _run(causal_conv1d_silu, x, conv))
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 

@@ -7,6 +7,7 @@ import torch
 
 import perception.ops.neighbour_reduce as reduce
 from perception.ops.neighbour_reduce import fused_available, neighbour_max_sum, neighbour_max_sum_ref
+from tests.conftest import on_one_then_two_threads
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="neighbour max kernel: no C compiler here")
 
@@ -65,14 +66,7 @@ def test_the_kernel_runs_float32_cpu_and_the_reference_everything_else(monkeypat
 
 def test_two_threads_give_what_one_gives() -> None:
     features, sources = _graph(1000, 10, 16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _run(neighbour_max_sum, features, sources)
-        torch.set_num_threads(2)
-        two = _run(neighbour_max_sum, features, sources)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_one_then_two_threads(lambda: _run(neighbour_max_sum, features, sources))
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
