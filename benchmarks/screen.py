@@ -101,7 +101,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
         "proximity": f"r{config.proximity.size}",
     }[variant.dataset]
     data = split_data(config, dataset.array(f"train_{stem}"), dataset.array("train_labels"))
-    classes = [str(c) for c in dataset.manifest.get("classes", ["broken", "solid"])]
+    classes = [str(c) for c in dataset.manifest["classes"]]
     study = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
     flat = space.resolved(
         {**study, "trial": variant.as_trial(), "trial_seed": seed, "data.num_classes": len(classes),

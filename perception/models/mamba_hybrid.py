@@ -97,9 +97,8 @@ class MultiScanMamba(nn.Module):
         # d, a transposing copy forward and backward.
         x_dbl = torch.matmul(self.x_proj, x.view(B, k, d, L))  # (k, r+2n, d) @ (B, k, d, L): (B, k, r+2n, L)
         dt, Bs, Cs = x_dbl.split([r, n, n], dim=2)  # (B, k, r, L), (B, k, n, L), (B, k, n, L)
-        delta = torch.matmul(self.dt_proj, dt).view(
-            B, k * d, L
-        )  # (k, d, r) @ (B, k, r, L): (B, k*d_inner, L)
+        # (k, d, r) @ (B, k, r, L): (B, k, d, L), viewed (B, k*d_inner, L)
+        delta = torch.matmul(self.dt_proj, dt).view(B, k * d, L)
         y = selective_scan(
             x, delta, -torch.exp(self.A_log), Bs, Cs, self.D,
             delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
