@@ -43,7 +43,7 @@ from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import prepare_points
 from pipeline.stages.prepare_proximity import prepare_proximity
 from pipeline.training import space
-from pipeline.training.inputs import split_data
+from pipeline.training.inputs import array_stems, split_data
 from pipeline.training.trainable import build_model, step_settings, trial_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,6 @@ VARIANTS = (
     "proximity_mamba-rowmajor",
     "proximity_mamba-cross",  # four scan directions: serialisation's largest share
 )
-STEMS = {"points": "points", "images": "r32", "proximity": "r16"}
 PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view: 16x16 tokens
 
 
@@ -140,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             kind: open_dataset(folder, "images" if kind != "points" else "points")
             for kind, folder in folders.items()
         }
+        stems = array_stems(config)
         for name in VARIANTS:
             variant = variants[name]
             kind = variant.dataset
             dataset = datasets[kind]
-            data = split_data(config, dataset.array(f"train_{STEMS[kind]}"), dataset.array("train_labels"))
+            data = split_data(config, dataset.array(f"train_{stems[kind]}"), dataset.array("train_labels"))
             classes = len(dataset.manifest["classes"]) if kind != "proximity" else 2
             flat = space.resolved(
                 {**study_flat, "trial": variant.as_trial(), "trial_seed": 0,

@@ -38,7 +38,7 @@ from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import prepare_points
 from pipeline.stages.prepare_proximity import prepare_proximity
 from pipeline.training import space
-from pipeline.training.inputs import split_data
+from pipeline.training.inputs import array_stems, split_data
 from pipeline.training.trainable import build_model, step_settings, trial_optimizer, trial_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,11 +95,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
     """Train `variant` at training seed `seed` on its prepared dataset in `folder`; its curve and test
     accuracy on the in-distribution test set."""
     dataset = open_dataset(folder, "points" if variant.dataset == "points" else "images")
-    stem = {
-        "points": "points",
-        "images": f"r{config.images.train_resolution}",
-        "proximity": f"r{config.proximity.size}",
-    }[variant.dataset]
+    stem = array_stems(config)[variant.dataset]
     data = split_data(config, dataset.array(f"train_{stem}"), dataset.array("train_labels"))
     classes = [str(c) for c in dataset.manifest["classes"]]
     study = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}

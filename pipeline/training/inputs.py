@@ -61,6 +61,16 @@ def open_inputs(config: StudyConfig, datasets: set[str], folders: dict[str, Path
     return prepared, len(points.manifest["classes"]), in_channels
 
 
+def array_stems(config: StudyConfig) -> dict[str, str]:
+    """Each dataset's stem of the arrays the models train and are tested on in distribution
+    (`train_<stem>`, `test_<stem>`): the points, the renders at the training canvas, the proximity task."""
+    return {
+        "points": "points",
+        "images": f"r{config.images.train_resolution}",
+        "proximity": f"r{config.proximity.size}",
+    }
+
+
 def training_inputs(
     config: StudyConfig,
     datasets: set[str],
@@ -72,14 +82,9 @@ def training_inputs(
     makes a tracking store's dataset input of (dataset, context, inputs, labels, file, digest): the
     train stage hands in `pipeline.tracking.review.dataset_input`, so this side of training needs no
     MLflow."""
-    stems = {
-        "points": "points",
-        "images": f"r{config.images.train_resolution}",
-        "proximity": f"r{config.proximity.size}",
-    }
     data: dict[str, TrialData | None] = {}
     mlflow_inputs = {}
-    for kind, stem in stems.items():
+    for kind, stem in array_stems(config).items():
         dataset = prepared[kind]
         if dataset is None or kind not in datasets:
             data[kind] = None
