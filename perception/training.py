@@ -177,8 +177,9 @@ PLATEAU_POINTS = 1.0  # a validation curve that gains less than this over its la
 def last_quarter_gain(curve: Sequence[float]) -> float:
     """How much a validation curve (accuracy per epoch) still rose over its last quarter of epochs: the
     least-squares line through those epochs (the last ceil(n / 4), at least 2), from the first of them to
-    the last. A line rather than two points, so that one lucky or unlucky epoch does not decide. NaN for a
-    curve of fewer than 2 epochs."""
+    the last. A line rather than two points, so that from four epochs on no single one decides; with three,
+    the line's gain is the last minus the first and the middle one does not count, and with two it is their
+    difference. NaN for a curve of fewer than 2 epochs."""
     values = np.asarray(curve, dtype=float)
     if len(values) < 2:
         return float("nan")
