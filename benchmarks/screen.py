@@ -1,6 +1,6 @@
 """Screen one variant of `train.models` with changed settings, outside the study: train it as a trial does
-and print its training loss and validation accuracy per epoch, last-quarter gain, test accuracy and most
-frequent confusions.
+and print its training loss and validation accuracy per epoch, last-quarter gain (with its interval over
+validation samples), test accuracy and most frequent confusions.
 
     python -m benchmarks.screen e3nn --seed 0 --set lmax=3 --set epochs=24     # about 2-5 minutes
     python -m benchmarks.screen vit-rope --seed 1 --set epochs=16 --data /tmp/screen-data
@@ -32,6 +32,7 @@ import yaml
 
 import perception.training as training
 from perception.data.arrays import open_dataset
+from perception.evaluation.intervals import BootstrapSettings
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
 from pipeline.evaluation.measurements import test_clouds, tested_points
 from pipeline.stages.prepare_images import prepare_images
@@ -127,12 +128,14 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
 
     curve: list[float] = []
     losses: list[float] = []  # mean training loss per epoch: near 0 with a low curve is overfitting
+    correct: list[np.ndarray] = []  # bool[N] per epoch: which validation samples it got right
     best_state: dict[str, torch.Tensor] = {}
     began = time.perf_counter()
     for epoch in range(epochs):
         losses.append(training.train_one_epoch(model, optimizer, train_x, train_y, step, generator, cpu))
         schedule.step()
-        curve.append(training.accuracy(model, val_x, val_y, step.batch_size, cpu))
+        correct.append((training.predict(model, val_x, step.batch_size, cpu) == val_y).numpy())
+        curve.append(float(correct[-1].mean(dtype=np.float32)))  # as the trial reports it
         if curve[-1] > max(curve[:-1], default=-1.0):  # the first of equal bests
             best_state = {k: t.clone() for k, t in model.state_dict().items()}
         print(
@@ -147,17 +150,26 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
         for truth, guess in zip(test_y.tolist(), predicted.tolist(), strict=True)
         if truth != guess
     )
+    # One seed: the interval is over validation samples only.
+    gain = training.plateau_gain([np.stack(correct)], BootstrapSettings()).scaled(100) if epochs > 1 else None
     return {
         "variant": variant.name,
         "seed": seed,
         "test_accuracy": round(float((predicted == test_y).float().mean()), 4),
         "best_val_accuracy": round(max(curve), 4),
         "last_quarter_gain_points": round(100 * training.last_quarter_gain(curve), 2),
+        "last_quarter_gain_interval": [round(gain.lo, 2), round(gain.hi, 2)] if gain else None,
         "train_seconds": round(seconds, 1),
         "val_curve": [round(v, 4) for v in curve],
         "train_loss": [round(v, 4) for v in losses],
         "confusions": dict(wrong.most_common(8)),
     }
+
+
+def _interval(result: dict) -> str:
+    """The gain's interval over validation samples, as printed."""
+    ends = result["last_quarter_gain_interval"]
+    return f"[{ends[0]:+.2f}, {ends[1]:+.2f}] over validation samples" if ends else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"screen: {args.variant} seed {args.seed} {settings or 'as in params'}: test "
         f"{100 * result['test_accuracy']:.1f}%, best val {100 * result['best_val_accuracy']:.1f}%, "
-        f"last-quarter gain {result['last_quarter_gain_points']:+.2f} points, {result['train_seconds']:.0f} s"
+        f"last-quarter gain {result['last_quarter_gain_points']:+.2f} points {_interval(result)}, "
+        f"{result['train_seconds']:.0f} s"
     )
     print("screen: most confused: " + ", ".join(f"{k} {v}" for k, v in result["confusions"].items()))
     if args.json:

@@ -131,6 +131,25 @@ def test_best_checkpoints_rebuild_with_perception_alone(trained):
     assert f"rebuilt {len(VARIANTS) * len(SEEDS)}" in result.stdout
 
 
+def test_each_epochs_per_sample_validation_record_gives_its_curve_and_the_plateau_call(trained):
+    # Also across the pointnet trials' retry from their checkpoint (train.fault): one record per epoch.
+    from perception.training import PLATEAU_CALLS, unpack_correct
+
+    root, _ = trained
+    study = json.loads((root / "data/train/study.json").read_text())
+    for name, by_seed in study["variants"].items():
+        for row in by_seed.values():
+            assert len(row["val_correct"]) == len(row["val_curve"]) == 2, name
+            for packed, accuracy in zip(row["val_correct"], row["val_curve"], strict=True):
+                correct = unpack_correct(packed, row["val_samples"])
+                assert abs(correct.mean() - accuracy) < 1e-6, name
+    report = (root / "reports/report.md").read_text()
+    training = report.split("\n## Training")[1].split("\n## ")[0]
+    table = [line.split(" | ") for line in training.splitlines() if line.startswith("| ")][1:]  # no header
+    assert {cells[0].lstrip("| ") for cells in table} == VARIANTS
+    assert all(cells[-1].rstrip(" |") in PLATEAU_CALLS for cells in table)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(trained):
     root, _ = trained

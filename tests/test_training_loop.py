@@ -179,3 +179,66 @@ def test_the_last_quarter_gain_of_a_validation_curve():
     noisy = [0.5] * 3 + [0.8] * 8 + [0.8, 0.84, 0.8, 0.8]  # one lucky epoch moves it less than its 4 points
     assert abs(last_quarter_gain(noisy)) < 0.02
     assert np.isnan(last_quarter_gain([0.5]))
+
+
+@pytest.mark.parametrize("epochs", [2, 3, 4, 7, 12, 14, 20, 24])
+def test_the_last_quarter_weights_give_the_least_squares_gain(epochs):
+    # The weights are the fast, linear form of last_quarter_gain (np.polyfit, the reference).
+    from perception.training import last_quarter_gain, last_quarter_weights
+
+    curve = np.random.default_rng(epochs).uniform(0.3, 0.9, size=epochs)
+    weights = last_quarter_weights(epochs)
+    assert float(weights @ curve[-len(weights) :]) == pytest.approx(last_quarter_gain(curve), abs=1e-12)
+    assert abs(weights.sum()) < 1e-12  # a constant curve gains nothing
+
+
+def test_per_sample_correctness_packs_to_hex_and_back():
+    from perception.training import pack_correct, unpack_correct
+
+    for count in (1, 7, 8, 9, 169):
+        correct = np.random.default_rng(count).random(count) < 0.6
+        packed = pack_correct(torch.from_numpy(correct))
+        assert len(packed) == 2 * -(-count // 8)
+        assert np.array_equal(unpack_correct(packed, count), correct)
+    with pytest.raises(ValueError, match="cannot hold 9 samples"):
+        unpack_correct("ff", 9)
+
+
+def _correctness(rng, accuracy_per_epoch, samples):
+    """bool[E, N]: each epoch's samples right with that epoch's probability, a sample once learned kept."""
+    learned = rng.random(samples)  # a sample is right from the epoch its accuracy passes this
+    return np.stack([learned < acc for acc in accuracy_per_epoch])
+
+
+def test_the_plateau_gain_is_the_mean_of_the_seeds_gains_with_an_interval():
+    from perception.evaluation.intervals import BootstrapSettings
+    from perception.training import last_quarter_gain, plateau_gain
+
+    rng = np.random.default_rng(0)
+    seeds = [_correctness(rng, np.linspace(0.4, 0.9, 12), 169) for _ in range(3)]
+    gain = plateau_gain(seeds, BootstrapSettings(500, 0))
+    per_seed = [last_quarter_gain(c.mean(axis=1)) for c in seeds]
+    assert gain.value == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert gain.lo < gain.value < gain.hi
+    with pytest.raises(ValueError, match="all alike"):
+        plateau_gain([seeds[0], seeds[1][:, :100]], BootstrapSettings(10, 0))
+
+
+def test_the_plateau_call_moves_with_the_curve_and_with_what_the_split_can_resolve():
+    from perception.evaluation.intervals import BootstrapSettings
+    from perception.training import plateau_call, plateau_gain
+
+    settings = BootstrapSettings(1000, 0)
+    rng = np.random.default_rng(1)
+
+    def call(accuracies, samples):
+        seeds = [_correctness(rng, accuracies, samples) for _ in range(3)]
+        return plateau_call(plateau_gain(seeds, settings).scaled(100))
+
+    rising = np.linspace(0.3, 0.9, 12)  # 5 points over the last quarter
+    flat = np.r_[np.linspace(0.3, 0.85, 8), [0.85] * 4]
+    assert call(rising, 2000) == "rising"
+    assert call(flat, 2000) == "flat"
+    # The same flat curve on a split of 40 samples with samples that flip between epochs: undecided.
+    noisy = [rng.random((12, 40)) < 0.85 for _ in range(3)]
+    assert plateau_call(plateau_gain(noisy, settings).scaled(100)) == "undecided"

@@ -14,8 +14,17 @@ import os
 import platform
 from pathlib import Path
 
-from perception.evaluation.intervals import Estimate
-from perception.training import PLATEAU_POINTS, last_quarter_gain
+import numpy as np
+
+from perception.evaluation.intervals import BootstrapSettings, Estimate
+from perception.training import (
+    PLATEAU_CALLS,
+    PLATEAU_POINTS,
+    last_quarter_gain,
+    plateau_call,
+    plateau_gain,
+    unpack_correct,
+)
 from pipeline.evaluation import verdicts as rules
 from pipeline.evaluation.results import Busiest, Decision, DecisionChoice, DecisionRecord, Results
 
@@ -221,7 +230,7 @@ def layout(
             ],
         ),
         ("h2", "Training"),
-        *_training_blocks(train_summary),
+        *_training_blocks(train_summary, _bootstrap_settings(results)),
         ("h2", "Where and how long"),
         ("list", hardware()),
         ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
@@ -348,35 +357,71 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
     return blocks
 
 
-def _training_blocks(train_summary: dict) -> list[tuple]:
+def _bootstrap_settings(results: Results) -> BootstrapSettings:
+    """The evaluate stage's resampler, so that the training table's intervals are made the same way."""
+    return BootstrapSettings(results.bootstrap.resamples, results.bootstrap.seed, results.bootstrap.level)
+
+
+def _plateau(by_seed: dict, settings: BootstrapSettings) -> tuple[Estimate | None, list[float]]:
+    """A variant's last-quarter gain in points with its interval over seeds and validation samples (None
+    where a seed has no per-sample record or the seeds trained for different epochs), and each seed's."""
+    rows = list(by_seed.values())
+    curves = [row.get("val_curve") or [] for row in rows]
+    by_seed_gains = [100 * last_quarter_gain(c) for c in curves if len(c) >= 2]
+    records = [row.get("val_correct") or [] for row in rows]
+    counts = {int(row.get("val_samples") or 0) for row in rows}
+    lengths = {len(r) for r in records} | {len(c) for c in curves}
+    if len(lengths) != 1 or len(counts) != 1 or min(lengths) < 2 or min(counts) < 1:
+        return None, by_seed_gains
+    count = counts.pop()
+    correct = [np.stack([unpack_correct(epoch, count) for epoch in record]) for record in records]
+    return plateau_gain(correct, settings).scaled(100), by_seed_gains
+
+
+def _training_blocks(train_summary: dict, settings: BootstrapSettings) -> list[tuple]:
     """Each variant's best validation accuracy per seed, its epochs, and whether its validation curve had
-    plateaued: the gain of the least-squares line through its last quarter of epochs, mean over seeds."""
-    rows, not_flat = [], []
+    plateaued: the gain of the least-squares line through its last quarter of epochs, mean over seeds, with
+    its interval over seeds and validation samples, called flat, rising or undecided."""
+    rows: list[list[str]] = []
+    called: dict[str, list[str]] = {call: [] for call in PLATEAU_CALLS}
     for name, by_seed in sorted(train_summary.get("variants", {}).items()):
-        curves = [row.get("val_curve") or [] for row in by_seed.values()]
-        gains = [100 * last_quarter_gain(c) for c in curves if len(c) >= 2]
-        gain = sum(gains) / len(gains) if gains else math.nan
-        flat = gain < PLATEAU_POINTS
-        if not flat:
-            not_flat.append(name)
+        gain, by_seed_gains = _plateau(by_seed, settings)
+        call = plateau_call(gain) if gain is not None else "undecided"
+        called[call].append(name)
         rows.append(
             [
                 name,
-                str(max((len(c) for c in curves), default=0)),
+                str(max((len(row.get("val_curve") or []) for row in by_seed.values()), default=0)),
                 ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
-                "n/a" if math.isnan(gain) else f"{gain:+.1f} [{min(gains):+.1f}, {max(gains):+.1f}]",
-                "yes" if flat else "no",
+                f"{gain.value:+.1f} [{gain.lo:+.1f}, {gain.hi:+.1f}]" if gain else "no per-sample record",
+                ", ".join(f"{g:+.1f}" for g in by_seed_gains),
+                call,
             ]
         )
-    utilisation = train_summary.get("slot_utilisation")
-    summary = (
-        f"Every variant's validation curve gains less than {PLATEAU_POINTS:g} point over its last quarter "
-        "of epochs (the least-squares line through them, mean over seeds [min, max]): trained to its plateau."
-        if rows and not not_flat
-        else f"Still rising over the last quarter of their epochs (by {PLATEAU_POINTS:g} point or more): "
-        + ", ".join(not_flat)
-        + ". More epochs would change their numbers."
+    flat, rising, undecided = (called[c] for c in PLATEAU_CALLS)
+    line = f"{PLATEAU_POINTS:g} point"
+    if rows and len(flat) == len(rows):
+        summary = (
+            f"Every variant's validation curve gains less than {line} over its last quarter of epochs, "
+            "interval and all: trained to its plateau."
+        )
+    else:
+        parts = [
+            f"Flat, the interval under {line}: {', '.join(flat) or 'none'}.",
+            f"Still rising, the interval at or above {line}: {', '.join(rising) or 'none'}"
+            + (" (more epochs would change their numbers)." if rising else "."),
+        ]
+        if undecided:
+            parts.append(
+                f"Undecided, the interval across {line}: {', '.join(undecided)} (the validation split "
+                "cannot tell a flat curve from a rising one at these seeds)."
+            )
+        summary = " ".join(parts)
+    summary += (
+        " The gain is that of the least-squares line through the last quarter of the validation curve (mean "
+        "over seeds); its interval is the study's bootstrap, over training seeds and validation samples."
     )
+    utilisation = train_summary.get("slot_utilisation")
     if utilisation is not None:
         summary += (
             f" The trials kept {utilisation:.0%} of the run's slots busy (their own time over wall time x "
@@ -386,7 +431,14 @@ def _training_blocks(train_summary: dict) -> list[tuple]:
         ("p", summary),
         (
             "table",
-            ["variant", "epochs", "best validation accuracy by seed", "last-quarter gain", "plateau"],
+            [
+                "variant",
+                "epochs",
+                "best validation accuracy by seed",
+                "last-quarter gain, points [95% CI]",
+                "by seed",
+                "plateau",
+            ],
             rows,
         ),
     ]

@@ -37,12 +37,15 @@ def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         best_ckpt = result.get_best_checkpoint(METRIC, MODE) if result.checkpoint else None
-        best_epoch, best_acc, curve = 0, float("nan"), []
+        best_epoch, best_acc, curve, correct = 0, float("nan"), [], []
         if history is not None and len(history) and METRIC in history:
             top = history.loc[history[METRIC].idxmax()]
             best_epoch, best_acc = int(top["epoch"]), float(top[METRIC])
             # One value per epoch (a retried or restored epoch reports again: its last report counts).
-            curve = [float(v) for v in history.groupby("epoch")[METRIC].last().sort_index()]
+            by_epoch = history.groupby("epoch")
+            curve = [float(v) for v in by_epoch[METRIC].last().sort_index()]
+            if "val_correct" in history:
+                correct = [str(v) for v in by_epoch["val_correct"].last().sort_index()]
         status = "ERROR" if result.error else "TERMINATED"
         rows.append(
             {
@@ -55,6 +58,8 @@ def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
                 "val_accuracy": best_acc,
                 "best_epoch": best_epoch,
                 "val_curve": [round(v, 6) for v in curve],
+                "val_samples": int(metrics.get("val_samples", 0)),
+                "val_correct": correct,  # per epoch, perception.training.pack_correct's hex
                 "final_val_accuracy": float(metrics.get(METRIC, float("nan"))),
                 "final_train_loss": float(metrics.get("train_loss", float("nan"))),
                 "node_id": metrics.get("node_id", ""),
@@ -132,7 +137,8 @@ def write_table(rows: list[dict], folder: Path) -> None:
 
 
 SUMMARY_KEYS = (
-    "trial_id", "family", "val_accuracy", "best_epoch", "val_curve", "checkpoint_file", "mlflow_run_id"
+    "trial_id", "family", "val_accuracy", "best_epoch", "val_curve", "val_samples", "val_correct",
+    "checkpoint_file", "mlflow_run_id",
 )  # fmt: skip
 
 

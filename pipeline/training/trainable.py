@@ -23,8 +23,9 @@ from perception.models import FAMILIES, build
 from perception.models.checkpoint import model_config
 from perception.training import (
     StepSettings,
-    accuracy,
+    pack_correct,
     parameter_groups,
+    predict,
     random_state,
     restore_random_state,
     train_one_epoch,
@@ -197,11 +198,14 @@ def _train_trial(flat: dict[str, Any], data_by_kind: dict[str, TrialData | None]
                 f"{share:g} of a GPU per trial; lower the entry's batch_size or raise train.gpus_per_trial"
             ) from None
         schedule.step()
-        val_accuracy = accuracy(model, val_x, val_y, step.batch_size, device, step.bf16)
+        val_correct = predict(model, val_x, step.batch_size, device, step.bf16) == val_y
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss,
-            "val_accuracy": val_accuracy,
+            "val_accuracy": float(val_correct.float().mean()),
+            # Per sample, so that the report can put an interval on how much the curve still rises.
+            "val_correct": pack_correct(val_correct),
+            "val_samples": len(val_y),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
             "retries": attempt,
