@@ -235,10 +235,13 @@ def plateau_gain(correct_by_seed: Sequence[np.ndarray], settings: BootstrapSetti
 
 
 def plateau_call(gain_points: Estimate) -> str:
-    """flat: the interval lies under PLATEAU_POINTS; rising: it lies at or above it, so more epochs would
-    move the numbers; undecided: it spans it, and the validation split cannot tell at these seeds."""
+    """A last-quarter gain in points with its interval, called:
+    flat: the interval lies under PLATEAU_POINTS (gains less than a point, interval and all);
+    rising: the interval lies above zero and is not under PLATEAU_POINTS (still gaining, so more epochs
+      would move the numbers, and by a point or more for all the interval says);
+    undecided: the interval holds zero and reaches PLATEAU_POINTS (the validation split cannot tell)."""
     if gain_points.hi < PLATEAU_POINTS:
         return "flat"
-    if gain_points.lo >= PLATEAU_POINTS:
+    if gain_points.lo > 0:
         return "rising"
     return "undecided"

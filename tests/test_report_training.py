@@ -46,5 +46,6 @@ def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
     assert gains["settled"] == "+0.0 [+0.0, +0.0]" and gains["old"] == "no per-sample record"
     lo, hi = (float(x) for x in gains["climber"].split("[")[1].rstrip("]").split(", "))
     assert 1.0 <= lo < hi
-    assert "Still rising, the interval at or above 1 point: climber" in text
-    assert "Undecided, the interval across 1 point: coin, old" in text and "93%" in text
+    assert "Still rising, the interval above zero and reaching 1 point: climber" in text
+    assert "Undecided, the interval from zero or below to 1 point or more: coin, old" in text
+    assert "93%" in text

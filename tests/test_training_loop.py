@@ -242,3 +242,21 @@ def test_the_plateau_call_moves_with_the_curve_and_with_what_the_split_can_resol
     # The same flat curve on a split of 40 samples with samples that flip between epochs: undecided.
     noisy = [rng.random((12, 40)) < 0.85 for _ in range(3)]
     assert plateau_call(plateau_gain(noisy, settings).scaled(100)) == "undecided"
+
+
+@pytest.mark.parametrize(
+    "value, lo, hi, call",
+    [
+        (0.5, -0.2, 0.9, "flat"),  # under a point, interval and all, though it may still creep up
+        (0.5, 0.1, 1.2, "rising"),  # surely still gaining, and a point is not ruled out
+        (2.0, 1.5, 2.5, "rising"),
+        (0.5, -0.2, 1.2, "undecided"),  # neither gaining for sure nor under a point for sure
+        (-2.0, -4.0, 1.0, "undecided"),  # the line is the threshold: "under" is strict
+        (0.0, 0.0, 0.0, "flat"),
+    ],
+)
+def test_the_plateau_call_reads_the_interval_against_zero_and_one_point(value, lo, hi, call):
+    from perception.evaluation.intervals import Estimate
+    from perception.training import plateau_call
+
+    assert plateau_call(Estimate(value, lo, hi)) == call

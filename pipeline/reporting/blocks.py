@@ -408,13 +408,13 @@ def _training_blocks(train_summary: dict, settings: BootstrapSettings) -> list[t
     else:
         parts = [
             f"Flat, the interval under {line}: {', '.join(flat) or 'none'}.",
-            f"Still rising, the interval at or above {line}: {', '.join(rising) or 'none'}"
+            f"Still rising, the interval above zero and reaching {line}: {', '.join(rising) or 'none'}"
             + (" (more epochs would change their numbers)." if rising else "."),
         ]
         if undecided:
             parts.append(
-                f"Undecided, the interval across {line}: {', '.join(undecided)} (the validation split "
-                "cannot tell a flat curve from a rising one at these seeds)."
+                f"Undecided, the interval from zero or below to {line} or more: {', '.join(undecided)} "
+                "(the validation split cannot tell a flat curve from a rising one at these seeds)."
             )
         summary = " ".join(parts)
     summary += (
