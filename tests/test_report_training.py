@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from perception.evaluation.intervals import BootstrapSettings
+from perception.evaluation.intervals import BootstrapSettings, Estimate
 from perception.training import pack_correct
+from pipeline.evaluation.results import FitRecord
 from pipeline.reporting.blocks import _training_blocks
 
 
@@ -39,9 +40,21 @@ def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
         },
         "slot_utilisation": 0.93,
     }
-    (_, text), (_, header, rows) = _training_blocks(summary, BootstrapSettings(500, 0))
+    fits = {  # the evaluate stage's adequacy inputs: "coin" is below its floor
+        name: FitRecord(name=name, accuracy=Estimate(acc, acc, acc), chance=0.5, floor=0.75)
+        for name, acc in (("climber", 0.9), ("settled", 0.85), ("coin", 0.5))
+    }
+    (_, text), (_, header, rows) = _training_blocks(summary, BootstrapSettings(500, 0), fits)
     calls = {row[0]: row[header.index("plateau")] for row in rows}
-    assert calls == {"climber": "rising", "settled": "flat", "coin": "undecided", "old": "undecided"}
+    assert calls == {
+        "climber": "rising",
+        "settled": "flat",
+        "coin": "undecided; below the adequacy floor (50.0% < 75.0%)",
+        "old": "undecided",
+    }
+    assert "Below the adequacy floor, where a call says little" in text and text.endswith(
+        "busy (their own time over wall time x concurrent slots)."
+    )
     gains = {row[0]: row[header.index("last-quarter gain, points [95% CI]")] for row in rows}
     assert gains["settled"] == "+0.0 [+0.0, +0.0]" and gains["old"] == "no per-sample record"
     lo, hi = (float(x) for x in gains["climber"].split("[")[1].rstrip("]").split(", "))

@@ -26,7 +26,14 @@ from perception.training import (
     unpack_correct,
 )
 from pipeline.evaluation import verdicts as rules
-from pipeline.evaluation.results import Busiest, Decision, DecisionChoice, DecisionRecord, Results
+from pipeline.evaluation.results import (
+    Busiest,
+    Decision,
+    DecisionChoice,
+    DecisionRecord,
+    FitRecord,
+    Results,
+)
 
 # claim -> the figure shown under its verdict
 TRADEOFF_FIGURE = "tradeoff.png"
@@ -230,7 +237,7 @@ def layout(
             ],
         ),
         ("h2", "Training"),
-        *_training_blocks(train_summary, _bootstrap_settings(results)),
+        *_training_blocks(train_summary, _bootstrap_settings(results), results.models),
         ("h2", "Where and how long"),
         ("list", hardware()),
         ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
@@ -378,16 +385,25 @@ def _plateau(by_seed: dict, settings: BootstrapSettings) -> tuple[Estimate | Non
     return plateau_gain(correct, settings).scaled(100), by_seed_gains
 
 
-def _training_blocks(train_summary: dict, settings: BootstrapSettings) -> list[tuple]:
+def _training_blocks(
+    train_summary: dict, settings: BootstrapSettings, fits: dict[str, FitRecord] | None = None
+) -> list[tuple]:
     """Each variant's best validation accuracy per seed, its epochs, and whether its validation curve had
     plateaued: the gain of the least-squares line through its last quarter of epochs, mean over seeds, with
-    its interval over seeds and validation samples, called flat, rising or undecided."""
+    its interval over seeds and validation samples, called flat, rising or undecided. A variant below the
+    adequacy floor (`fits`, the evaluate stage's) says so beside its call: a model at chance flips its
+    answers between epochs, so its call says little, and one short of the floor may still be rising."""
     rows: list[list[str]] = []
     called: dict[str, list[str]] = {call: [] for call in PLATEAU_CALLS}
+    short: list[str] = []  # below the adequacy floor
     for name, by_seed in sorted(train_summary.get("variants", {}).items()):
         gain, by_seed_gains = _plateau(by_seed, settings)
         call = plateau_call(gain) if gain is not None else "undecided"
         called[call].append(name)
+        fit = (fits or {}).get(name)
+        below = fit is not None and not fit.accuracy.value >= fit.floor  # NaN: not measured, below
+        if below:
+            short.append(name)
         rows.append(
             [
                 name,
@@ -395,7 +411,9 @@ def _training_blocks(train_summary: dict, settings: BootstrapSettings) -> list[t
                 ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
                 f"{gain.value:+.1f} [{gain.lo:+.1f}, {gain.hi:+.1f}]" if gain else "no per-sample record",
                 ", ".join(f"{g:+.1f}" for g in by_seed_gains),
-                call,
+                f"{call}; below the adequacy floor ({_pct(fit.accuracy.value)} < {_pct(fit.floor)})"
+                if below and fit is not None
+                else call,
             ]
         )
     flat, rising, undecided = (called[c] for c in PLATEAU_CALLS)
@@ -417,6 +435,11 @@ def _training_blocks(train_summary: dict, settings: BootstrapSettings) -> list[t
                 "(the validation split cannot tell a flat curve from a rising one at these seeds)."
             )
         summary = " ".join(parts)
+    if short:
+        summary += (
+            f" Below the adequacy floor, where a call says little (a model at chance flips its answers "
+            f"between epochs): {', '.join(short)}."
+        )
     summary += (
         " The gain is that of the least-squares line through the last quarter of the validation curve (mean "
         "over seeds); its interval is the study's bootstrap, over training seeds and validation samples."
