@@ -33,6 +33,7 @@ import yaml
 import perception.training as training
 from perception.data.arrays import open_dataset
 from perception.evaluation.intervals import BootstrapSettings
+from perception.evaluation.plateau import plateau_gain
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
 from pipeline.evaluation.measurements import test_clouds, tested_points
 from pipeline.stages.prepare_images import prepare_images
@@ -151,7 +152,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
         if truth != guess
     )
     # One seed: the interval is over validation samples only.
-    gain = training.plateau_gain([np.stack(correct)], BootstrapSettings()).scaled(100) if epochs > 1 else None
+    gain = plateau_gain([np.stack(correct)], BootstrapSettings()).scaled(100) if epochs > 1 else None
     return {
         "variant": variant.name,
         "seed": seed,

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from perception.evaluation.intervals import BootstrapSettings, Estimate, linear_effect
 from perception.rotations import MODES, sample_rotations
 
 
@@ -187,10 +186,6 @@ def unpack_correct(packed: str, count: int) -> np.ndarray:
     return bits[:count].astype(bool)
 
 
-PLATEAU_POINTS = 1.0  # a validation curve that gains less than this over its last quarter has plateaued
-PLATEAU_CALLS = ("flat", "rising", "undecided")
-
-
 def last_quarter_gain(curve: Sequence[float]) -> float:
     """How much a validation curve (accuracy per epoch) still rose over its last quarter of epochs: the
     least-squares line through those epochs (the last ceil(n / 4), at least 2), from the first of them to
@@ -210,38 +205,9 @@ def last_quarter_weights(epochs: int) -> np.ndarray:
     """float64[T]: the weights on a curve's last T = max(2, ceil(epochs / 4)) values whose weighted sum is
     `last_quarter_gain` (the least-squares slope is linear in the values: sum_t (t - mean) y_t / sum_t
     (t - mean)^2, times T - 1). Linear, so the gain of the mean curve is the mean of per-sample gains, and
-    `plateau_gain` can bootstrap it over seeds and validation samples like an accuracy."""
+    `perception.evaluation.plateau` can bootstrap it over seeds and validation samples like an accuracy."""
     if epochs < 2:
         raise ValueError(f"a last-quarter gain needs at least 2 epochs, got {epochs}")
     tail = max(2, math.ceil(epochs / 4))
     centred = np.arange(tail, dtype=np.float64) - (tail - 1) / 2
     return centred * (tail - 1) / float(np.sum(centred**2))
-
-
-def plateau_gain(correct_by_seed: Sequence[np.ndarray], settings: BootstrapSettings) -> Estimate:
-    """The last-quarter gain (a fraction; mean over seeds) with its interval over training seeds and
-    validation samples. Each array is bool[E, N]: seed s's per-sample validation correctness at each of its
-    E epochs (every seed the same E and N). The same sample's correctness at every epoch is resampled
-    together, so what a sample contributes to the gain is its own change over the quarter."""
-    shapes = {np.shape(c) for c in correct_by_seed}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"plateau_gain needs bool[epochs, samples] per seed, all alike; got {shapes}")
-    epochs = next(iter(shapes))[0]
-    weights = last_quarter_weights(epochs)
-    tail = len(weights)
-    stacked = np.stack([np.asarray(c, dtype=np.float64) for c in correct_by_seed])  # (S, E, N)
-    arrays = [stacked[:, epochs - tail + t, :] for t in range(tail)]  # T x (S, N)
-    return linear_effect(arrays, list(weights), settings)
-
-
-def plateau_call(gain_points: Estimate) -> str:
-    """A last-quarter gain in points with its interval, called:
-    flat: the interval lies under PLATEAU_POINTS (gains less than a point, interval and all);
-    rising: the interval lies above zero and is not under PLATEAU_POINTS (still gaining, so more epochs
-      would move the numbers, and by a point or more for all the interval says);
-    undecided: the interval holds zero and reaches PLATEAU_POINTS (the validation split cannot tell)."""
-    if gain_points.hi < PLATEAU_POINTS:
-        return "flat"
-    if gain_points.lo > 0:
-        return "rising"
-    return "undecided"

@@ -133,7 +133,8 @@ def test_best_checkpoints_rebuild_with_perception_alone(trained):
 
 def test_each_epochs_per_sample_validation_record_gives_its_curve_and_the_plateau_call(trained):
     # Also across the pointnet trials' retry from their checkpoint (train.fault): one record per epoch.
-    from perception.training import PLATEAU_CALLS, unpack_correct
+    from perception.evaluation.plateau import PLATEAU_CALLS
+    from perception.training import unpack_correct
 
     root, _ = trained
     study = json.loads((root / "data/train/study.json").read_text())

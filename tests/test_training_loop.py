@@ -212,7 +212,8 @@ def _correctness(rng, accuracy_per_epoch, samples):
 
 def test_the_plateau_gain_is_the_mean_of_the_seeds_gains_with_an_interval():
     from perception.evaluation.intervals import BootstrapSettings
-    from perception.training import last_quarter_gain, plateau_gain
+    from perception.evaluation.plateau import plateau_gain
+    from perception.training import last_quarter_gain
 
     rng = np.random.default_rng(0)
     seeds = [_correctness(rng, np.linspace(0.4, 0.9, 12), 169) for _ in range(3)]
@@ -226,7 +227,7 @@ def test_the_plateau_gain_is_the_mean_of_the_seeds_gains_with_an_interval():
 
 def test_the_plateau_call_moves_with_the_curve_and_with_what_the_split_can_resolve():
     from perception.evaluation.intervals import BootstrapSettings
-    from perception.training import plateau_call, plateau_gain
+    from perception.evaluation.plateau import plateau_call, plateau_gain
 
     settings = BootstrapSettings(1000, 0)
     rng = np.random.default_rng(1)
@@ -257,6 +258,6 @@ def test_the_plateau_call_moves_with_the_curve_and_with_what_the_split_can_resol
 )
 def test_the_plateau_call_reads_the_interval_against_zero_and_one_point(value, lo, hi, call):
     from perception.evaluation.intervals import Estimate
-    from perception.training import plateau_call
+    from perception.evaluation.plateau import plateau_call
 
     assert plateau_call(Estimate(value, lo, hi)) == call

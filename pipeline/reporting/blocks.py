@@ -17,14 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from perception.evaluation.intervals import BootstrapSettings, Estimate
-from perception.training import (
-    PLATEAU_CALLS,
-    PLATEAU_POINTS,
-    last_quarter_gain,
-    plateau_call,
-    plateau_gain,
-    unpack_correct,
-)
+from perception.evaluation.plateau import PLATEAU_CALLS, PLATEAU_POINTS, plateau_call, plateau_gain
+from perception.training import last_quarter_gain, unpack_correct
 from pipeline.evaluation import verdicts as rules
 from pipeline.evaluation.results import (
     Busiest,
