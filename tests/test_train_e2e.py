@@ -148,7 +148,8 @@ def test_each_epochs_per_sample_validation_record_gives_its_curve_and_the_platea
     training = report.split("\n## Training")[1].split("\n## ")[0]
     table = [line.split(" | ") for line in training.splitlines() if line.startswith("| ")][1:]  # no header
     assert {cells[0].lstrip("| ") for cells in table} == VARIANTS
-    assert all(cells[-1].rstrip(" |") in PLATEAU_CALLS for cells in table)
+    # A call, and for a model below the adequacy floor (two epochs here: most are) a note after it.
+    assert all(cells[-1].rstrip(" |").split("; ")[0] in PLATEAU_CALLS for cells in table)
 
 
 @pytest.fixture(scope="module")
