@@ -129,9 +129,8 @@ def candidates(results: Results, task: str, condition: str) -> list[Candidate]:
         if row.task != task or condition not in row.accuracy:
             continue
         fit = results.models.get(name)
-        adequate = fit is not None and fit.accuracy.value >= fit.floor  # False for NaN
         latency = Estimate(row.latency_ms, row.latency_ms_lo, row.latency_ms_hi)
-        out.append(Candidate(name, row.accuracy[condition], latency, adequate))
+        out.append(Candidate(name, row.accuracy[condition], latency, fit is not None and fit.adequate))
     return out
 
 

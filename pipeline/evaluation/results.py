@@ -84,6 +84,10 @@ class FitRecord(Contract):
     required: float | None = None  # a rule's own floor, replacing the general one
     floor: float
 
+    @property
+    def adequate(self) -> bool:
+        return self.accuracy.value >= self.floor  # False for NaN: an unmeasured model cannot decide
+
 
 # ------------------------------------------------------------------------------------------ the tables
 

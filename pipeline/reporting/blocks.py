@@ -395,8 +395,9 @@ def _training_blocks(
         call = plateau_call(gain) if gain is not None else "undecided"
         called[call].append(name)
         fit = (fits or {}).get(name)
-        below = fit is not None and not fit.accuracy.value >= fit.floor  # NaN: not measured, below
-        if below:
+        note = ""
+        if fit is not None and not fit.adequate:
+            note = f"; below the adequacy floor ({_pct(fit.accuracy.value)} < {_pct(fit.floor)})"
             short.append(name)
         rows.append(
             [
@@ -405,9 +406,7 @@ def _training_blocks(
                 ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
                 f"{gain.value:+.1f} [{gain.lo:+.1f}, {gain.hi:+.1f}]" if gain else "no per-sample record",
                 ", ".join(f"{g:+.1f}" for g in by_seed_gains),
-                f"{call}; below the adequacy floor ({_pct(fit.accuracy.value)} < {_pct(fit.floor)})"
-                if below and fit is not None
-                else call,
+                call + note,
             ]
         )
     flat, rising, undecided = (called[c] for c in PLATEAU_CALLS)
