@@ -129,14 +129,14 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
 
     curve: list[float] = []
     losses: list[float] = []  # mean training loss per epoch: near 0 with a low curve is overfitting
-    correct: list[np.ndarray] = []  # bool[N] per epoch: which validation samples it got right
+    right: list[np.ndarray] = []  # bool[N] per epoch: which validation samples it got right
     best_state: dict[str, torch.Tensor] = {}
     began = time.perf_counter()
     for epoch in range(epochs):
         losses.append(training.train_one_epoch(model, optimizer, train_x, train_y, step, generator, cpu))
         schedule.step()
-        correct.append((training.predict(model, val_x, step.batch_size, cpu) == val_y).numpy())
-        curve.append(float(correct[-1].mean(dtype=np.float32)))  # as the trial reports it
+        right.append(training.correct(model, val_x, val_y, step.batch_size, cpu).numpy())
+        curve.append(float(right[-1].mean(dtype=np.float32)))  # as the trial reports it
         if curve[-1] > max(curve[:-1], default=-1.0):  # the first of equal bests
             best_state = {k: t.clone() for k, t in model.state_dict().items()}
         print(
@@ -152,7 +152,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
         if truth != guess
     )
     # One seed: the interval is over validation samples only.
-    gain = plateau_gain([np.stack(correct)], BootstrapSettings()).scaled(100) if epochs > 1 else None
+    gain = plateau_gain([np.stack(right)], BootstrapSettings()).scaled(100) if epochs > 1 else None
     return {
         "variant": variant.name,
         "seed": seed,

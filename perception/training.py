@@ -164,11 +164,18 @@ def predict(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+def correct(
+    model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int, device: torch.device, bf16=False
+) -> Tensor:
+    """Whether each sample was classified right: bool[count]."""
+    return predict(model, inputs, batch_size, device, bf16) == labels.cpu()
+
+
 def accuracy(
     model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int, device: torch.device, bf16=False
 ) -> float:
-    predicted = predict(model, inputs, batch_size, device, bf16)
-    return float((predicted == labels.cpu()).float().mean()) if len(labels) else float("nan")
+    right = correct(model, inputs, labels, batch_size, device, bf16)
+    return float(right.float().mean()) if len(labels) else float("nan")
 
 
 def pack_correct(correct: np.ndarray | Tensor) -> str:

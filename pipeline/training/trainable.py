@@ -23,9 +23,9 @@ from perception.models import FAMILIES, build
 from perception.models.checkpoint import model_config
 from perception.training import (
     StepSettings,
+    correct,
     pack_correct,
     parameter_groups,
-    predict,
     random_state,
     restore_random_state,
     train_one_epoch,
@@ -198,7 +198,7 @@ def _train_trial(flat: dict[str, Any], data_by_kind: dict[str, TrialData | None]
                 f"{share:g} of a GPU per trial; lower the entry's batch_size or raise train.gpus_per_trial"
             ) from None
         schedule.step()
-        val_correct = predict(model, val_x, step.batch_size, device, step.bf16) == val_y
+        val_correct = correct(model, val_x, val_y, step.batch_size, device, step.bf16)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss,
