@@ -187,7 +187,12 @@ def pack_correct(correct: np.ndarray | Tensor) -> str:
 
 def unpack_correct(packed: str, count: int) -> np.ndarray:
     """`pack_correct`'s inverse: bool[count]."""
-    bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))
+    try:
+        raw = bytes.fromhex(packed)
+    except (TypeError, ValueError):
+        shown = packed[:40] + "..." if isinstance(packed, str) and len(packed) > 40 else packed
+        raise ValueError(f"a packed correctness record must be a hex string, found {shown!r}") from None
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))
     if len(bits) < count:
         raise ValueError(f"a packed correctness record of {len(bits)} bits cannot hold {count} samples")
     return bits[:count].astype(bool)

@@ -3,12 +3,16 @@ train stage keeps (study.json), with its interval over seeds and validation samp
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from perception.data.arrays import DatasetError
 from perception.evaluation.intervals import BootstrapSettings, Estimate
 from perception.training import pack_correct
 from pipeline.evaluation.results import FitRecord
-from pipeline.reporting.blocks import _training_blocks
+from pipeline.reporting.blocks import _training_blocks, check_validation_records
 
 
 def _seed_row(correct: np.ndarray) -> dict:
@@ -62,3 +66,38 @@ def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
     assert "Still rising, the interval above zero and reaching 1 point: climber" in text
     assert "Undecided, the interval from zero or below to 1 point or more: coin, old" in text
     assert "93%" in text
+
+
+@pytest.mark.parametrize(
+    ("row_change", "expected"),
+    [
+        (
+            {"val_correct": ["ff", "not hex"]},
+            "variants.climber.1.val_correct[epoch 2]: a packed correctness record must be a hex string, "
+            "found 'not hex'",
+        ),
+        (
+            {"val_correct": ["ff", "ff"], "val_samples": 9},
+            "variants.climber.1.val_correct[epoch 1]: a packed correctness record of 8 bits cannot hold 9 "
+            "samples",
+        ),
+        ({"val_samples": "169"}, "variants.climber.1.val_samples is '169', expected a whole number >= 1"),
+        ({"val_correct": "ff"}, "variants.climber.1.val_correct is not a list of hex strings"),
+    ],
+)
+def test_a_corrupted_validation_record_names_the_file_variant_seed_and_epoch(row_change, expected):
+    good = _seed_row(np.ones((2, 8), dtype=bool))
+    summary = {"variants": {"climber": {"0": good, "1": {**good, **row_change}}}}
+    with pytest.raises(DatasetError) as raised:
+        check_validation_records(summary, Path("data/train/study.json"))
+    message = str(raised.value)
+    assert message.startswith(f"data/train/study.json: {expected}") and "\n" not in message
+    assert message.endswith("; rerun the train stage")
+
+
+def test_well_formed_and_older_validation_records_pass_the_check():
+    good = _seed_row(np.ones((3, 169), dtype=bool))
+    summary = {
+        "variants": {"climber": {"0": good}, "old": {"0": {"val_accuracy": 0.8, "val_curve": [0.5, 0.8]}}}
+    }
+    check_validation_records(summary, Path("study.json"))  # raises nothing

@@ -363,6 +363,34 @@ def _bootstrap_settings(results: Results) -> BootstrapSettings:
     return BootstrapSettings(results.bootstrap.resamples, results.bootstrap.seed, results.bootstrap.level)
 
 
+def check_validation_records(train_summary: dict, source: Path) -> None:
+    """A one-line DatasetError naming the file, variant, seed and epoch of a per-sample validation record
+    (study.json's `val_correct`, `val_samples`) that cannot be read, before the report's bootstraps run. A
+    study.json from before the records (no `val_correct`) passes: its rows say "no per-sample record"."""
+    from perception.data.arrays import DatasetError
+
+    for name, by_seed in (train_summary.get("variants") or {}).items():
+        for seed, row in (by_seed or {}).items():
+            record = row.get("val_correct")
+            if record is None:
+                continue
+            where = f"{source}: variants.{name}.{seed}"
+            count = row.get("val_samples")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise DatasetError(
+                    f"{where}.val_samples is {count!r}, expected a whole number >= 1; rerun the train stage"
+                )
+            if not isinstance(record, list):
+                raise DatasetError(f"{where}.val_correct is not a list of hex strings; rerun the train stage")
+            for epoch, packed in enumerate(record, start=1):
+                try:
+                    unpack_correct(packed, count)
+                except ValueError as err:
+                    raise DatasetError(
+                        f"{where}.val_correct[epoch {epoch}]: {err}; rerun the train stage"
+                    ) from None
+
+
 def _plateau(by_seed: dict, settings: BootstrapSettings) -> tuple[Estimate | None, list[float]]:
     """A variant's last-quarter gain in points with its interval over seeds and validation samples (None
     where a seed has no per-sample record or the seeds trained for different epochs), and each seed's."""

@@ -21,7 +21,13 @@ from pipeline.evaluation import verdicts as rules
 from pipeline.evaluation.decision import decision_table
 from pipeline.evaluation.results import Results, Verdicts, read_results, to_json
 from pipeline.outputs import atomic_output_dir, read_json
-from pipeline.reporting.blocks import decision_line, layout, render_html, render_markdown
+from pipeline.reporting.blocks import (
+    check_validation_records,
+    decision_line,
+    layout,
+    render_html,
+    render_markdown,
+)
 from pipeline.tracking.stage_logs import log_report
 from pipeline.tracking.store import check_reachable
 
@@ -72,6 +78,7 @@ def report(
     results = read_results(evaluation_dir / "results.json")
     study_path = train_dir / "study.json"
     train_summary = read_json(study_path, "train") if study_path.is_file() else {}
+    check_validation_records(train_summary, study_path)
     mlflow = results.mlflow
     if mlflow.get("parent_run_id"):
         check_reachable(mlflow["tracking_uri"], f"the study's tracking store ({study_path})")
