@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,6 +126,34 @@ def test_dense_edge_conv_matches_torch_geometric_edge_conv(train: bool, referenc
     for name, value in ref_block.conv.nn[1].named_buffers():
         assert torch.allclose(getattr(norm, name), value, atol=atol), name
     assert (norm.weight < 0).any() and (norm.weight > 0).any()
+
+
+def test_edge_weights_start_as_torch_geometric_edge_conv_would_start_them() -> None:
+    # Checkpoints and seeds from before EdgeWeights replaced EdgeConv as the block's parameters: same keys,
+    # same initial weights for the same seed (EdgeConv's constructor redraws the linear layer's weights).
+    from torch_geometric.nn import EdgeConv
+
+    torch.manual_seed(3)
+    ours = dgcnn.EdgeWeights(dgcnn._edge_mlp(6, 16))
+    torch.manual_seed(3)
+    theirs = EdgeConv(dgcnn._edge_mlp(6, 16), aggr="max")
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert list(ours_state) == list(theirs_state) and "nn.0.weight" in ours_state
+    for name, value in theirs_state.items():
+        assert torch.equal(ours_state[name], value), name
+    torch.manual_seed(3)
+    once = dgcnn._edge_mlp(6, 16)  # the draw without the second reset differs: the test can fail
+    assert not torch.equal(once[0].weight, ours_state["nn.0.weight"])
+
+
+def test_a_dgcnn_model_does_not_import_torch_geometric() -> None:
+    # The fast path's workers skip the import (and the module file it generates per process).
+    code = (
+        "import sys, torch; from perception.models import build; "
+        "build('dgcnn')(torch.randn(2, 64, 3)); print('torch_geometric' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_edge_statistics_equal_every_edges_mean_and_variance_far_from_zero() -> None:

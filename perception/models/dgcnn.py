@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,28 @@ def _track_statistics(norm: nn.BatchNorm1d, mean: Tensor, var: Tensor, count: in
     norm.running_var.lerp_(var * count / max(count - 1, 1), momentum)
 
 
+class EdgeWeights(nn.Module):
+    """One EdgeConv's parameters, h as `nn`, without importing torch_geometric: the name and the initial
+    weights that `torch_geometric.nn.EdgeConv(h)` gives them, so state_dict keys (`conv.nn.*`) and a seed's
+    initial weights are a block built on EdgeConv's. Its constructor resets h's layers once more (drawing the
+    linear layer's weights a second time); this does the same. Building EdgeConv in every trial's worker cost
+    the ~1 s import and left one generated module file in the temporary folder per process."""
+
+    def __init__(self, h: nn.Sequential) -> None:
+        super().__init__()
+        self.nn = h
+        for layer in h:  # torch_geometric.nn.inits.reset(h)
+            reset = getattr(layer, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+    @property
+    def parts(self) -> tuple[nn.Linear, nn.BatchNorm1d, nn.Module]:
+        """h's linear layer, BatchNorm and activation."""
+        linear, norm, act = self.nn
+        return cast(nn.Linear, linear), cast(nn.BatchNorm1d, norm), act
+
+
 class DynamicEdgeBlock(nn.Module):
     """EdgeConv (max over neighbours) on the kNN graph of this block's own input features.
 
@@ -71,13 +94,9 @@ class DynamicEdgeBlock(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, k: int) -> None:
-        # Imported here: torch_geometric takes ~2 s to import (it loads torch._dynamo and pandas), which every
-        # trial's fresh worker would pay on importing the model registry, DGCNN or not.
-        from torch_geometric.nn import EdgeConv
-
         super().__init__()
         self.k = k
-        self.conv = EdgeConv(_edge_mlp(c_in, c_out), aggr="max")
+        self.conv = EdgeWeights(_edge_mlp(c_in, c_out))
 
     def _edge_parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The linear layer's two parts, centre [B, N, c_out] and neighbour [B*N, c_out], and each point's
@@ -85,7 +104,7 @@ class DynamicEdgeBlock(nn.Module):
         batch, num_points, channels = x.shape
         # A matrix-product distance is fine here: features have no symmetry to preserve beyond point order.
         idx = knn_indices(x, self.k, loop=True, exact=channels <= 3)  # [B, N, k]
-        w_centre, w_diff = self.conv.nn[0].weight.split(channels, dim=1)  # each [c_out, C]
+        w_centre, w_diff = self.conv.parts[0].weight.split(channels, dim=1)  # each [c_out, C]
         centre = x @ (w_centre - w_diff).T  # [B, N, c_out]
         neighbour = (x @ w_diff.T).reshape(batch * num_points, -1)  # [B*N, c_out]
         offsets = torch.arange(batch, device=x.device)[:, None, None] * num_points
@@ -93,7 +112,7 @@ class DynamicEdgeBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, N, C]; the graph is rebuilt from x (coordinates for the first block, features after that).
-        _, norm, act = self.conv.nn
+        _, norm, act = self.conv.parts
         centre, neighbour, sources = self._edge_parts(x)
         # Each channel times the sign of its BatchNorm weight, so that one max serves both directions.
         sign = torch.where(norm.weight < 0, -1.0, 1.0).to(x.dtype).detach()  # [c_out]
@@ -113,16 +132,22 @@ class DynamicEdgeBlock(nn.Module):
     def forward_per_edge(self, x: Tensor) -> Tensor:
         """`forward` in EdgeConv's own order, BatchNorm and LeakyReLU on every edge and then the max: what
         `forward` did before it took the max first (`benchmarks.epoch` times it as "before")."""
-        _, norm, act = self.conv.nn
+        _, norm, act = self.conv.parts
         centre, neighbour, sources = self._edge_parts(x)
         edges = centre[:, :, None, :] + neighbour[sources]  # [B, N, k, c_out]
         edges = act(norm(edges.reshape(-1, edges.shape[-1])))  # [B*N*k, c_out]
         return edges.reshape(*sources.shape, -1).max(dim=2).values  # [B, N, c_out]
 
     def forward_ref(self, x: Tensor) -> Tensor:
+        # Imported here: torch_geometric takes ~1-2 s to import (it loads torch._dynamo and pandas), which no
+        # trial's worker needs. EdgeConv gets the block's own h after its constructor, which would redraw it.
+        from torch_geometric.nn import EdgeConv
+
+        conv = EdgeConv(nn.Identity(), aggr="max")
+        conv.nn = self.conv.nn
         batch, num_points, channels = x.shape
         edge_index = knn_graph(x, self.k, loop=True, exact=channels <= 3)
-        out = self.conv(x.reshape(batch * num_points, channels), edge_index)  # [B*N, c_out]
+        out = conv(x.reshape(batch * num_points, channels), edge_index)  # [B*N, c_out]
         return out.reshape(batch, num_points, -1)
 
 
