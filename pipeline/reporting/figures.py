@@ -215,6 +215,22 @@ def serialisation_figure(results: Results, path: Path) -> Path:
     return _save(fig, path)
 
 
+def latency_axis(ax) -> None:
+    """A log latency axis labelled with plain numbers, after the data are drawn: at 1-2-5 steps, or, where
+    the data span less than one such step apart from the ends (LogLocator then falls back to linear ticks
+    every 0.25, whose labels run into each other), at no more than five round values."""
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    steps = [v for v in (m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)) if lo <= v <= hi]
+    if len(steps) >= 2:
+        # Plain numbers at 1-2-5 steps: log axes' default minor labels overlap within a decade.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def tradeoff_figure(results: Results, path: Path) -> Path:
     """Accuracy against batch-1 latency, one panel per task and condition, both with their intervals; the
     Pareto front joined and ringed; models that did not learn their task in grey."""
@@ -245,11 +261,7 @@ def tradeoff_figure(results: Results, path: Path) -> Path:
             ys = [by_name[n].accuracy.value for n in front]
             ax.plot(xs, ys, "--", color="0.3", lw=1, zorder=0)
             ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="0.2", label="Pareto front")
-        ax.set_xscale("log")
-        # Plain numbers at 1-2-5 steps: log axes' default minor labels overlap within a decade.
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        latency_axis(ax)
         ax.set_xlabel(f"batch-1 latency, ms ({results.deployment.device})")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1.05)
