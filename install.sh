@@ -30,4 +30,5 @@ for folder in $links; do
 done
 # Compiled now, in parallel, rather than by every process that imports them (or never, under
 # PYTHONDONTWRITEBYTECODE, where each Ray worker would compile torch's modules again).
-uv pip install --compile-bytecode "${find_links[@]}" -e "$target"
+# (The ${...+...} form: bash 3.2, macOS's, calls an empty array unbound under set -u.)
+uv pip install --compile-bytecode ${find_links[@]+"${find_links[@]}"} -e "$target"
