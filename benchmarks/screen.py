@@ -25,13 +25,15 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 import perception.training as training
-from perception.data.arrays import open_dataset
+from perception.allocator import keep_freed_blocks
+from perception.data.arrays import PreparedDataset, open_dataset
 from perception.evaluation.intervals import BootstrapSettings
 from perception.evaluation.plateau import plateau_gain
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
@@ -41,7 +43,7 @@ from pipeline.stages.prepare_points import prepare_points
 from pipeline.stages.prepare_proximity import prepare_proximity
 from pipeline.training import space
 from pipeline.training.inputs import array_stems, split_data
-from pipeline.training.trainable import build_model, step_settings, trial_optimizer, trial_settings
+from pipeline.training.trainable import TrialData, build_model, step_settings, trial_optimizer, trial_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,19 +95,30 @@ def prepared_folder(config: StudyConfig, dataset: str, data: Path, root: Path) -
     return folders[dataset]
 
 
-def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path) -> dict:
-    """Train `variant` at training seed `seed` on its prepared dataset in `folder`; its curve and test
-    accuracy on the in-distribution test set."""
+def trial_inputs(
+    config: StudyConfig, variant: space.Variant, seed: int, folder: Path
+) -> tuple[dict[str, Any], TrialData, PreparedDataset]:
+    """What a trial of `variant` at training seed `seed` is handed: its resolved settings and the train /
+    validation split of its prepared dataset in `folder`; and that dataset, for its test split."""
     dataset = open_dataset(folder, "points" if variant.dataset == "points" else "images")
     stem = array_stems(config)[variant.dataset]
     data = split_data(config, dataset.array(f"train_{stem}"), dataset.array("train_labels"))
-    classes = [str(c) for c in dataset.manifest["classes"]]
     study = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
     flat = space.resolved(
-        {**study, "trial": variant.as_trial(), "trial_seed": seed, "data.num_classes": len(classes),
-         "data.in_channels": IMAGE_CHANNELS}
+        {**study, "trial": variant.as_trial(), "trial_seed": seed,
+         "data.num_classes": len(dataset.manifest["classes"]), "data.in_channels": IMAGE_CHANNELS}
     )  # fmt: skip
+    return flat, data, dataset
+
+
+def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path) -> dict:
+    """Train `variant` at training seed `seed` on its prepared dataset in `folder`; its curve and test
+    accuracy on the in-distribution test set."""
+    flat, data, dataset = trial_inputs(config, variant, seed, folder)
+    stem = array_stems(config)[variant.dataset]
+    classes = [str(c) for c in dataset.manifest["classes"]]
     resolved = trial_settings(flat)
+    keep_freed_blocks()  # as a trial does
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     model = build_model(flat)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from perception.allocator import keep_freed_blocks
 from perception.data.arrays import DatasetError
 from perception.evaluation.cost import torch_threads
 from perception.evaluation.deployment import (
@@ -174,6 +175,7 @@ def _rotation_item(item: tuple) -> tuple[dict[str, Any], float]:
     from perception.evaluation.rotation import evaluate_rotations, invariance_error
 
     saved, points_file, labels_file, trained_points, subset, draws, data_seed, batch_size = item
+    keep_freed_blocks()
     clouds = test_clouds(np.load(points_file), trained_points, data_seed)
     targets = torch.from_numpy(np.load(labels_file))
     with torch_threads(1):
@@ -248,6 +250,7 @@ def _images_item(item: tuple) -> dict[str, np.ndarray]:
     """One image model (a variant at one seed) on every test set: test set -> bool[N] correct; in a worker
     process, on one thread."""
     saved, files, labels_file, batch_size = item
+    keep_freed_blocks()
     model = saved.build().eval()
     targets = torch.from_numpy(np.load(labels_file))
     with torch_threads(1):
