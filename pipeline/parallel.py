@@ -30,28 +30,51 @@ def worker_count(requested: int) -> int:
         return os.cpu_count() or 1
 
 
+def _spawned_pool(workers: int) -> ProcessPoolExecutor:
+    # Spawned, not forked: open3d and torch keep thread pools that a fork can leave locked.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def parallel_map(
-    fn: Callable[[Any], Any], items: list, workers: int, desc: str, progress: bool = True
+    fn: Callable[[Any], Any],
+    items: list,
+    workers: int,
+    desc: str,
+    progress: bool = True,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[Any]:
     """Yield fn(item) for every item, in order. Results never depend on `workers`: items carry their seeds.
 
-    Processes are spawned, not forked: open3d and torch keep thread pools that a fork can leave locked.
+    The items run in `pool` where one is given (`shared_pool`: several calls in a row start their processes
+    once), else in a pool of `workers` spawned processes started for this call.
     """
     workers = min(worker_count(workers), max(len(items), 1))
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
     with bar:
-        if workers == 1:
+        if workers == 1 and pool is None:
             results: Iterable = map(fn, items)
             for result in results:
                 bar.update()
                 yield result
             return
         chunksize = max(1, min(32, len(items) // (workers * 8)))
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for result in pool.map(fn, items, chunksize=chunksize):
+        with contextlib.nullcontext(pool) if pool is not None else _spawned_pool(workers) as running:
+            for result in running.map(fn, items, chunksize=chunksize):
                 bar.update()
                 yield result
+
+
+@contextlib.contextmanager
+def shared_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `workers` spawned processes (0: one per core) for several `parallel_map` calls in a row:
+    each spawned process imports torch and the models (seconds), once for all of them. None for one
+    worker, where `parallel_map` runs in this process."""
+    count = worker_count(workers)
+    if count == 1:
+        yield None
+        return
+    with _spawned_pool(count) as pool:
+        yield pool
 
 
 # --- what the processes of one machine share ------------------------------------------------------------

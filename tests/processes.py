@@ -3,6 +3,7 @@ spawned process starts in a fraction of a second."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -40,3 +41,8 @@ def hog(folder: str, seconds: float) -> None:
 def wait_for_core(folder: str, log: str) -> None:
     with cpu_slots(1, Path(folder), poll_s=0.5):
         Path(log).write_text(str(time.monotonic()))
+
+
+def square_in(x: int) -> tuple[int, int]:
+    """x squared, and the process that computed it."""
+    return x * x, os.getpid()

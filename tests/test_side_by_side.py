@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import home_repo, parse_config
-from pipeline.parallel import cpu_slots, in_use, locked
+from pipeline.parallel import cpu_slots, in_use, locked, parallel_map, shared_pool
 from pipeline.tracking.store import artifact_root, tracking_uri
 from pipeline.training import session
 from tests import processes
@@ -152,3 +152,25 @@ def test_a_holder_waiting_for_all_cores_holds_none_of_them(tmp_path):
     assert float(log.read_text()) > 0.4
     with cpu_slots(cores + 5, tmp_path) as waited:  # more than the machine has: all of it
         assert waited < 1
+
+
+def test_calls_in_a_shared_pool_run_in_the_same_processes_with_the_same_results():
+    items = list(range(12))
+    alone = [square for square, _ in parallel_map(processes.square_in, items, 1, "alone", progress=False)]
+    with shared_pool(2) as pool:
+        first = list(parallel_map(processes.square_in, items, 2, "first", False, pool))
+        second = list(parallel_map(processes.square_in, items[::-1], 2, "second", False, pool))
+    assert [square for square, _ in first] == alone == [x * x for x in items]
+    assert [square for square, _ in second] == alone[::-1]
+    workers = {pid for _, pid in first}
+    assert os.getpid() not in workers and {pid for _, pid in second} <= workers and len(workers) <= 2
+    own = [pid for _, pid in parallel_map(processes.square_in, items, 2, "own", progress=False)]
+    assert not set(own) & workers  # without a pool, a call starts processes of its own
+
+
+def test_a_shared_pool_of_one_worker_runs_in_this_process():
+    with shared_pool(1) as pool:
+        assert pool is None
+        assert {pid for _, pid in parallel_map(processes.square_in, [1, 2], 1, "one", False, pool)} == {
+            os.getpid()
+        }

@@ -204,12 +204,13 @@ def measure_rotation(
     invariance_clouds: int,
     trained_points: int,
     workers: int = 0,
+    pool: ProcessPoolExecutor | None = None,
     progress=print,
 ) -> RotationMeasurements:
     """Every point model at every seed on the test clouds (`points_file`, `.npy` float32[N, P, 3]) under
     none / z / SO(3) rotations, and the float64 invariance error on a class-stratified subset. Rotations
     depend on the data seed only, so every model sees the same rotated clouds (paired comparisons). The
-    (variant, seed) pairs run over `workers` processes (0: one per core), each on one thread."""
+    (variant, seed) pairs run over `workers` processes (0: one per core), or in `pool`, each on one thread."""
     labels = np.load(labels_file)
     subset = stratified_subset(labels, invariance_clouds)
     jobs = [
@@ -227,7 +228,7 @@ def measure_rotation(
     )
     per_mode: dict[str, dict[str, list[np.ndarray]]] = {}
     for (variant, seed, _), (results, error) in zip(
-        jobs, parallel_map(_rotation_item, items, workers, "evaluate: rotation", progress=False), strict=True
+        jobs, parallel_map(_rotation_item, items, workers, "evaluate: rotation", False, pool), strict=True
     ):
         for mode, (correct, angles) in results.items():
             per_mode.setdefault(variant, {}).setdefault(mode, []).append(correct)
@@ -270,12 +271,14 @@ def measure_images(
     dataset: str,
     batch_size: int,
     workers: int = 0,
+    pool: ProcessPoolExecutor | None = None,
     progress=print,
 ) -> ImageMeasurements:
     """Every image model trained on `dataset` ("images" or "proximity"), at every seed, on every test set
     (name -> `.npy` float32[N, C, H, W], all of the same N instances). Models run on any canvas as they
     are: ViT's position encoding decides what happens at a grid it did not train on (its `pos_embed`).
-    The (variant, seed) pairs run over `workers` processes (0: one per core), each on one thread."""
+    The (variant, seed) pairs run over `workers` processes (0: one per core), or in `pool`, each on one
+    thread."""
     jobs = [
         (variant, seed, ckpt)
         for variant, by_seed in checkpoints.items()
@@ -285,7 +288,7 @@ def measure_images(
     items = [(c.saved, test_files, labels_file, batch_size) for _, _, c in jobs]
     out = ImageMeasurements()
     per_set: dict[str, dict[str, list[np.ndarray]]] = {}
-    results = parallel_map(_images_item, items, workers, f"evaluate: {dataset}", progress=False)
+    results = parallel_map(_images_item, items, workers, f"evaluate: {dataset}", False, pool)
     for (variant, seed, _), correct in zip(jobs, results, strict=True):
         for name, array in correct.items():
             per_set.setdefault(variant, {}).setdefault(name, []).append(array)

@@ -44,6 +44,7 @@ from pipeline.evaluation.measurements import (
 )
 from pipeline.evaluation.results import FitRecord, Results, to_json
 from pipeline.outputs import Laps, atomic_output_dir, read_json, write_json_atomic
+from pipeline.parallel import shared_pool
 from pipeline.reporting.tables import headline_metrics, plot_tables, write_csv
 from pipeline.tracking import review
 from pipeline.tracking.stage_logs import log_evaluation
@@ -148,47 +149,52 @@ def evaluate(
     lap("deployment")
 
     workers = config.runtime.workers
-    rotation = measure_rotation(
-        checkpoints,
-        points.folder / "test_points.npy",
-        points.folder / "test_labels.npy",
-        draws=ev.rotation_draws,
-        data_seed=config.seed,
-        batch_size=ev.batch_size,
-        invariance_clouds=ev.invariance_clouds,
-        trained_points=evidence.trained_points(checkpoints, config.points.num_points),
-        workers=workers,
-    )
-    lap("rotation")
-    canvases = tuple(r for r in config.images.resolutions if r != train_res)
-    canvas_names = evidence.canvas_set_names(canvases)
-    # Each test set is read (and checked) here once; the workers that run the models map its file. The
-    # images' manifest names every test canvas's file (`test_sets`); `in` is the training canvas's.
-    canvas_stems = {"in": f"test_r{train_res}"}
-    for name in canvas_names[1:]:
-        kind, side = name.rsplit("_", 1)
-        canvas_stems[name] = images.manifest["test_sets"][side][kind]
-    canvas_sets = {name: images.array(stem) for name, stem in canvas_stems.items()}
-    canvas_files = {name: images.folder / f"{stem}.npy" for name, stem in canvas_stems.items()}
-    canvas = measure_images(
-        checkpoints,
-        canvas_files,
-        images.folder / "test_labels.npy",
-        dataset="images",
-        batch_size=ev.batch_size,
-        workers=workers,
-    )
-    lap("resolution")
-    size = config.proximity.size
-    prox = measure_images(
-        checkpoints,
-        {"in": proximity.folder / f"test_r{size}.npy"},
-        proximity.folder / "test_labels.npy",
-        dataset="proximity",
-        batch_size=ev.batch_size,
-        workers=workers,
-    )
-    lap("serialisation")
+    # The three parts share their worker processes: each would otherwise spawn its own and import torch again.
+    with shared_pool(workers) as pool:
+        rotation = measure_rotation(
+            checkpoints,
+            points.folder / "test_points.npy",
+            points.folder / "test_labels.npy",
+            draws=ev.rotation_draws,
+            data_seed=config.seed,
+            batch_size=ev.batch_size,
+            invariance_clouds=ev.invariance_clouds,
+            trained_points=evidence.trained_points(checkpoints, config.points.num_points),
+            workers=workers,
+            pool=pool,
+        )
+        lap("rotation")
+        canvases = tuple(r for r in config.images.resolutions if r != train_res)
+        canvas_names = evidence.canvas_set_names(canvases)
+        # Each test set is read (and checked) here once; the workers that run the models map its file. The
+        # images' manifest names every test canvas's file (`test_sets`); `in` is the training canvas's.
+        canvas_stems = {"in": f"test_r{train_res}"}
+        for name in canvas_names[1:]:
+            kind, side = name.rsplit("_", 1)
+            canvas_stems[name] = images.manifest["test_sets"][side][kind]
+        canvas_sets = {name: images.array(stem) for name, stem in canvas_stems.items()}
+        canvas_files = {name: images.folder / f"{stem}.npy" for name, stem in canvas_stems.items()}
+        canvas = measure_images(
+            checkpoints,
+            canvas_files,
+            images.folder / "test_labels.npy",
+            dataset="images",
+            batch_size=ev.batch_size,
+            workers=workers,
+            pool=pool,
+        )
+        lap("resolution")
+        size = config.proximity.size
+        prox = measure_images(
+            checkpoints,
+            {"in": proximity.folder / f"test_r{size}.npy"},
+            proximity.folder / "test_labels.npy",
+            dataset="proximity",
+            batch_size=ev.batch_size,
+            workers=workers,
+            pool=pool,
+        )
+        lap("serialisation")
     deployment_timing.windows(WINDOWS_PER_PAUSE, ev.deploy_rounds)
     lap("deployment")
 
