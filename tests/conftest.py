@@ -70,6 +70,12 @@ def write_params(path: Path, data: dict) -> Path:
     return path
 
 
+@pytest.fixture
+def params(tmp_path: Path) -> Path:
+    """A params.yaml of the tiny study with tiny trials, for the benchmarks' command lines."""
+    return write_params(tmp_path / "params.yaml", merge(TINY_PARAMS, {"train": TINY_TRAIN}))
+
+
 # --- a study repository of our own, for real `dvc repro` runs -----------------------------------------------
 
 STUDY_FILES = [

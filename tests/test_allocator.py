@@ -7,12 +7,11 @@ import json
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import perception.allocator as allocator
-from tests.conftest import REPO, TINY_PARAMS, TINY_TRAIN, merge, write_params
+from tests.conftest import REPO
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -103,11 +102,6 @@ def test_what_a_model_computes_does_not_depend_on_where_its_memory_comes_from():
         return done.stdout.strip()
 
     assert weights("default") == weights("kept")
-
-
-@pytest.fixture
-def params(tmp_path: Path) -> Path:
-    return write_params(tmp_path / "params.yaml", merge(TINY_PARAMS, {"train": TINY_TRAIN}))
 
 
 def test_the_benchmark_times_both_ways_in_fresh_processes_and_reports_their_ratios(params, tmp_path):

@@ -6,18 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks.screen import screened_config
 from pipeline.config import ConfigError
-from tests.conftest import REPO, TINY_PARAMS, TINY_TRAIN, merge, write_params
-
-
-@pytest.fixture
-def params(tmp_path: Path) -> Path:
-    return write_params(tmp_path / "params.yaml", merge(TINY_PARAMS, {"train": TINY_TRAIN}))
+from tests.conftest import REPO
 
 
 def test_a_screen_trains_the_variant_with_its_settings_and_reports_its_test_accuracy(params, tmp_path):

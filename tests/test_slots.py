@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks.slots import WAYS, SlotTimes
-from tests.conftest import REPO, TINY_PARAMS, TINY_TRAIN, merge, write_params
+from tests.conftest import REPO
 
 
 def test_throughput_is_epochs_per_second_over_the_machine_as_a_ratio_to_one_trial_alone():
@@ -26,11 +25,6 @@ def test_throughput_is_epochs_per_second_over_the_machine_as_a_ratio_to_one_tria
     # Neither helps: a second trial halves each one's speed and threads add nothing.
     neither = SlotTimes("vit-none", slots=4, alone_s=1.0, side_by_side_s=4.4, threaded_s=1.1)
     assert neither.best == "alone"
-
-
-@pytest.fixture
-def params(tmp_path: Path) -> Path:
-    return write_params(tmp_path / "params.yaml", merge(TINY_PARAMS, {"train": TINY_TRAIN}))
 
 
 def test_it_times_each_way_and_writes_the_ratios_of_those_times(params, tmp_path):
