@@ -3,17 +3,29 @@ step-level changes of this version, in one run:
 
     python -m benchmarks.epoch --json epoch.json          # about 4 minutes on 2 cores
 
-"before" runs the reference paths these changes kept beside their fast ones, or the code they replaced:
-`serialize_ref`, the advanced indexing that put a token grid in scan order, and `deserialize` then a mean over
-the directions; Mamba's causal convolution as `nn.Conv1d` then SiLU (`causal_conv1d_silu_ref`) rather than the
-fused kernel of `perception.ops.causal_conv`; validation under `torch.no_grad` rather than
-`torch.inference_mode`; DGCNN's `forward_per_edge`, BatchNorm and LeakyReLU on every edge before the max over
-neighbours; e3nn's own TensorProduct in place of the fused kernel of `perception.ops.tensor_product`; torch's
-`topk` in place of `smallest_k` for the k nearest neighbours. "after" the code as it is. Each family trains
+"before" runs the reference paths these changes kept beside their fast ones, or the code they replaced, each
+named so that `--before NAME ...` can revert some of them only (the default: all):
+- `serialize`: `serialize_ref`, the advanced indexing that put a token grid in scan order, and `deserialize`
+  then a mean over the directions;
+- `causal_conv`: Mamba's causal convolution as `nn.Conv1d` then SiLU (`causal_conv1d_silu_ref`) rather than
+  the fused kernel of `perception.ops.causal_conv`;
+- `no_grad`: validation under `torch.no_grad` rather than `torch.inference_mode`;
+- `edge_block`: DGCNN's `forward_per_edge`, BatchNorm and LeakyReLU on every edge before the max over
+  neighbours;
+- `tensor_product`: e3nn's own TensorProduct in place of the fused kernel of `perception.ops.tensor_product`,
+  its messages summed by `index_add_`;
+- `summed_messages`: the fused kernel's per-edge messages, then summed by `index_add_`, rather than summed
+  into their targets inside the kernel (`tensor_product_sum`);
+- `smallest_k`: torch's `topk` in place of `smallest_k` for the k nearest neighbours;
+- `farthest_points`: farthest point sampling (DGCNN's and e3nn's) as a loop of torch ops rather than the
+  kernel of `farthest_points.c`.
+"after" the code as it is. Each family trains
 one epoch (and validates) on one thread, as a trial does, alternating before / after three times on the same
 data, model and seed; the median of each is reported with their ratio. The image models also predict the whole
 test set on the larger canvas (the evaluate stage's work), before and after, the same way. The data are the
 default params' datasets, prepared into a temporary folder first.
+
+    python -m benchmarks.epoch --before summed_messages farthest_points   # this version's changes alone
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +50,7 @@ import perception.training as training
 from perception.data.arrays import open_dataset
 from perception.ops.causal_conv import causal_conv1d_silu_ref
 from perception.ops.serialization import deserialize, serialize_ref
+from perception.ops.tensor_product import tensor_product
 from pipeline.config import load_config
 from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import prepare_points
@@ -61,26 +74,52 @@ VARIANTS = (
 PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view: 16x16 tokens
 
 
+REVERSIONS = (
+    "serialize", "causal_conv", "no_grad", "edge_block", "tensor_product", "summed_messages", "smallest_k",
+    "farthest_points",
+)  # fmt: skip
+
+
 @contextlib.contextmanager
-def before() -> Iterator[None]:
-    """The reference paths in place of the fast ones."""
+def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
+    """The reference paths named in `reverted` (see the module's docstring) in place of the fast ones."""
+    unknown = sorted(set(reverted) - set(REVERSIONS))
+    if unknown:
+        raise ValueError(f"--before {' '.join(unknown)}: unknown; one or more of {', '.join(REVERSIONS)}")
     fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
     fast_deserialize_mean = mamba_hybrid.deserialize_mean
     fast_conv = mamba_hybrid.causal_conv1d_silu
     fast_edge_block = dgcnn.DynamicEdgeBlock.forward
-    fast_tensor_product = equivariant.tensor_product
+    fast_tensor_product_sum = equivariant.tensor_product_sum
     fast_smallest_k = graphs.smallest_k
 
     @torch.no_grad()
     def predict_no_grad(model, inputs, batch_size, device, bf16=False):
         return fast_predict.__wrapped__(model, inputs, batch_size, device, bf16)
 
-    mamba_hybrid.serialize, training.predict = serialize_ref, predict_no_grad
-    mamba_hybrid.deserialize_mean = lambda y, paths: deserialize(y, paths).mean(dim=1)
-    mamba_hybrid.causal_conv1d_silu = causal_conv1d_silu_ref
-    dgcnn.DynamicEdgeBlock.forward = dgcnn.DynamicEdgeBlock.forward_per_edge  # type: ignore[method-assign]
-    equivariant.tensor_product = lambda tp, terms, x1, x2, weight: tp(x1, x2, weight)
-    graphs.smallest_k = lambda dist, k: dist.topk(k, dim=-1, largest=False).indices
+    def e3nn_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
+        return graphs.sum_by_target_ref(tp(x1, x2, weight), edge_dst, num_targets)
+
+    def kernel_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
+        return graphs.sum_by_target_ref(tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
+
+    if "serialize" in reverted:
+        mamba_hybrid.serialize = serialize_ref
+        mamba_hybrid.deserialize_mean = lambda y, paths: deserialize(y, paths).mean(dim=1)
+    if "no_grad" in reverted:
+        training.predict = predict_no_grad
+    if "causal_conv" in reverted:
+        mamba_hybrid.causal_conv1d_silu = causal_conv1d_silu_ref
+    if "edge_block" in reverted:
+        dgcnn.DynamicEdgeBlock.forward = dgcnn.DynamicEdgeBlock.forward_per_edge  # type: ignore[method-assign]
+    if "summed_messages" in reverted:
+        equivariant.tensor_product_sum = kernel_products_summed
+    if "tensor_product" in reverted:
+        equivariant.tensor_product_sum = e3nn_products_summed
+    if "smallest_k" in reverted:
+        graphs.smallest_k = lambda dist, k: dist.topk(k, dim=-1, largest=False).indices
+    if "farthest_points" in reverted:
+        graphs.FARTHEST_POINTS.library = lambda: None  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -88,8 +127,9 @@ def before() -> Iterator[None]:
         mamba_hybrid.deserialize_mean = fast_deserialize_mean
         mamba_hybrid.causal_conv1d_silu = fast_conv
         dgcnn.DynamicEdgeBlock.forward = fast_edge_block  # type: ignore[method-assign]
-        equivariant.tensor_product = fast_tensor_product
+        equivariant.tensor_product_sum = fast_tensor_product_sum
         graphs.smallest_k = fast_smallest_k
+        vars(graphs.FARTHEST_POINTS).pop("library", None)  # the class's method again
 
 
 def one_epoch(flat: dict, data, seed: int) -> float:
@@ -120,12 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.epoch", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("epoch.json"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--before",
+        nargs="+",
+        default=list(REVERSIONS),
+        metavar="NAME",
+        help="the reference paths to time as before",
+    )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.before) - set(REVERSIONS))
+    if unknown:
+        parser.error(f"--before {' '.join(unknown)}: unknown; one or more of {', '.join(REVERSIONS)}")
     torch.set_num_threads(1)
     config = load_config(REPO / "params.yaml")
     variants = {v.name: v for v in space.expand(config)}
     study_flat = {k: v for k, v in config.flat().items() if not k.startswith("train.models.")}
-    report: dict = {"threads": 1, "repeats": args.repeats, "families": {}}
+    report: dict = {"threads": 1, "repeats": args.repeats, "before": sorted(args.before), "families": {}}
     with tempfile.TemporaryDirectory(prefix="epoch-bench-") as tmp:
         folders = {
             "points": Path(tmp) / "points",
@@ -153,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             one_epoch(flat, data, 0)  # warm-up: first-call allocations, lazy imports
             times: dict[str, list[float]] = {"before": [], "after": []}
             for _ in range(args.repeats):
-                with before():
+                with before(args.before):
                     times["before"].append(one_epoch(flat, data, 0))
                 times["after"].append(one_epoch(flat, data, 0))
             row = {which: round(float(np.median(t)), 3) for which, t in times.items()}
@@ -169,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             one_prediction(flat, canvas, batch, 0)
             times = {"before": [], "after": []}
             for _ in range(args.repeats):
-                with before():
+                with before(args.before):
                     times["before"].append(one_prediction(flat, canvas, batch, 0))
                 times["after"].append(one_prediction(flat, canvas, batch, 0))
             row = {which: round(float(np.median(t)), 3) for which, t in times.items()}

@@ -18,6 +18,8 @@ from perception.ops.graphs import (
     radius_graph_ref,
     smallest_k,
     smallest_k_ref,
+    sum_by_target,
+    sum_by_target_ref,
 )
 
 
@@ -121,11 +123,50 @@ def test_graphs_are_invariant_to_permutation() -> None:
     assert torch.equal(picks, picks_permuted)
 
 
-def test_farthest_point_sampling_matches_reference() -> None:
-    pos = _cloud(3, 50, seed=6)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # the torch loop, and the kernel
+def test_farthest_point_sampling_matches_reference(dtype: torch.dtype) -> None:
+    pos = _cloud(3, 50, seed=6, dtype=dtype)
     picks = farthest_point_sampling(pos, 12)
     assert picks.tolist() == farthest_point_sampling_ref(pos, 12)
     assert all(len(set(row)) == 12 for row in picks.tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_farthest_point_kernel_picks_what_the_torch_loop_picks(seed: int) -> None:
+    """Bit for bit, also where distances tie: repeated points, and coordinates on a coarse grid."""
+    import perception.ops.graphs as graphs
+
+    if graphs.FARTHEST_POINTS.library() is None:
+        pytest.skip("no C compiler here: the torch loop runs everything")
+    generator = torch.Generator().manual_seed(seed)
+    num_points = (192, 256, 40)[seed % 3]
+    pos = torch.randn(6, num_points, 3, generator=generator) * 10.0 ** (seed - 2)
+    if seed % 2:
+        pos[:, ::5] = pos[:, :1].clone()  # every fifth point repeats the first
+    else:
+        pos = torch.round(pos / pos.abs().max() * 4) / 4  # a grid: many equal distances
+    first = (pos - pos.mean(dim=1, keepdim=True)).square().sum(-1).argmax(dim=1)
+    for m in (1, 7, num_points // 2):
+        assert torch.equal(farthest_point_sampling(pos, m), graphs._farthest_points_torch(pos, first, m))
+
+
+def test_farthest_point_sampling_runs_the_kernel_for_float32_cpu_only(monkeypatch) -> None:
+    import perception.ops.graphs as graphs
+
+    if graphs.FARTHEST_POINTS.library() is None:
+        pytest.skip("no C compiler here: the torch loop runs everything")
+    loop = graphs._farthest_points_torch
+
+    def refused(*args):
+        raise AssertionError("the torch loop ran")
+
+    monkeypatch.setattr(graphs, "_farthest_points_torch", refused)
+    pos = _cloud(2, 30, dtype=torch.float32)
+    picks = farthest_point_sampling(pos, 9)  # the kernel
+    with pytest.raises(AssertionError, match="torch loop ran"):
+        farthest_point_sampling(pos.double(), 9)
+    monkeypatch.setattr(graphs, "_farthest_points_torch", loop)
+    assert torch.equal(farthest_point_sampling(pos.double(), 9), picks)
 
 
 def test_chunked_distance_matrices_give_the_same_graph(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,3 +227,37 @@ def test_smallest_k_runs_the_kernel_for_float32_cpu_and_topk_for_the_rest(monkey
             smallest_k(other, k)
     monkeypatch.setattr(torch.Tensor, "topk", topk)
     assert torch.equal(smallest_k(dist.double(), 5), want)  # distinct values: topk's order is the same
+
+
+@pytest.mark.parametrize(("targets", "k"), [(1, 1), (7, 3), (256, 8), (64, 16), (40, 24)])
+def test_grouped_sum_by_target_equals_index_add_bitwise(targets: int, k: int) -> None:
+    """A kNN graph's layout (k edges per target, grouped, in target order) takes the grouped sum: the same
+    values and gradients as the index_add_ reference, bit for bit (k = 16 and 24 are where torch's own sum
+    over k would round differently)."""
+    generator = torch.Generator().manual_seed(targets + k)
+    pos = _cloud(2, targets // 2 + k, seed=k, dtype=torch.float32) if targets > 1 else None
+    if pos is not None and targets % 2 == 0:
+        edge_src, edge_dst = knn(pos, pos[:, : targets // 2], k)  # the layout the models build
+    else:
+        edge_dst = torch.arange(targets).repeat_interleave(k)
+    messages = torch.randn(targets * k, 19, generator=generator, requires_grad=True)
+    grad = torch.randn(targets, 19, generator=generator)
+    got, want = sum_by_target(messages, edge_dst, targets), sum_by_target_ref(messages, edge_dst, targets)
+    assert torch.equal(got, want)
+    (got_grad,) = torch.autograd.grad(got, messages, grad)
+    (want_grad,) = torch.autograd.grad(want, messages, grad)
+    assert torch.equal(got_grad, want_grad)
+
+
+def test_sum_by_target_takes_any_other_edge_order_to_the_reference() -> None:
+    generator = torch.Generator().manual_seed(0)
+    messages = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    edge_dst = torch.arange(4).repeat_interleave(3)
+    for order in (torch.randperm(12, generator=generator), torch.arange(12)):
+        dst = edge_dst[order]
+        want = torch.zeros(4, 5, dtype=torch.float64).index_add_(0, dst, messages)
+        assert torch.allclose(sum_by_target(messages, dst, 4), want)
+    uneven = torch.tensor([0, 0, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3])  # not k per target
+    want = torch.zeros(4, 5, dtype=torch.float64).index_add_(0, uneven, messages)
+    assert torch.equal(sum_by_target(messages, uneven, 4), want)
+    assert sum_by_target(messages[:0], edge_dst[:0], 0).shape == (0, 5)

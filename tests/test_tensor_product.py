@@ -8,7 +8,8 @@ from e3nn import o3
 
 import perception.ops.tensor_product as fused_tp
 from perception.models.equivariant import SIZES, E3nnConfig, E3nnNet
-from perception.ops.tensor_product import UVUTerms, fused_available, tensor_product
+from perception.ops.graphs import sum_by_target_ref
+from perception.ops.tensor_product import UVUTerms, fused_available, tensor_product, tensor_product_sum
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="fused tensor product: no C compiler here")
 
@@ -122,3 +123,90 @@ def test_gradients_without_x2s_equal_e3nns() -> None:
     torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max(), rtol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5 * w.abs().max(), rtol=1e-5)
+
+
+def _grouped_targets(targets: int, k: int) -> torch.Tensor:
+    return torch.arange(targets).repeat_interleave(k)  # the kNN graphs' layout: k edges a target, in order
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("layer", "targets", "k"),
+    [("middle", 1, 1), ("middle", 9, 8), ("middle", 130, 8), ("down", 70, 16), ("last", 11, 24)],
+)  # within one chunk, across chunks with a tail; k = 24 does not divide the chunk: the threads split on 192
+def test_summed_products_equal_the_products_summed_bit_for_bit(
+    layer: str, targets: int, k: int, threads: int
+) -> None:
+    """The kernel's sum into each target is the per-edge kernel's messages summed by index_add_: the same
+    floats, and the same gradients, in one thread or two."""
+    tp = _products()[layer]
+    terms = UVUTerms(tp)
+    x1, x2, weight = _inputs(tp, targets * k)
+    x2 = x2.detach()  # as in the model: the spherical harmonics need no gradient
+    edge_dst = _grouped_targets(targets, k)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want, want_grads, gout = _run(
+            lambda a, w: sum_by_target_ref(tensor_product(tp, terms, a, x2, w), edge_dst, targets),
+            (x1, weight),
+        )
+        got, got_grads, _ = _run(
+            lambda a, w: tensor_product_sum(tp, terms, a, x2, w, edge_dst, targets), (x1, weight), gout
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (targets, tp.irreps_out.dim)
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_summed_products_of_any_other_layout_or_dtype_are_the_products_summed() -> None:
+    """Edges not grouped by target, and float64 (the invariance measurement), take the product and then
+    `sum_by_target`: e3nn's own product in float64, bit for bit."""
+    tp = _products()["middle"]
+    terms = UVUTerms(tp)
+    x1, x2, weight = (t.detach() for t in _inputs(tp, 48))
+    shuffled = _grouped_targets(6, 8)[torch.randperm(48, generator=torch.Generator().manual_seed(0))]
+    want = torch.zeros(6, tp.irreps_out.dim).index_add_(
+        0, shuffled, tensor_product(tp, terms, x1, x2, weight)
+    )
+    assert torch.equal(tensor_product_sum(tp, terms, x1, x2, weight, shuffled, 6), want)
+    tp64 = tp.double()
+    x1, x2, weight = (t.double() for t in (x1, x2, weight))
+    grouped = _grouped_targets(6, 8)
+    want = torch.zeros(6, tp.irreps_out.dim, dtype=torch.float64).index_add_(0, grouped, tp64(x1, x2, weight))
+    assert torch.equal(tensor_product_sum(tp64, terms, x1, x2, weight, grouped, 6), want)
+
+
+def test_the_e3nn_models_loss_and_gradients_are_those_of_the_products_summed(monkeypatch) -> None:
+    """A training step of the study's e3nn model, with the kernel's sums and with the per-edge messages
+    summed by index_add_ (the code before): the same loss and every gradient, bit for bit."""
+    import perception.models.equivariant as equivariant
+
+    torch.manual_seed(0)
+    model = E3nnNet(E3nnConfig(**{**SIZES["tiny"], "num_classes": 5}))
+    pos = torch.randn(4, 96, 3, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 4])
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(pos), labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def refused(*args):
+        raise AssertionError("a convolution summed its messages outside the kernel")
+
+    monkeypatch.setattr(fused_tp, "sum_by_target", refused)  # every convolution's graph is grouped
+    got_loss, got_grads = step()
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        equivariant,
+        "tensor_product_sum",
+        lambda tp, terms, x1, x2, w, dst, n: sum_by_target_ref(tensor_product(tp, terms, x1, x2, w), dst, n),
+    )
+    want_loss, want_grads = step()
+    assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads, strict=True))

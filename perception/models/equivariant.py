@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from perception.models.registry import check
 from perception.ops.graphs import farthest_point_sampling, knn, knn_graph
-from perception.ops.tensor_product import UVUTerms, tensor_product
+from perception.ops.tensor_product import UVUTerms, tensor_product_sum
 
 
 class PointConvolution(nn.Module):
@@ -92,10 +92,12 @@ class PointConvolution(nn.Module):
         """x: source features [n_src, irreps_in.dim]; x_dst: target features if the graph is bipartite."""
         x_dst = x if x_dst is None else x_dst
         weight = self.radial(edge_len_emb)  # [E, tp.weight_numel]
-        messages = tensor_product(self.tp, self.tp_terms, self.lin1(x)[edge_src], edge_sh, weight)  # [E, mid]
-        # The sum over each target's incoming edges, as torch_geometric.utils.scatter(reduce="sum") computes
-        # it; plain index_add_ spares every trial's worker the 2 s import of torch_geometric.
-        aggregated = messages.new_zeros(x_dst.shape[0], messages.shape[1]).index_add_(0, edge_dst, messages)
+        # Each target's sum of its incoming messages TP(...) [E, mid], as torch_geometric.utils.scatter(
+        # reduce="sum") computes it (without its 2 s import in every trial's worker); the fused kernel sums
+        # them as it makes them.
+        aggregated = tensor_product_sum(
+            self.tp, self.tp_terms, self.lin1(x)[edge_src], edge_sh, weight, edge_dst, x_dst.shape[0]
+        )  # [n_dst, mid]
         return (self.sc(x_dst) + self.lin2(aggregated / self.num_neighbors)) / math.sqrt(2)
 
 

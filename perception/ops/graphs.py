@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from perception.ops.native import Kernel, pointer, run_parts
+from perception.ops.native import STRICT_FLAGS, Kernel, pointer, run_parts
 
 # Distance matrices are built a few samples at a time so that b * M * N stays below this many elements.
 _CHUNK_ELEMENTS = 1 << 24
@@ -162,6 +162,54 @@ def radius_graph(pos: Tensor, r: float, loop: bool = False) -> Tensor:
     return torch.cat(edges, dim=1)
 
 
+def sum_by_target(messages: Tensor, edge_dst: Tensor, num_targets: int) -> Tensor:
+    """The sum of each target's incoming messages: float[num_targets, C] from messages float[E, C] and their
+    targets edge_dst long[E].
+
+    Where the edges come grouped by target, k of them each, in target order (the layout of `knn_graph` and
+    `knn`), the messages are a [num_targets, k, C] block summed over k, whose backward is a broadcast. The
+    reference, `sum_by_target_ref`, scatters with `index_add_` (as `torch_geometric.utils.scatter` sums), and
+    its backward gathers the gradient with `index_select`: a copy of every edge's row, which was the largest
+    single cost of an e3nn training step. Both add each target's k messages in edge order, from the first.
+    """
+    k = grouped_neighbours(edge_dst, num_targets)
+    if k:
+        return _GroupedSum.apply(messages.view(num_targets, k, -1))  # [num_targets, C]
+    return sum_by_target_ref(messages, edge_dst, num_targets)
+
+
+def grouped_neighbours(edge_dst: Tensor, num_targets: int) -> int:
+    """k where the edges' targets edge_dst long[E] are 0 k times, then 1 k times, ... (the layout of
+    `knn_graph` and `knn`); 0 for any other layout."""
+    k = edge_dst.shape[0] // num_targets if num_targets else 0
+    if not k or k * num_targets != edge_dst.shape[0]:
+        return 0
+    grouped = torch.arange(num_targets, device=edge_dst.device).repeat_interleave(k)  # [E]
+    return k if torch.equal(edge_dst, grouped) else 0
+
+
+class _GroupedSum(torch.autograd.Function):
+    """[T, k, C] -> [T, C], the k rows added one at a time in order, as `index_add_` adds them (torch's `sum`
+    over k pairs them differently from k = 16 on, which rounds differently); the backward broadcasts."""
+
+    @staticmethod
+    def forward(ctx, grouped: Tensor) -> Tensor:
+        ctx.k = grouped.shape[1]
+        total = grouped[:, 0].clone()  # [T, C]
+        for j in range(1, ctx.k):
+            total += grouped[:, j]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.unsqueeze(1).expand(-1, ctx.k, -1)  # [T, k, C], a view: no copy per edge
+
+
+def sum_by_target_ref(messages: Tensor, edge_dst: Tensor, num_targets: int) -> Tensor:
+    """`sum_by_target` for any edge order: `index_add_` into zeros."""
+    return messages.new_zeros(num_targets, messages.shape[1]).index_add_(0, edge_dst, messages)
+
+
 def farthest_point_sampling(pos: Tensor, m: int) -> Tensor:
     """Indices long[B, m] of m points per sample, each the farthest from those already chosen.
 
@@ -173,9 +221,24 @@ def farthest_point_sampling(pos: Tensor, m: int) -> Tensor:
     if not 1 <= m <= num_points:
         raise ValueError(f"m = {m} needs 1 <= m <= {num_points}")
     pos = pos.detach()
-    rows = torch.arange(batch, device=pos.device)
     centred = pos - pos.mean(dim=1, keepdim=True)
     current = centred.square().sum(-1).argmax(dim=1)  # [B]
+    lib = FARTHEST_POINTS.library()
+    if pos.device.type != "cpu" or pos.dtype != torch.float32 or pos.shape[2] != 3 or lib is None:
+        return _farthest_points_torch(pos, current, m)
+    pos = pos.contiguous()
+    chosen = torch.empty(batch, m, dtype=torch.long)
+    head = [ctypes.c_int64(num_points), ctypes.c_int64(m)]
+    run_parts(lib.farthest_points, batch, [*head, pointer(pos), pointer(current), pointer(chosen)])
+    return chosen
+
+
+def _farthest_points_torch(pos: Tensor, first: Tensor, m: int) -> Tensor:
+    """`farthest_point_sampling`'s loop in torch ops from the first picks first long[B]: GPUs, float64,
+    machines without a compiler, and the kernel's test reference (the same picks, bit for bit)."""
+    batch, num_points, _ = pos.shape
+    rows = torch.arange(batch, device=pos.device)
+    current = first
     chosen = torch.empty(batch, m, dtype=torch.long, device=pos.device)
     nearest = torch.full((batch, num_points), float("inf"), dtype=pos.dtype, device=pos.device)
     for step in range(m):
@@ -185,6 +248,22 @@ def farthest_point_sampling(pos: Tensor, m: int) -> Tensor:
         nearest = torch.minimum(nearest, new)
         current = nearest.argmax(dim=1)
     return chosen
+
+
+FARTHEST_POINTS = Kernel(
+    Path(__file__).with_name("farthest_points.c"),
+    {
+        "farthest_points": [
+            ctypes.c_int64,
+            ctypes.c_int64,
+            *[ctypes.c_void_p] * 3,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ]
+    },
+    "sampling farthest points with torch ops",
+    flags=STRICT_FLAGS,
+)
 
 
 # Slow references: one pair at a time, for the tests.

@@ -29,6 +29,9 @@ FLAGS = (
     "-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
     "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
 )  # fmt: skip
+# For a kernel whose float results must round as torch's do, step by step: no fused multiply-adds, no
+# reassociation (farthest point sampling, whose picks compare distances).
+STRICT_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 FASTMATH = Path(__file__).with_name("fastmath.h")  # vectorisable exp, sigmoid, softplus for the kernels
 _pool: ThreadPoolExecutor | None = None
 
@@ -66,6 +69,7 @@ class Kernel:
     `signatures`: function name -> its argument types (each returns void); `prefix`: text put before the
     source (a `#define` for a compile-time size), then the text of each of `headers` (shared inline code,
     such as `fastmath.h`: the compiled text is one file, so it cannot #include its neighbours).
+    `flags`: the compiler's (`FLAGS`, or `STRICT_FLAGS` where floats must round as torch rounds them).
     `library()` is the loaded library, or None, with one warning naming `fallback`, where it cannot be
     built (no compiler); the callers then take their reference path."""
 
@@ -76,9 +80,10 @@ class Kernel:
         fallback: str,
         prefix: str = "",
         headers: tuple[Path, ...] = (),
+        flags: tuple[str, ...] = FLAGS,
     ) -> None:
         self.source, self.signatures, self.fallback, self.prefix = source, signatures, fallback, prefix
-        self.headers = headers
+        self.headers, self.flags = headers, flags
         self._lib: ctypes.CDLL | None = None
         self.error: str | None = None
 
@@ -86,7 +91,7 @@ class Kernel:
         if self._lib is None and self.error is None:
             try:
                 text = "".join(path.read_text() for path in (*self.headers, self.source))
-                lib = compiled_library(self.prefix + text)
+                lib = compiled_library(self.prefix + text, self.flags)
                 for name, argtypes in self.signatures.items():
                     function = getattr(lib, name)
                     function.argtypes, function.restype = argtypes, None

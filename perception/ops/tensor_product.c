@@ -6,7 +6,11 @@
    b[t] of x2 and wr[t] of the weights, and adds c[t] * w * x1 * x2 into component o[t] of the output.
    Inputs and outputs are [E, D] (edge-major, as torch holds them). Edges e0..e1 run in chunks of CHUNK: each
    chunk is transposed into [D, CHUNK] buffers, where the chunk's edges are the SIMD lanes and every buffer
-   stays in cache while all the terms pass over it, and its results are transposed back. */
+   stays in cache while all the terms pass over it, and its results are transposed back.
+   With k > 0 the edges come grouped by target, k each in target order (a kNN graph), and the output is each
+   target's sum, [E / k, D]: edge e's row is added into row e / k (zeroed by the caller), edges in order, as
+   index_add_ adds them; the backward reads edge e's output gradient from row e / k. The [E, D] messages and
+   their gradient never exist. A target's edges must not be split between two calls (e0, e1). */
 #define CHUNK 64
 
 static void load(const float *src, int64_t D, int64_t s, int64_t n, float *dst) { /* [n, D] -> [D, CHUNK] */
@@ -21,9 +25,23 @@ static void store(const float *src, int64_t D, int64_t s, int64_t n, float *dst)
         for (int64_t d = 0; d < D; d++) dst[(s + e) * D + d] = src[d * CHUNK + e];
 }
 
+static void load_grouped(const float *src, int64_t D, int64_t s, int64_t n, int64_t k, float *dst) {
+    for (int64_t e = 0; e < n; e++) /* edge s + e's row is its target's, (s + e) / k */
+        for (int64_t d = 0; d < D; d++) dst[d * CHUNK + e] = src[(s + e) / k * D + d];
+    for (int64_t e = n; e < CHUNK; e++)
+        for (int64_t d = 0; d < D; d++) dst[d * CHUNK + e] = 0.0f;
+}
+
+static void add_grouped(const float *src, int64_t D, int64_t s, int64_t n, int64_t k, float *dst) {
+    for (int64_t e = 0; e < n; e++) {
+        float *row = dst + (s + e) / k * D;
+        for (int64_t d = 0; d < D; d++) row[d] += src[d * CHUNK + e];
+    }
+}
+
 void tp_fwd(int64_t d1, int64_t d2, int64_t dw, int64_t dout, int64_t nterms, const int32_t *a, const int32_t *b,
             const int32_t *o, const int32_t *wr, const float *coef, const float *x1, const float *x2,
-            const float *w, float *out, int64_t e0, int64_t e1) {
+            const float *w, int64_t k, float *out, int64_t e0, int64_t e1) {
     float *buf = malloc(sizeof(float) * CHUNK * (d1 + d2 + dw + dout));
     float *restrict X1 = buf, *restrict X2 = X1 + d1 * CHUNK, *restrict W = X2 + d2 * CHUNK;
     float *restrict O = W + dw * CHUNK;
@@ -40,15 +58,18 @@ void tp_fwd(int64_t d1, int64_t d2, int64_t dw, int64_t dout, int64_t nterms, co
             float *restrict po = O + o[t] * CHUNK;
             for (int e = 0; e < CHUNK; e++) po[e] += c * pw[e] * pa[e] * pb[e];
         }
-        store(O, dout, s, n, out);
+        if (k > 0) add_grouped(O, dout, s, n, k, out);
+        else store(O, dout, s, n, out);
     }
     free(buf);
 }
 
-/* The gradients of tp_fwd's output gout: dx1 and ddw always, dx2 where it is not NULL. */
+/* The gradients of tp_fwd's output gout ([E / k, D] with k > 0): dx1 and ddw always, dx2 where it is not
+   NULL. */
 void tp_bwd(int64_t d1, int64_t d2, int64_t dw, int64_t dout, int64_t nterms, const int32_t *a, const int32_t *b,
             const int32_t *o, const int32_t *wr, const float *coef, const float *x1, const float *x2,
-            const float *w, const float *gout, float *dx1, float *dx2, float *ddw, int64_t e0, int64_t e1) {
+            const float *w, int64_t k, const float *gout, float *dx1, float *dx2, float *ddw, int64_t e0,
+            int64_t e1) {
     float *buf = malloc(sizeof(float) * CHUNK * 2 * (d1 + d2 + dw + dout));
     float *restrict X1 = buf, *restrict X2 = X1 + d1 * CHUNK, *restrict W = X2 + d2 * CHUNK;
     float *restrict G = W + dw * CHUNK, *restrict GX1 = G + dout * CHUNK, *restrict GX2 = GX1 + d1 * CHUNK;
@@ -58,7 +79,8 @@ void tp_bwd(int64_t d1, int64_t d2, int64_t dw, int64_t dout, int64_t nterms, co
         load(x1, d1, s, n, X1);
         load(x2, d2, s, n, X2);
         load(w, dw, s, n, W);
-        load(gout, dout, s, n, G);
+        if (k > 0) load_grouped(gout, dout, s, n, k, G);
+        else load(gout, dout, s, n, G);
         memset(GX1, 0, sizeof(float) * CHUNK * (d1 + d2 + dw));
         for (int64_t t = 0; t < nterms; t++) {
             const float c = coef[t];
