@@ -49,8 +49,9 @@ def test_the_train_stage_runs_its_trials_across_the_nodes_of_an_existing_cluster
     assert len(node_ids) == 2, f"trials ran on {node_ids}, expected both nodes"
 
 
-# Two trials of five epochs, about half a second an epoch here (e3nn and DGCNN, 128 clouds of 128 points): long
-# enough to kill a node mid-epoch after a trial's first checkpoint and before its last epoch, short enough for CI.
+# Two trials of five epochs, about half a second an epoch here (e3nn and DGCNN, 128 clouds of 128 points):
+# long enough to kill a node mid-epoch after a trial's first checkpoint and before its last epoch, short
+# enough for CI.
 EPOCHS = 5
 SLOW_TRIALS = {
     "seeds": [0],
@@ -109,11 +110,11 @@ def test_a_trial_whose_node_dies_resumes_from_its_checkpoint_on_the_surviving_no
             start_new_session=True,
         )
     try:
-        # A trial on the worker node with a checkpoint (epoch >= 1) and epochs still to go, in the middle of its
-        # next epoch: kill the node. Tune logs a result, then fetches its checkpoint in a second round trip to
-        # the trial; a node lost between the two loses that checkpoint, and the retry redoes the epoch. Killing
-        # a fifth to three fifths of an epoch after the last report keeps clear of that window (milliseconds)
-        # and of the next report.
+        # A trial on the worker node with a checkpoint (epoch >= 1) and epochs still to go, in the middle of
+        # its next epoch: kill the node. Tune logs a result, then fetches its checkpoint in a second round
+        # trip to the trial; a node lost between the two loses that checkpoint, and the retry redoes the
+        # epoch. Killing a fifth to three fifths of an epoch after the last report keeps clear of that window
+        # (milliseconds) and of the next report.
         deadline, victim = time.monotonic() + 300, None
         while victim is None:
             assert study.poll() is None, (
