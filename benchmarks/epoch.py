@@ -80,12 +80,17 @@ REVERSIONS = (
 )  # fmt: skip
 
 
+def check_reversions(names: Collection[str]) -> None:
+    """Refuse, in one line, a name that is not one of REVERSIONS."""
+    unknown = sorted(set(names) - set(REVERSIONS))
+    if unknown:
+        raise ValueError(f"--before {' '.join(unknown)}: unknown; one or more of {', '.join(REVERSIONS)}")
+
+
 @contextlib.contextmanager
 def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
     """The reference paths named in `reverted` (see the module's docstring) in place of the fast ones."""
-    unknown = sorted(set(reverted) - set(REVERSIONS))
-    if unknown:
-        raise ValueError(f"--before {' '.join(unknown)}: unknown; one or more of {', '.join(REVERSIONS)}")
+    check_reversions(reverted)
     fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
     fast_deserialize_mean = mamba_hybrid.deserialize_mean
     fast_conv = mamba_hybrid.causal_conv1d_silu
@@ -168,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the reference paths to time as before",
     )
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.before) - set(REVERSIONS))
-    if unknown:
-        parser.error(f"--before {' '.join(unknown)}: unknown; one or more of {', '.join(REVERSIONS)}")
+    try:
+        check_reversions(args.before)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(1)
     config = load_config(REPO / "params.yaml")
     variants = {v.name: v for v in space.expand(config)}
