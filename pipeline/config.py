@@ -30,6 +30,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     Strict,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
     model_validator,
@@ -603,6 +604,18 @@ def _one_line(error: ErrorDetails) -> str:
         return f"{key.rsplit('[', 1)[0]}: unknown name {value!r}; allowed: {names}"
     why = ", without repeats" if error["type"] == "repeats" else ""
     return f"{key or 'params'} = {value!r} is not allowed: expected {_describe(tp, metadata)}{why}"
+
+
+def check_entry_setting(where: str, key: str, value: Any) -> None:
+    """One value a `train.models` entry gives a `train.*` setting (`lr`, `batch_size`, ...), held to that
+    setting's own rule, with its one-line message naming the entry."""
+    field = TrainConfig.model_fields[key]
+    try:
+        rule: Any = Annotated[(field.annotation, *field.metadata)]  # the field's type with its bounds
+        TypeAdapter(rule).validate_python(value)
+    except ValidationError:
+        expected = _describe(field.annotation, [*field.metadata, field])
+        raise ConfigError(f"{where}.{key} = {value!r} is not allowed: expected {expected}") from None
 
 
 def _check_cross_fields(config: StudyConfig, base_dir: Path) -> None:

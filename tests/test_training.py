@@ -146,6 +146,12 @@ BAD_VARIANTS = [
     ({"models": {"vit": {"grad_clip": -1}}}, "train.models.vit.grad_clip = -1 is not allowed"),
     ({"models": {"vit": {"task": "detection"}}}, "train.models.vit.task = 'detection' is not allowed"),
     ({"models": {"dgcnn": {"task": "proximity"}}}, "dgcnn is a point model"),
+    # an entry's own train.* settings, by the train.* field's rule (a batch of 0 crashed inside the trial)
+    ({"models": {"vit": {"batch_size": 0}}}, "vit.batch_size = 0 is not allowed: expected an integer"),
+    ({"models": {"vit": {"batch_size": {"choice": [16, -2]}}}}, "train.models.vit.batch_size = -2 is not"),
+    ({"models": {"vit": {"lr": 0}}}, "train.models.vit.lr = 0 is not allowed: expected a number from 1e-08"),
+    ({"models": {"dgcnn": {"weight_decay": -0.1}}}, "train.models.dgcnn.weight_decay = -0.1 is not allowed"),
+    ({"models": {"dgcnn": {"points_per_cloud": -1}}}, "train.models.dgcnn.points_per_cloud = -1 is not"),
 ]
 
 

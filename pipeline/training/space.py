@@ -14,7 +14,15 @@ from typing import Any
 
 from perception.models import FAMILIES, ModelConfigError
 from perception.rotations import MODES as AUGMENTS
-from pipeline.config import TASKS, TRIAL_KEYS, ConfigError, Domain, ModelEntry, StudyConfig
+from pipeline.config import (
+    TASKS,
+    TRIAL_KEYS,
+    ConfigError,
+    Domain,
+    ModelEntry,
+    StudyConfig,
+    check_entry_setting,
+)
 
 # Settings a trial reads from `train` unless its model entry overrides them.
 TRAINING_KEYS = (
@@ -185,6 +193,9 @@ def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_cha
             for value in domain.candidates()
         ]
         for settings in samples:
+            for key in TRAINING_KEYS:  # each by its train.* field's rule
+                if key in settings:
+                    check_entry_setting(where, key, settings[key])
             hparams = model_hparams(variant.family, settings, task_data(facts, family.input_kind, task))
             try:
                 family.config(settings["size"], **hparams)
