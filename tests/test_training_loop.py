@@ -156,6 +156,41 @@ def test_an_epoch_with_bf16_autocast(name, device):
     assert 0.0 <= accuracy(model, x, y, 4, device, bf16=True) <= 1.0
 
 
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+def test_fused_adamw_takes_the_per_tensor_loops_steps_and_resumes_from_its_state(device):
+    # Both groups (decayed and not), a schedule and clipping, as a trial trains; then the fused optimizer
+    # resumes from the loop's state, as a retried trial would after the kernel changed.
+    from perception.training import adamw, adamw_ref, parameter_groups
+
+    device = torch.device(device)
+    x, y = torch.randn(32, 4, 32, 32), torch.randint(0, 3, (32,))
+    settings = StepSettings(batch_size=8, grad_clip=1.0)
+    models, optimizers = [], []
+    for make in (adamw, adamw_ref):
+        torch.manual_seed(0)
+        model = build("mamba_hybrid", num_classes=3, in_channels=4, patch_size=4).to(device)
+        models_at_start = [p.detach().clone() for p in model.parameters()]
+        optimizer = make(parameter_groups(model, 0.05), 2e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(3, 1))
+        for _ in range(2):
+            train_one_epoch(model, optimizer, x, y, settings, torch.Generator().manual_seed(0), device)
+            schedule.step()
+        models.append(model)
+        optimizers.append(optimizer)
+    (fused, loop), (fused_opt, loop_opt) = models, optimizers
+    assert fused_opt.defaults["fused"] and not loop_opt.defaults["fused"]
+    # Eight steps of at most lr = 2e-3 each: the two may part by rounding, a few hundredths of one step.
+    for (name, a), b in zip(fused.named_parameters(), loop.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    moved = max((a - b).abs().max() for a, b in zip(fused.parameters(), models_at_start, strict=True))
+    assert moved > 1e-3  # the comparison is of parameters that did move
+    resumed = adamw(parameter_groups(loop, 0.05), 2e-3)
+    resumed.load_state_dict(loop_opt.state_dict())
+    states = (resumed.state_dict()["state"].values(), loop_opt.state_dict()["state"].values())
+    for a, b in zip(*states, strict=True):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
 def test_mambas_time_scales_are_not_decayed():
     from perception.training import NO_WEIGHT_DECAY, parameter_groups
 

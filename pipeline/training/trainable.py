@@ -24,6 +24,7 @@ from perception.models import FAMILIES, build
 from perception.models.checkpoint import model_config
 from perception.training import (
     StepSettings,
+    adamw,
     correct,
     pack_correct,
     parameter_groups,
@@ -80,7 +81,7 @@ def trial_optimizer(model: torch.nn.Module, flat: dict[str, Any]) -> torch.optim
     """AdamW at the trial's lr, decaying every parameter but those `parameter_groups` keeps."""
     settings = trial_settings(flat)
     groups = parameter_groups(model, float(settings["weight_decay"]))
-    return torch.optim.AdamW(groups, lr=float(settings["lr"]))
+    return adamw(groups, float(settings["lr"]))
 
 
 def training_record(flat: dict[str, Any]) -> dict[str, Any]:
