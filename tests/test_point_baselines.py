@@ -101,6 +101,24 @@ def test_pointnet_rows_match_the_papers_convolutions(
         torch.testing.assert_close(a.grad, b.grad, **grad_tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
+def test_a_pointnet_checkpoint_from_before_per_point_still_loads() -> None:
+    # Before per_point, the shared MLPs were 1x1 convolutions: their weights [out, in, 1].
+    model = _build("pointnet", input_transform=True).eval()
+    old_state = {
+        key: value.unsqueeze(-1) if "features" in key and value.dim() == 2 else value
+        for key, value in model.state_dict().items()
+    }
+    assert sum(value.dim() == 3 for value in old_state.values()) == 7  # 4 layers, and the T-Net's 3
+    loaded = _build("pointnet", input_transform=True)
+    with torch.no_grad():
+        for param in loaded.parameters():
+            param.zero_()
+    loaded.load_state_dict(old_state)
+    pos = _clouds(2, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(pos), model(pos), rtol=0, atol=0)
+
+
 def test_models_are_not_rotation_invariant() -> None:
     # The study's premise: without 3D structure, a rotation changes the logits.
     rotation = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])

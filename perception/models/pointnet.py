@@ -17,7 +17,17 @@ def _shared_mlp(widths: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.ReLU()]
-    return nn.Sequential(*layers)
+    mlp = nn.Sequential(*layers)
+    mlp.register_load_state_dict_pre_hook(_squeeze_conv_kernels)
+    return mlp
+
+
+def _squeeze_conv_kernels(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """Checkpoints from before `per_point` hold the shared MLP's weights as 1x1 convolution kernels,
+    [out, in, 1]: load them as the Linear layers' [out, in]."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".weight")]:
+        if state_dict[key].dim() == 3 and state_dict[key].shape[-1] == 1:
+            state_dict[key] = state_dict[key][..., 0]
 
 
 def per_point(mlp: nn.Sequential, x: Tensor) -> Tensor:
