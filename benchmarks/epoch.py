@@ -21,14 +21,16 @@ named so that `--before NAME ...` can revert some of them only (the default: all
   kernel of `farthest_points.c`;
 - `per_point`: PointNet's shared MLP as the paper's 1x1 convolutions over [B, C, N] (`per_point_ref`)
   rather than Linear layers over B * N rows;
-- `adamw`: AdamW one parameter at a time (`adamw_ref`, torch's default on a CPU) rather than fused.
+- `adamw`: AdamW one parameter at a time (`adamw_ref`, torch's default on a CPU) rather than fused;
+- `rope`: RoPE's rotation as products of the real halves of each channel pair (`apply_rope_ref`) rather than
+  one complex product.
 "after" the code as it is. Each family trains
 one epoch (and validates) on one thread, as a trial does, alternating before / after three times on the same
 data, model and seed; the median of each is reported with their ratio. The image models also predict the whole
 test set on the larger canvas (the evaluate stage's work), before and after, the same way. The data are the
 default params' datasets, prepared into a temporary folder first.
 
-    python -m benchmarks.epoch --before per_point adamw   # this version's changes alone
+    python -m benchmarks.epoch --before rope   # this version's change alone
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import perception.layers.attention as attention
 import perception.models.dgcnn as dgcnn
 import perception.models.equivariant as equivariant
 import perception.models.mamba_hybrid as mamba_hybrid
@@ -53,6 +56,7 @@ import perception.ops.graphs as graphs
 import perception.training as training
 import pipeline.training.trainable as trainable
 from perception.data.arrays import open_dataset
+from perception.layers.rope import apply_rope_ref
 from perception.ops.causal_conv import causal_conv1d_silu_ref
 from perception.ops.serialization import deserialize, serialize_ref
 from perception.ops.tensor_product import tensor_product
@@ -71,6 +75,7 @@ VARIANTS = (
     "dgcnn",
     "pointnet-none",
     "vit-learned",
+    "vit-rope",  # the rotation of q and k in every block
     "mamba_hybrid",
     "mamba",
     "proximity_mamba-rowmajor",
@@ -81,7 +86,7 @@ PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view
 
 REVERSIONS = (
     "serialize", "causal_conv", "no_grad", "edge_block", "tensor_product", "summed_messages", "smallest_k",
-    "farthest_points", "per_point", "adamw",
+    "farthest_points", "per_point", "adamw", "rope",
 )  # fmt: skip
 
 
@@ -104,6 +109,7 @@ def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
     fast_smallest_k = graphs.smallest_k
     fast_per_point = pointnet.per_point
     fast_adamw = trainable.adamw
+    fast_rope = attention.apply_rope
 
     @torch.no_grad()
     def predict_no_grad(model, inputs, batch_size, device, bf16=False):
@@ -136,6 +142,8 @@ def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
         pointnet.per_point = pointnet.per_point_ref
     if "adamw" in reverted:
         trainable.adamw = training.adamw_ref
+    if "rope" in reverted:
+        attention.apply_rope = apply_rope_ref
     try:
         yield
     finally:
@@ -147,6 +155,7 @@ def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
         graphs.smallest_k = fast_smallest_k
         pointnet.per_point = fast_per_point
         trainable.adamw = fast_adamw
+        attention.apply_rope = fast_rope
         vars(graphs.FARTHEST_POINTS).pop("library", None)  # the class's method again
 
 

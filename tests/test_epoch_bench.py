@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import perception.layers.attention as attention
+import perception.layers.rope as rope
 import perception.models.equivariant as equivariant
 import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
 import perception.training as training
 import pipeline.training.trainable as trainable
 from benchmarks.epoch import REVERSIONS, before, main
+from perception.layers.rope import apply_rope_ref
 from perception.models.equivariant import SIZES, E3nnConfig, E3nnNet
 
 
@@ -29,6 +32,9 @@ def test_one_reversion_swaps_that_path_only_and_puts_it_back() -> None:
     with before(["adamw"]):
         assert trainable.adamw is training.adamw_ref and pointnet.per_point is not pointnet.per_point_ref
     assert trainable.adamw is training.adamw
+    with before(["rope"]):
+        assert attention.apply_rope is apply_rope_ref and trainable.adamw is training.adamw
+    assert attention.apply_rope is rope.apply_rope
     with before(REVERSIONS):
         assert training.predict is not fast_predict and graphs.smallest_k is not fast_k
     assert (equivariant.tensor_product_sum, training.predict, graphs.smallest_k) == (

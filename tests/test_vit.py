@@ -15,7 +15,7 @@ from perception.layers.pos_embed import (
     resample_position_embedding,
     sincos_position_embedding,
 )
-from perception.layers.rope import AxialRoPE, apply_rope, axial_rope_angles
+from perception.layers.rope import AxialRoPE, apply_rope, apply_rope_ref, axial_rope_angles
 from perception.models.registry import ModelConfigError
 from perception.models.vit import POS_EMBEDS, SIZES, ViT, ViTConfig
 
@@ -187,6 +187,38 @@ def test_rope_rotates_rows_with_one_half_and_columns_with_the_other_and_not_the_
     assert torch.allclose(angles[2, 3, [0, 4]], torch.tensor([2.0, 3.0]))  # lowest frequency 1: the index
     x = torch.randn(2, 4, 13, 16)
     assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_rope_as_complex_products_matches_the_real_reference_on_attentions_strided_q_and_k(dtype, tol):
+    """The fast path reads q and k where attention leaves them, views of the (3, B, nh, T, hs) permute of
+    one qkv tensor, k at an offset: the same rotated values and the same gradients as the reference."""
+    torch.manual_seed(0)
+    cos, sin = AxialRoPE(16, num_prefix=1)((5, 6))  # each (31, 8)
+    qkv = torch.randn(2, 31, 3, 4, 16, dtype=dtype)  # (B, T, 3, nh, hs), as Attention's Linear gives it
+    upstream = torch.randn(2, 4, 31, 16, dtype=dtype)
+    outs, grads = [], []
+    for rotate in (apply_rope, apply_rope_ref):
+        leaf = qkv.clone().requires_grad_(True)
+        q, k, _ = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs) each, strided
+        rotated = rotate(q, cos, sin) + 2 * rotate(k, cos, sin)
+        (rotated * upstream).sum().backward()
+        outs.append(rotated.detach())
+        grads.append(leaf.grad)
+    assert outs[0].dtype == dtype and outs[0].shape == (2, 4, 31, 16)
+    assert torch.allclose(outs[0], outs[1], atol=tol, rtol=0)
+    assert torch.allclose(grads[0], grads[1], atol=tol, rtol=0)
+    assert not torch.allclose(outs[0], qkv.permute(2, 0, 3, 1, 4)[0] + 2 * qkv.permute(2, 0, 3, 1, 4)[1])
+    odd = torch.randn(1, 2 * 31 * 16 + 1, dtype=dtype)[:, 1:].view(2, 31, 16)  # odd offset: copied first
+    assert torch.allclose(apply_rope(odd, cos, sin), apply_rope_ref(odd, cos, sin), atol=tol, rtol=0)
+
+
+def test_rope_in_bfloat16_takes_the_reference():
+    """torch has no complex bfloat16 (autocast's dtype): the real reference rotates it."""
+    cos, sin = AxialRoPE(16, num_prefix=1)((2, 2))
+    x = torch.randn(3, 5, 16).bfloat16()
+    assert apply_rope(x, cos, sin).dtype == torch.bfloat16
+    assert torch.equal(apply_rope(x, cos, sin), apply_rope_ref(x, cos, sin))
 
 
 def shuffle_patches(x: torch.Tensor, perm: torch.Tensor, p: int = 8) -> torch.Tensor:
