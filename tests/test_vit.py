@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 
+import perception.layers.attention as attention
 from perception.layers.attention import Attention, explicit_attention, set_fused_attention
 from perception.layers.pos_embed import (
     extend_position_embedding,
@@ -190,27 +191,57 @@ def test_rope_rotates_rows_with_one_half_and_columns_with_the_other_and_not_the_
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-def test_rope_as_complex_products_matches_the_real_reference_on_attentions_strided_q_and_k(dtype, tol):
-    """The fast path reads q and k where attention leaves them, views of the (3, B, nh, T, hs) permute of
-    one qkv tensor, k at an offset: the same rotated values and the same gradients as the reference."""
+@pytest.mark.parametrize("layout", ["heads first", "as attention reads them"])
+def test_rope_as_complex_products_matches_the_real_reference_on_strided_q_and_k(dtype, tol, layout):
+    """The fast path reads q and k where they lie in one qkv tensor (B, T, 3, nh, hs): as strided
+    (B, nh, T, hs) views, k at an offset, or both at once as attention rotates them, (B, T, 2, nh, hs)
+    against (T, 1, 1, hs/2). The same rotated values and the same gradients as the reference."""
     torch.manual_seed(0)
     cos, sin = AxialRoPE(16, num_prefix=1)((5, 6))  # each (31, 8)
     qkv = torch.randn(2, 31, 3, 4, 16, dtype=dtype)  # (B, T, 3, nh, hs), as Attention's Linear gives it
-    upstream = torch.randn(2, 4, 31, 16, dtype=dtype)
+    upstream = torch.randn(2, 31, 2, 4, 16, dtype=dtype)
     outs, grads = [], []
     for rotate in (apply_rope, apply_rope_ref):
         leaf = qkv.clone().requires_grad_(True)
-        q, k, _ = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs) each, strided
-        rotated = rotate(q, cos, sin) + 2 * rotate(k, cos, sin)
+        if layout == "heads first":
+            q, k, _ = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs) each, strided
+            rotated = torch.stack([rotate(q, cos, sin), rotate(k, cos, sin)], 2).transpose(1, 3)
+        else:
+            rotated = rotate(leaf[:, :, :2], cos[:, None, None], sin[:, None, None])  # (B, T, 2, nh, hs)
         (rotated * upstream).sum().backward()
         outs.append(rotated.detach())
         grads.append(leaf.grad)
-    assert outs[0].dtype == dtype and outs[0].shape == (2, 4, 31, 16)
+    assert outs[0].dtype == dtype and outs[0].shape == (2, 31, 2, 4, 16)
     assert torch.allclose(outs[0], outs[1], atol=tol, rtol=0)
     assert torch.allclose(grads[0], grads[1], atol=tol, rtol=0)
-    assert not torch.allclose(outs[0], qkv.permute(2, 0, 3, 1, 4)[0] + 2 * qkv.permute(2, 0, 3, 1, 4)[1])
+    assert not torch.allclose(outs[0], qkv[:, :, :2])  # it rotated something
     odd = torch.randn(1, 2 * 31 * 16 + 1, dtype=dtype)[:, 1:].view(2, 31, 16)  # odd offset: copied first
     assert torch.allclose(apply_rope(odd, cos, sin), apply_rope_ref(odd, cos, sin), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
+def test_a_fixed_position_table_first_made_in_an_evaluation_can_be_trained_on(pos_embed, monkeypatch):
+    """The tables are cached per grid: one first built under inference mode (an evaluation on a new
+    canvas) must still take part in a training step on that canvas, and the cache gives the same table.
+    The step rotates by the real reference, as bfloat16 does: its products save cos and sin for backward,
+    which torch refuses for tensors made in inference mode."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(num_classes=3, patch_size=4, image_size=32, pos_embed=pos_embed))
+    x = torch.randn(2, 4, 44, 44)  # an 11 x 11 grid no other test uses
+    with torch.inference_mode():
+        model.eval()(x)
+    monkeypatch.setattr(attention, "apply_rope", apply_rope_ref)
+    model.train()(x).sum().backward()  # raises if a cached table were an inference tensor
+    assert model.cls_token.grad is not None
+    if pos_embed == "rope":
+        assert model.rope((11, 11))[0] is model.rope((11, 11))[0]
+        rows, cols = torch.meshgrid(torch.arange(11), torch.arange(11), indexing="ij")
+        fresh = axial_rope_angles(rows.flatten(), cols.flatten(), 16)  # (121, 8)
+        assert torch.allclose(model.rope((11, 11))[0][1:], fresh.cos())
+    else:
+        assert torch.equal(
+            model.position_embedding((11, 11)), sincos_position_embedding((11, 11), 64, num_prefix=1)
+        )
 
 
 def test_rope_in_bfloat16_takes_the_reference():

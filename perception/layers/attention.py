@@ -37,12 +37,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = (
-            self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        )  # (3, B, nh, T, hs)
-        q, k, v = qkv.unbind(0)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
+        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)  # (B, T, 3, nh, hs)
+        if rope is not None:  # q and k rotated in one call, in the layout the Linear left them
+            cos, sin = (t[:, None, None] for t in rope)  # each (T, 1, 1, hs/2)
+            qk = apply_rope(qkv[:, :, :2], cos, sin)  # (B, T, 2, nh, hs)
+            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs) each
+            v = qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hs)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs) each
         attend = F.scaled_dot_product_attention if self.fused else explicit_attention
         y = attend(q, k, v)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
