@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -84,10 +85,42 @@ VARIANTS = (
 PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view: 16x16 tokens
 
 
-REVERSIONS = (
-    "serialize", "causal_conv", "no_grad", "edge_block", "tensor_product", "summed_messages", "smallest_k",
-    "farthest_points", "per_point", "adamw", "rope",
-)  # fmt: skip
+_fast_predict = training.predict  # the inference-mode predict, whose body `no_grad` reruns under no_grad
+
+
+@torch.no_grad()
+def _predict_no_grad(model, inputs, batch_size, device, bf16=False):
+    return _fast_predict.__wrapped__(model, inputs, batch_size, device, bf16)
+
+
+def _e3nn_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
+    return graphs.sum_by_target_ref(tp(x1, x2, weight), edge_dst, num_targets)
+
+
+def _kernel_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
+    return graphs.sum_by_target_ref(tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
+
+
+# name -> the (owner, attribute, reference) swaps that time it as before. Applied in this order, so that
+# `tensor_product` replaces what `summed_messages` put in where both are named.
+REFERENCE_PATHS: dict[str, list[tuple[object, str, object]]] = {
+    "serialize": [
+        (mamba_hybrid, "serialize", serialize_ref),
+        (mamba_hybrid, "deserialize_mean", lambda y, paths: deserialize(y, paths).mean(dim=1)),
+    ],
+    "causal_conv": [(mamba_hybrid, "causal_conv1d_silu", causal_conv1d_silu_ref)],
+    "no_grad": [(training, "predict", _predict_no_grad)],
+    "edge_block": [(dgcnn.DynamicEdgeBlock, "forward", dgcnn.DynamicEdgeBlock.forward_per_edge)],
+    "summed_messages": [(equivariant, "tensor_product_sum", _kernel_products_summed)],
+    "tensor_product": [(equivariant, "tensor_product_sum", _e3nn_products_summed)],
+    "smallest_k": [(graphs, "smallest_k", lambda dist, k: dist.topk(k, dim=-1, largest=False).indices)],
+    # an attribute of the instance over the class's method; put back by deleting it
+    "farthest_points": [(graphs.FARTHEST_POINTS, "library", lambda: None)],
+    "per_point": [(pointnet, "per_point", pointnet.per_point_ref)],
+    "adamw": [(trainable, "adamw", training.adamw_ref)],
+    "rope": [(attention, "apply_rope", apply_rope_ref)],
+}
+REVERSIONS = tuple(REFERENCE_PATHS)
 
 
 def check_reversions(names: Collection[str]) -> None:
@@ -99,64 +132,15 @@ def check_reversions(names: Collection[str]) -> None:
 
 @contextlib.contextmanager
 def before(reverted: Collection[str] = REVERSIONS) -> Iterator[None]:
-    """The reference paths named in `reverted` (see the module's docstring) in place of the fast ones."""
+    """The reference paths named in `reverted` (see the module's docstring) in place of the fast ones, each
+    put back on the way out (`mock.patch.object`, last in first out)."""
     check_reversions(reverted)
-    fast_serialize, fast_predict = mamba_hybrid.serialize, training.predict
-    fast_deserialize_mean = mamba_hybrid.deserialize_mean
-    fast_conv = mamba_hybrid.causal_conv1d_silu
-    fast_edge_block = dgcnn.DynamicEdgeBlock.forward
-    fast_tensor_product_sum = equivariant.tensor_product_sum
-    fast_smallest_k = graphs.smallest_k
-    fast_per_point = pointnet.per_point
-    fast_adamw = trainable.adamw
-    fast_rope = attention.apply_rope
-
-    @torch.no_grad()
-    def predict_no_grad(model, inputs, batch_size, device, bf16=False):
-        return fast_predict.__wrapped__(model, inputs, batch_size, device, bf16)
-
-    def e3nn_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
-        return graphs.sum_by_target_ref(tp(x1, x2, weight), edge_dst, num_targets)
-
-    def kernel_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
-        return graphs.sum_by_target_ref(tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
-
-    if "serialize" in reverted:
-        mamba_hybrid.serialize = serialize_ref
-        mamba_hybrid.deserialize_mean = lambda y, paths: deserialize(y, paths).mean(dim=1)
-    if "no_grad" in reverted:
-        training.predict = predict_no_grad
-    if "causal_conv" in reverted:
-        mamba_hybrid.causal_conv1d_silu = causal_conv1d_silu_ref
-    if "edge_block" in reverted:
-        dgcnn.DynamicEdgeBlock.forward = dgcnn.DynamicEdgeBlock.forward_per_edge  # type: ignore[method-assign]
-    if "summed_messages" in reverted:
-        equivariant.tensor_product_sum = kernel_products_summed
-    if "tensor_product" in reverted:
-        equivariant.tensor_product_sum = e3nn_products_summed
-    if "smallest_k" in reverted:
-        graphs.smallest_k = lambda dist, k: dist.topk(k, dim=-1, largest=False).indices
-    if "farthest_points" in reverted:
-        graphs.FARTHEST_POINTS.library = lambda: None  # type: ignore[method-assign]
-    if "per_point" in reverted:
-        pointnet.per_point = pointnet.per_point_ref
-    if "adamw" in reverted:
-        trainable.adamw = training.adamw_ref
-    if "rope" in reverted:
-        attention.apply_rope = apply_rope_ref
-    try:
+    with contextlib.ExitStack() as swaps:
+        for name, paths in REFERENCE_PATHS.items():
+            if name in reverted:
+                for owner, attribute, reference in paths:
+                    swaps.enter_context(mock.patch.object(owner, attribute, reference))
         yield
-    finally:
-        mamba_hybrid.serialize, training.predict = fast_serialize, fast_predict
-        mamba_hybrid.deserialize_mean = fast_deserialize_mean
-        mamba_hybrid.causal_conv1d_silu = fast_conv
-        dgcnn.DynamicEdgeBlock.forward = fast_edge_block  # type: ignore[method-assign]
-        equivariant.tensor_product_sum = fast_tensor_product_sum
-        graphs.smallest_k = fast_smallest_k
-        pointnet.per_point = fast_per_point
-        trainable.adamw = fast_adamw
-        attention.apply_rope = fast_rope
-        vars(graphs.FARTHEST_POINTS).pop("library", None)  # the class's method again
 
 
 def one_epoch(flat: dict, data, seed: int) -> float:
