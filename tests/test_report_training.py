@@ -1,5 +1,6 @@
-"""The report's training table: each variant's plateau call from the per-sample validation records the
-train stage keeps (study.json), with its interval over seeds and validation samples."""
+"""The report's training table and figure: each variant's plateau call from the per-sample validation
+records the train stage keeps (study.json), with its interval over seeds and validation samples, and the
+curves drawn with the line whose gain the call reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from perception.evaluation.intervals import BootstrapSettings, Estimate
 from perception.training import pack_correct
 from pipeline.evaluation.results import FitRecord
 from pipeline.reporting.blocks import _training_blocks, check_validation_records
+from pipeline.reporting.plateaus import draw_plateaus, plateaus
 
 
 def _seed_row(correct: np.ndarray) -> dict:
@@ -31,11 +33,12 @@ def _learning(rng, accuracies, samples):
     return np.stack([learned < a for a in accuracies])
 
 
-def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
-    rng = np.random.default_rng(0)
+def _study(rng) -> dict:
+    """A study.json summary: a variant still climbing, one that settled, one at chance (too few samples
+    to call) and one from a study.json before the per-sample records."""
     rising = np.linspace(0.3, 0.9, 12)
     flat = np.r_[np.linspace(0.3, 0.85, 8), [0.85] * 4]
-    summary = {
+    return {
         "variants": {
             "climber": {str(s): _seed_row(_learning(rng, rising, 1000)) for s in range(3)},
             "settled": {str(s): _seed_row(_learning(rng, flat, 1000)) for s in range(3)},
@@ -44,11 +47,18 @@ def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
         },
         "slot_utilisation": 0.93,
     }
-    fits = {  # the evaluate stage's adequacy inputs: "coin" is below its floor
-        name: FitRecord(name=name, accuracy=Estimate(acc, acc, acc), chance=0.5, floor=0.75)
-        for name, acc in (("climber", 0.9), ("settled", 0.85), ("coin", 0.5))
-    }
-    (_, text), (_, header, rows) = _training_blocks(summary, BootstrapSettings(500, 0), fits)
+
+
+FITS = {  # the evaluate stage's adequacy inputs: "coin" is below its floor
+    name: FitRecord(name=name, accuracy=Estimate(acc, acc, acc), chance=0.5, floor=0.75)
+    for name, acc in (("climber", 0.9), ("settled", 0.85), ("coin", 0.5))
+}
+
+
+def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
+    summary = _study(np.random.default_rng(0))
+    blocks = _training_blocks(plateaus(summary, BootstrapSettings(500, 0), FITS), summary["slot_utilisation"])
+    (_, text), (_, header, rows) = blocks
     calls = {row[0]: row[header.index("plateau")] for row in rows}
     assert calls == {
         "climber": "rising",
@@ -66,6 +76,27 @@ def test_the_training_table_calls_each_variant_flat_rising_or_undecided():
     assert "Still rising, the interval above zero and reaching 1 point: climber" in text
     assert "Undecided, the interval from zero or below to 1 point or more: coin, old" in text
     assert "93%" in text
+
+
+def test_the_training_figure_draws_each_variant_with_the_line_whose_gain_the_call_reads():
+    rows = plateaus(_study(np.random.default_rng(0)), BootstrapSettings(500, 0), FITS)
+    fig = draw_plateaus(rows)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == [row.variant for row in rows]
+    for ax, row in zip(panels, rows, strict=True):
+        assert ax.get_title().split("\n")[1].startswith(row.call)
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        if row.gain is None:  # "old": its curve, but no interval to state
+            assert "no per-sample record" in ax.get_title() and "seed 0" in lines
+            continue
+        assert {"seed 0", "seed 1", "seed 2", "mean"} <= set(lines)
+        # The dashed line spans the last quarter (3 of 12 epochs) and rises by the gain in the title.
+        fit = lines["last-quarter line"]
+        assert list(fit.get_xdata()) == [10, 12]
+        assert fit.get_ydata()[1] - fit.get_ydata()[0] == pytest.approx(row.gain.value, abs=1e-3)
+    rise = {row.variant: row.gain.value for row in rows if row.gain is not None}
+    assert rise["climber"] > 10 and abs(rise["settled"]) < 1e-9
+    assert "below floor" in panels[[r.variant for r in rows].index("coin")].get_title()
 
 
 @pytest.mark.parametrize(

@@ -253,7 +253,11 @@ def test_the_whole_dag_ran_and_the_report_states_a_verdict_per_claim(trained):
     html = (root / "reports/report.html").read_text()
     figures = sorted(p.name for p in (root / "data/evaluation/figures").glob("*.png"))
     assert "tradeoff.png" in figures and len(figures) == 5
-    assert html.count("data:image/png;base64,") == len(figures)  # self-contained: every figure inlined
+    # The report's folder holds them and its own training curves, and the HTML inlines every one.
+    drawn = sorted(p.name for p in (root / "reports/figures").glob("*.png"))
+    assert drawn == sorted([*figures, "training_curves.png"])
+    assert html.count("data:image/png;base64,") == len(drawn)
+    assert "![training_curves](figures/training_curves.png)" in report.split("\n## Training\n")[1]
     # The report opens with the decision table (the rows can be empty: nothing here learned its task).
     assert report.split("\n## ")[1].startswith("Which backbone")
     decision = json.loads((root / "reports/decision.json").read_text())
@@ -337,8 +341,11 @@ def test_the_study_reads_as_model_development_with_its_verdicts(trained):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation/figures")}
     assert "evaluation/figures/rotation.png" in artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html"}
+    report_figures = {a.path for a in client.list_artifacts(parent.info.run_id, "report/figures")}
+    assert report_figures == {"report/figures/training_curves.png"}
     images = {a.path for a in client.list_artifacts(parent.info.run_id, "images")}
     assert any(path.startswith("images/rotation") for path in images), images  # figures as MLflow images
+    assert any(path.startswith("images/training_curves") for path in images), images
 
 
 def test_datasets_are_the_runs_inputs_with_the_manifest_hash(trained):

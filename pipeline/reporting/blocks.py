@@ -14,23 +14,22 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
-
 from perception.evaluation.intervals import BootstrapSettings, Estimate
-from perception.evaluation.plateau import PLATEAU_CALLS, PLATEAU_POINTS, plateau_call, plateau_gain
-from perception.training import last_quarter_gain, unpack_correct
+from perception.evaluation.plateau import PLATEAU_CALLS, PLATEAU_POINTS
+from perception.training import unpack_correct
 from pipeline.evaluation import verdicts as rules
 from pipeline.evaluation.results import (
     Busiest,
     Decision,
     DecisionChoice,
     DecisionRecord,
-    FitRecord,
     Results,
 )
+from pipeline.reporting.plateaus import Plateau
 
 # claim -> the figure shown under its verdict
 TRADEOFF_FIGURE = "tradeoff.png"
+TRAINING_FIGURE = "training_curves.png"  # drawn by the report stage, beside the evaluation's
 FIGURES = {
     1: "serialisation.png",
     2: "resolution_accuracy.png",
@@ -74,10 +73,12 @@ def layout(
     train_summary: dict,
     timings: list[tuple[str, float]],
     figures: dict[str, Path],
-    decision: Decision | None = None,
+    decision: Decision | None,
+    plateau_rows: list[Plateau],
 ) -> list[tuple]:
     """The report as blocks: which backbone (the decision table), the verdicts, each claim's rule and
-    numbers, the tables, where and how long."""
+    numbers, the tables, the training table (`plateau_rows`, `pipeline.reporting.plateaus`), where and how
+    long."""
     mlflow = results.mlflow or train_summary.get("mlflow") or {}
     blocks: list[tuple] = [
         ("h1", "Vision backbones for robot perception: the four claims, measured"),
@@ -231,7 +232,7 @@ def layout(
             ],
         ),
         ("h2", "Training"),
-        *_training_blocks(train_summary, _bootstrap_settings(results), results.models),
+        *_training_blocks(plateau_rows, train_summary.get("slot_utilisation"), figures.get(TRAINING_FIGURE)),
         ("h2", "Where and how long"),
         ("list", hardware()),
         ("table", ["stage", "wall time (s)"], [[s, f"{t:.1f}"] for s, t in timings]),
@@ -358,7 +359,7 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
     return blocks
 
 
-def _bootstrap_settings(results: Results) -> BootstrapSettings:
+def bootstrap_settings(results: Results) -> BootstrapSettings:
     """The evaluate stage's resampler, so that the training table's intervals are made the same way."""
     return BootstrapSettings(results.bootstrap.resamples, results.bootstrap.seed, results.bootstrap.level)
 
@@ -391,55 +392,38 @@ def check_validation_records(train_summary: dict, source: Path) -> None:
                     ) from None
 
 
-def _plateau(by_seed: dict, settings: BootstrapSettings) -> tuple[Estimate | None, list[float]]:
-    """A variant's last-quarter gain in points with its interval over seeds and validation samples (None
-    where a seed has no per-sample record or the seeds trained for different epochs), and each seed's."""
-    rows = list(by_seed.values())
-    curves = [row.get("val_curve") or [] for row in rows]
-    by_seed_gains = [100 * last_quarter_gain(c) for c in curves if len(c) >= 2]
-    records = [row.get("val_correct") or [] for row in rows]
-    counts = {int(row.get("val_samples") or 0) for row in rows}
-    lengths = {len(r) for r in records} | {len(c) for c in curves}
-    if len(lengths) != 1 or len(counts) != 1 or min(lengths) < 2 or min(counts) < 1:
-        return None, by_seed_gains
-    count = counts.pop()
-    correct = [np.stack([unpack_correct(epoch, count) for epoch in record]) for record in records]
-    return plateau_gain(correct, settings).scaled(100), by_seed_gains
-
-
 def _training_blocks(
-    train_summary: dict, settings: BootstrapSettings, fits: dict[str, FitRecord] | None = None
+    rows: list[Plateau], utilisation: float | None = None, figure: Path | None = None
 ) -> list[tuple]:
     """Each variant's best validation accuracy per seed, its epochs, and whether its validation curve had
     plateaued: the gain of the least-squares line through its last quarter of epochs, mean over seeds, with
     its interval over seeds and validation samples, called flat, rising or undecided. A variant below the
-    adequacy floor (`fits`, the evaluate stage's) says so beside its call: a model at chance flips its
-    answers between epochs, so its call says little, and one short of the floor may still be rising."""
-    rows: list[list[str]] = []
+    adequacy floor says so beside its call: a model at chance flips its answers between epochs, so its
+    call says little, and one short of the floor may still be rising. `figure`: the curves, drawn."""
+    table: list[list[str]] = []
     called: dict[str, list[str]] = {call: [] for call in PLATEAU_CALLS}
     short: list[str] = []  # below the adequacy floor
-    for name, by_seed in sorted(train_summary.get("variants", {}).items()):
-        gain, by_seed_gains = _plateau(by_seed, settings)
-        call = plateau_call(gain) if gain is not None else "undecided"
-        called[call].append(name)
-        fit = (fits or {}).get(name)
+    for row in rows:
+        called[row.call].append(row.variant)
         note = ""
-        if fit is not None and not fit.adequate:
+        if row.below_floor is not None:
+            fit = row.below_floor
             note = f"; below the adequacy floor ({_pct(fit.accuracy.value)} < {_pct(fit.floor)})"
-            short.append(name)
-        rows.append(
+            short.append(row.variant)
+        gain = row.gain
+        table.append(
             [
-                name,
-                str(max((len(row.get("val_curve") or []) for row in by_seed.values()), default=0)),
-                ", ".join(f"seed {seed}: {_pct(row['val_accuracy'])}" for seed, row in by_seed.items()),
+                row.variant,
+                str(row.epochs),
+                ", ".join(f"seed {seed}: {_pct(best)}" for seed, best in row.best.items()),
                 f"{gain.value:+.1f} [{gain.lo:+.1f}, {gain.hi:+.1f}]" if gain else "no per-sample record",
-                ", ".join(f"{g:+.1f}" for g in by_seed_gains),
-                call + note,
+                ", ".join(f"{g:+.1f}" for g in row.seed_gains),
+                row.call + note,
             ]
         )
     flat, rising, undecided = (called[c] for c in PLATEAU_CALLS)
     line = f"{PLATEAU_POINTS:g} point"
-    if rows and len(flat) == len(rows):
+    if table and len(flat) == len(table):
         summary = (
             f"Every variant's validation curve gains less than {line} over its last quarter of epochs, "
             "interval and all: trained to its plateau."
@@ -465,7 +449,6 @@ def _training_blocks(
         " The gain is that of the least-squares line through the last quarter of the validation curve (mean "
         "over seeds); its interval is the study's bootstrap, over training seeds and validation samples."
     )
-    utilisation = train_summary.get("slot_utilisation")
     if utilisation is not None:
         summary += (
             f" The trials kept {utilisation:.0%} of the run's slots busy (their own time over wall time x "
@@ -473,6 +456,7 @@ def _training_blocks(
         )
     return [
         ("p", summary),
+        *([("img", figure)] if figure is not None else []),
         (
             "table",
             [
@@ -483,7 +467,7 @@ def _training_blocks(
                 "by seed",
                 "plateau",
             ],
-            rows,
+            table,
         ),
     ]
 

@@ -17,7 +17,7 @@ from pipeline.evaluation.decision import DECISION_TASKS, candidates, pareto_fron
 from pipeline.evaluation.results import CostTable, Results, RotationRow  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     # A fixed date and software tag keep the PNG bytes the same for the same numbers.
     fig.savefig(path, dpi=110, metadata={"Software": None})
@@ -65,7 +65,7 @@ def rotation_figure(rotation: dict[str, RotationRow], path: Path) -> Path:
     angles.set_ylim(0, 1.05)
     angles.set_title("Accuracy against geodesic rotation angle", fontsize=10)
     angles.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 PARTS = (("a", "(a) same field of view"), ("b", "(b) larger canvas"), ("c", "(c) object scaled"))
@@ -120,7 +120,7 @@ def resolution_figure(results: Results, path: Path) -> Path:
     acc_ax.set_ylim(0, 1.05)
     acc_ax.set_title(f"Accuracy on each test set at {largest} px (95% intervals)", fontsize=10)
     acc_ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cost_figure(cost: CostTable, path: Path) -> Path:
@@ -170,7 +170,7 @@ def cost_figure(cost: CostTable, path: Path) -> Path:
         f"{cost.setting.get('fit_min_tokens', '?')} tokens up, 95% interval); pure Mamba faster than ViT "
         + (f"from {crossover} tokens" if crossover else "nowhere in the sweep")
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def serialisation_figure(results: Results, path: Path) -> Path:
@@ -212,7 +212,7 @@ def serialisation_figure(results: Results, path: Path) -> Path:
     loc_ax.set_ylim(0, 1.05)
     loc_ax.set_xlim(0, 1.05)
     loc_ax.set_title("Accuracy against how much 2D proximity each order keeps", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latency_axis(ax) -> None:
@@ -268,7 +268,7 @@ def tradeoff_figure(results: Results, path: Path) -> Path:
         ax.set_title(f"{task}: {label}", fontsize=9)
         # Below the panel, where it hides no model.
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_figures(results: Results, folder: Path) -> list[Path]:

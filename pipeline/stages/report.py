@@ -22,12 +22,15 @@ from pipeline.evaluation.decision import decision_table
 from pipeline.evaluation.results import Results, Verdicts, read_results, to_json
 from pipeline.outputs import atomic_output_dir, read_json
 from pipeline.reporting.blocks import (
+    TRAINING_FIGURE,
+    bootstrap_settings,
     check_validation_records,
     decision_line,
     layout,
     render_html,
     render_markdown,
 )
+from pipeline.reporting.plateaus import plateau_figure, plateaus
 from pipeline.tracking.stage_logs import log_report
 from pipeline.tracking.store import check_reachable
 
@@ -84,14 +87,19 @@ def report(
         check_reachable(mlflow["tracking_uri"], f"the study's tracking store ({study_path})")
     verdict_list = verdicts(results)
     decision = decision_table(results, latency_budget_ms)
-    figures = {p.name: p for p in sorted((evaluation_dir / "figures").glob("*.png"))}
-    blocks = layout(results, verdict_list, train_summary, stage_times(timings_dir), figures, decision)
+    plateau_rows = plateaus(train_summary, bootstrap_settings(results), results.models)
+    timings = stage_times(timings_dir)
     with atomic_output_dir(out) as folder:
-        # The report folder stands alone: the Markdown's figures are copied beside it.
+        # The report folder stands alone: the Markdown's figures are copied beside it, and the training
+        # curves drawn there.
         (folder / "figures").mkdir()
-        for name, path in figures.items():
-            shutil.copyfile(path, folder / "figures" / name)
-        (folder / "report.md").write_text(render_markdown(blocks, evaluation_dir))
+        figures = {}
+        for path in sorted((evaluation_dir / "figures").glob("*.png")):
+            figures[path.name] = Path(shutil.copyfile(path, folder / "figures" / path.name))
+        if plateau_rows:
+            figures[TRAINING_FIGURE] = plateau_figure(plateau_rows, folder / "figures" / TRAINING_FIGURE)
+        blocks = layout(results, verdict_list, train_summary, timings, figures, decision, plateau_rows)
+        (folder / "report.md").write_text(render_markdown(blocks, folder))
         (folder / "report.html").write_text(render_html(blocks))
         (folder / "verdicts.json").write_text(to_json(Verdicts(claims=[v.as_dict() for v in verdict_list])))
         (folder / "decision.json").write_text(to_json(decision))
@@ -100,7 +108,8 @@ def report(
     for row in decision.rows:
         print(f"report: {row.task}, {row.label}: {decision_line(row, latency_budget_ms)}")
     if mlflow.get("parent_run_id"):
-        url = log_report(mlflow, out, verdict_list, wait_s)
+        drawn = [out / "figures" / TRAINING_FIGURE] if TRAINING_FIGURE in figures else []
+        url = log_report(mlflow, out, verdict_list, wait_s, drawn)
         served = (
             ""
             if mlflow["tracking_uri"].startswith("http")

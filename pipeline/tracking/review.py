@@ -131,14 +131,14 @@ def log_cost_sweep(
         client.log_batch(run_id, metrics=batch)
 
 
-def log_figures(client, run_id: str, figures: list[Path]) -> None:
-    """Figures as MLflow images (the run's image grid), and the PNG files as artifacts."""
+def log_figures(client, run_id: str, figures: list[Path], folder: str = "evaluation/figures") -> None:
+    """Figures as MLflow images (the run's image grid), and the PNG files as artifacts in `folder`."""
     from PIL import Image
 
     for figure in figures:
         with Image.open(figure) as image:
             client.log_image(run_id, image.convert("RGB"), key=figure.stem, step=0)
-        client.log_artifact(run_id, str(figure), "evaluation/figures")
+        client.log_artifact(run_id, str(figure), folder)
 
 
 # --- the experiment's description --------------------------------------------------------------------------

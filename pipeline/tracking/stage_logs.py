@@ -2,14 +2,15 @@
 helpers.
 
 - evaluate: each evaluated model's test numbers on its own trial run, the cost sweep, tables and figures.
-- report: the report's files, each claim's verdict (tag) and effect (metrics), and the verdicts as the
-  experiment's and the parent run's description.
+- report: the report's files and its training curves, each claim's verdict (tag) and effect (metrics),
+  and the verdicts as the experiment's and the parent run's description.
 
 Only the stage's own process writes through these; each call is retried by `mlflow_store.retrying`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,15 @@ def _log_evaluation(
     review.log_figures(client, parent_id, figures)
 
 
-def log_report(mlflow: dict[str, str], out: Path, verdict_list: list[rules.Verdict], wait_s: float) -> str:
-    """The report's files and verdicts on the study's parent run (retried while the store is away); the
-    link where a reviewer lands."""
+def log_report(
+    mlflow: dict[str, str],
+    out: Path,
+    verdict_list: list[rules.Verdict],
+    wait_s: float,
+    figures: Sequence[Path] = (),
+) -> str:
+    """The report's files, its own `figures` (the training curves) and verdicts on the study's parent run
+    (retried while the store is away); the link where a reviewer lands."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow["tracking_uri"])
@@ -95,6 +102,7 @@ def log_report(mlflow: dict[str, str], out: Path, verdict_list: list[rules.Verdi
     def log_report() -> None:
         for name in ("report.md", "report.html", "verdicts.json", "decision.json"):
             client.log_artifact(parent_id, str(out / name), "report")
+        review.log_figures(client, parent_id, list(figures), "report/figures")
         claim_metrics = {}
         for v in verdict_list:
             client.set_tag(parent_id, f"claim_{v.claim}", v.verdict)
