@@ -132,3 +132,23 @@ def test_well_formed_and_older_validation_records_pass_the_check():
         "variants": {"climber": {"0": good}, "old": {"0": {"val_accuracy": 0.8, "val_curve": [0.5, 0.8]}}}
     }
     check_validation_records(summary, Path("study.json"))  # raises nothing
+
+
+def test_the_training_figure_draws_what_a_ragged_or_short_study_has():
+    # Seeds that trained for different epochs (a retried trial cut short, an older run) have no mean and
+    # no line, and a one-epoch curve has nothing to draw; neither stops the figure.
+    summary = {
+        "variants": {
+            "ragged": {
+                "0": {"val_accuracy": 0.8, "val_curve": [0.5, 0.7, 0.8]},
+                "1": {"val_accuracy": 0.6, "val_curve": [0.4, 0.6]},
+            },
+            "single": {"0": {"val_accuracy": 0.5, "val_curve": [0.5]}},
+        }
+    }
+    rows = plateaus(summary, BootstrapSettings(100, 0), {})
+    fig = draw_plateaus(rows)
+    panels = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.get_visible() and ax.get_title()}
+    assert set(panels) == {"ragged", "single"}
+    assert {line.get_label() for line in panels["ragged"].get_lines()} == {"seed 0", "seed 1"}
+    assert not panels["single"].get_lines()

@@ -127,14 +127,16 @@ def draw_plateaus(rows: list[Plateau], columns: int = 6):
         ax.tick_params(labelsize=7)
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("validation accuracy, %", fontsize=7)
-    # The key in the first spare panel, where it hides no curve.
-    spare = axes.flat[len(rows)] if len(rows) < axes.size else None
-    if spare is not None:
-        spare.set_visible(True)
-        spare.axis("off")
-        spare.legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=8)
-    else:
-        axes.flat[0].legend(fontsize=6, loc="lower right")
+    # The key, from the panel that draws the most, in the first spare panel, where it hides no curve.
+    keyed = max(axes.flat[: len(rows)], key=lambda ax: len(ax.get_lines()))
+    if keyed.get_lines():
+        spare = axes.flat[len(rows)] if len(rows) < axes.size else None
+        if spare is not None:
+            spare.set_visible(True)
+            spare.axis("off")
+            spare.legend(*keyed.get_legend_handles_labels(), loc="center", fontsize=8)
+        else:
+            keyed.legend(fontsize=6, loc="lower right")
     fig.suptitle(
         "Validation curves: each seed (thin), their mean (thick); the last quarter shaded, with the "
         "least-squares line through the mean (dashed).\nTitles: the plateau call, and the line's gain in "
