@@ -152,3 +152,4 @@ def test_the_training_figure_draws_what_a_ragged_or_short_study_has():
     assert set(panels) == {"ragged", "single"}
     assert {line.get_label() for line in panels["ragged"].get_lines()} == {"seed 0", "seed 1"}
     assert not panels["single"].get_lines()
+    assert draw_plateaus([]).axes  # no variants: an empty sheet, not an error

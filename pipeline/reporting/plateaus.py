@@ -128,8 +128,8 @@ def draw_plateaus(rows: list[Plateau], columns: int = 6):
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("validation accuracy, %", fontsize=7)
     # The key, from the panel that draws the most, in the first spare panel, where it hides no curve.
-    keyed = max(axes.flat[: len(rows)], key=lambda ax: len(ax.get_lines()))
-    if keyed.get_lines():
+    keyed = max(axes.flat[: len(rows)], key=lambda ax: len(ax.get_lines()), default=None)
+    if keyed is not None and keyed.get_lines():
         spare = axes.flat[len(rows)] if len(rows) < axes.size else None
         if spare is not None:
             spare.set_visible(True)
