@@ -31,7 +31,6 @@ class Plateau:
     curves: dict[str, list[float]]  # training seed -> validation accuracy (fraction) at each epoch
     best: dict[str, float]  # training seed -> best validation accuracy (fraction)
     gain: Estimate | None  # last-quarter gain in points, mean over seeds, with its interval; None: no record
-    seed_gains: list[float]  # each seed's last-quarter gain, points
     call: str  # flat | rising | undecided (perception.evaluation.plateau.plateau_call)
     below_floor: FitRecord | None  # the evaluate stage's adequacy input, where the model fell short of it
 
@@ -39,21 +38,25 @@ class Plateau:
     def epochs(self) -> int:
         return max((len(c) for c in self.curves.values()), default=0)
 
+    @property
+    def seed_gains(self) -> list[float]:
+        """Each seed's last-quarter gain, points (a seed of one epoch has none)."""
+        return [100 * last_quarter_gain(c) for c in self.curves.values() if len(c) >= 2]
 
-def _gain(by_seed: dict, settings: BootstrapSettings) -> tuple[Estimate | None, list[float]]:
+
+def _gain(by_seed: dict, settings: BootstrapSettings) -> Estimate | None:
     """A variant's last-quarter gain in points with its interval over seeds and validation samples (None
-    where a seed has no per-sample record or the seeds trained for different epochs), and each seed's."""
+    where a seed has no per-sample record or the seeds trained for different epochs)."""
     rows = list(by_seed.values())
     curves = [row.get("val_curve") or [] for row in rows]
-    by_seed_gains = [100 * last_quarter_gain(c) for c in curves if len(c) >= 2]
     records = [row.get("val_correct") or [] for row in rows]
     counts = {int(row.get("val_samples") or 0) for row in rows}
     lengths = {len(r) for r in records} | {len(c) for c in curves}
     if len(lengths) != 1 or len(counts) != 1 or min(lengths) < 2 or min(counts) < 1:
-        return None, by_seed_gains
+        return None
     count = counts.pop()
     correct = [np.stack([unpack_correct(epoch, count) for epoch in record]) for record in records]
-    return plateau_gain(correct, settings).scaled(100), by_seed_gains
+    return plateau_gain(correct, settings).scaled(100)
 
 
 def plateaus(
@@ -64,7 +67,7 @@ def plateaus(
     its call says little)."""
     out = []
     for name, by_seed in sorted(train_summary.get("variants", {}).items()):
-        gain, seed_gains = _gain(by_seed, settings)
+        gain = _gain(by_seed, settings)
         fit = (fits or {}).get(name)
         out.append(
             Plateau(
@@ -72,7 +75,6 @@ def plateaus(
                 curves={seed: list(row.get("val_curve") or []) for seed, row in by_seed.items()},
                 best={seed: row["val_accuracy"] for seed, row in by_seed.items()},
                 gain=gain,
-                seed_gains=seed_gains,
                 call=plateau_call(gain) if gain is not None else "undecided",
                 below_floor=fit if fit is not None and not fit.adequate else None,
             )
