@@ -23,7 +23,10 @@ named so that `--before NAME ...` can revert some of them only (the default: all
   rather than Linear layers over B * N rows;
 - `adamw`: AdamW one parameter at a time (`adamw_ref`, torch's default on a CPU) rather than fused;
 - `rope`: RoPE's rotation as products of the real halves of each channel pair (`apply_rope_ref`) rather than
-  one complex product.
+  one complex product;
+- `scan_backward`: the native selective scan as its C source stood at commit SCAN_BEFORE (read with `git
+  show`, so it needs this repository's history), whose backward ran its softplus and sigmoid scalar and
+  read each state back from memory. The same bits as the kernel now (tests/test_epoch_bench.py).
 "after" the code as it is. Each family trains
 one epoch (and validates) on one thread, as a trial does, alternating before / after three times on the same
 data, model and seed; the median of each is reported with their ratio. The image models also predict the whole
@@ -37,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,11 +60,13 @@ import perception.models.equivariant as equivariant
 import perception.models.mamba_hybrid as mamba_hybrid
 import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
+import perception.ops.scan.native as native_scan
 import perception.training as training
 import pipeline.training.trainable as trainable
 from perception.data.arrays import open_dataset
 from perception.layers.rope import apply_rope_ref
 from perception.ops.causal_conv import causal_conv1d_silu_ref
+from perception.ops.native import FASTMATH, compiled_library
 from perception.ops.serialization import deserialize, serialize_ref
 from perception.ops.tensor_product import tensor_product
 from pipeline.config import load_config
@@ -83,6 +91,7 @@ VARIANTS = (
     "proximity_mamba-cross",  # four scan directions: serialisation's largest share
 )
 PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view: 16x16 tokens
+SCAN_BEFORE = "b2d8c58"  # the last commit with the scan kernel before its backward's loops were mended
 
 
 _fast_predict = training.predict  # the inference-mode predict, whose body `no_grad` reruns under no_grad
@@ -99,6 +108,24 @@ def _e3nn_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
 
 def _kernel_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
     return graphs.sum_by_target_ref(tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
+
+
+@functools.cache
+def previous_scan_library(n: int) -> ctypes.CDLL:
+    """The native scan kernel for N = n states, compiled from its source at SCAN_BEFORE."""
+    path = "perception/ops/scan/native_scan.c"
+    shown = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{SCAN_BEFORE}:{path}"], capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        raise RuntimeError(
+            f"--before scan_backward needs {path} at commit {SCAN_BEFORE} from git: {shown.stderr.strip()}"
+        )
+    library = compiled_library(f"#define NS {n}\n" + FASTMATH.read_text() + shown.stdout)
+    for name, argtypes in native_scan._SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
+    return library
 
 
 # name -> the (owner, attribute, reference) swaps that time it as before. Applied in this order, so that
@@ -119,6 +146,7 @@ REFERENCE_PATHS: dict[str, list[tuple[object, str, object]]] = {
     "per_point": [(pointnet, "per_point", pointnet.per_point_ref)],
     "adamw": [(trainable, "adamw", training.adamw_ref)],
     "rope": [(attention, "apply_rope", apply_rope_ref)],
+    "scan_backward": [(native_scan, "_native_lib", previous_scan_library)],
 }
 REVERSIONS = tuple(REFERENCE_PATHS)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
@@ -10,9 +12,10 @@ import perception.layers.rope as rope
 import perception.models.equivariant as equivariant
 import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
+import perception.ops.scan.native as native_scan
 import perception.training as training
 import pipeline.training.trainable as trainable
-from benchmarks.epoch import REVERSIONS, before, main
+from benchmarks.epoch import REPO, REVERSIONS, SCAN_BEFORE, before, main
 from perception.layers.rope import apply_rope_ref
 from perception.models.equivariant import SIZES, E3nnConfig, E3nnNet
 
@@ -66,3 +69,41 @@ def test_an_unknown_name_is_refused_before_any_work(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--before", "summed_messages", "fused"])
     assert "--before fused: unknown" in capsys.readouterr().err
+
+
+def _has_scan_before() -> bool:
+    shown = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", SCAN_BEFORE], capture_output=True)
+    return shown.returncode == 0
+
+
+@pytest.mark.skipif(not native_scan.native_available(), reason="needs a C compiler")
+@pytest.mark.skipif(not _has_scan_before(), reason=f"needs commit {SCAN_BEFORE} in this checkout's history")
+def test_the_scan_kernel_before_its_mended_backward_gives_the_same_bits() -> None:
+    """ "before" times the previous kernel, not other arithmetic: its output and gradients, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    b, d, groups, L, n = 2, 8, 2, 37, 16
+    inputs = [
+        torch.randn(b, d, L, generator=g),  # u
+        torch.randn(b, d, L, generator=g) * 0.5 - 1,  # delta, before the softplus
+        -torch.exp(torch.randn(d, n, generator=g) * 0.5 + 1),  # A < 0
+        torch.randn(b, groups, L, n, generator=g),  # B, time-major per group
+        torch.randn(b, groups, L, n, generator=g),  # C
+        torch.randn(d, generator=g),  # D
+        torch.randn(b, d, L, generator=g),  # z
+        torch.randn(d, generator=g) * 0.1,  # delta_bias
+    ]
+    gout = torch.randn(b, d, L, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = native_scan._NativeScan.apply(*leaves, True)
+        out.backward(gout)
+        return [out.detach(), *(leaf.grad for leaf in leaves)]
+
+    now = run()
+    with before(["scan_backward"]):
+        assert native_scan._native_lib(n) is not native_scan._kernel(n).library()
+        then = run()
+    assert native_scan._native_lib(n) is native_scan._kernel(n).library()  # put back
+    for got, want in zip(then, now, strict=True):
+        assert torch.equal(got, want)
