@@ -24,9 +24,12 @@ named so that `--before NAME ...` can revert some of them only (the default: all
 - `adamw`: AdamW one parameter at a time (`adamw_ref`, torch's default on a CPU) rather than fused;
 - `rope`: RoPE's rotation as products of the real halves of each channel pair (`apply_rope_ref`) rather than
   one complex product;
-- `scan_backward`: the native selective scan as its C source stood at commit SCAN_BEFORE (read with `git
-  show`, so it needs this repository's history), whose backward ran its softplus and sigmoid scalar and
-  read each state back from memory. The same bits as the kernel now (tests/test_epoch_bench.py).
+- `scan_backward`: the native selective scan as its C source stood at commit KERNELS_BEFORE (read with
+  `git show`, so it needs this repository's history), whose backward ran its softplus and sigmoid scalar
+  and read each state back from memory;
+- `tp_transposes`: the fused tensor product as its C source stood at KERNELS_BEFORE, which moved each
+  chunk's rows into SIMD lanes and back element by element.
+Both compute the same bits as the kernels now (tests/test_epoch_bench.py).
 "after" the code as it is. Each family trains
 one epoch (and validates) on one thread, as a trial does, alternating before / after three times on the same
 data, model and seed; the median of each is reported with their ratio. The image models also predict the whole
@@ -61,6 +64,7 @@ import perception.models.mamba_hybrid as mamba_hybrid
 import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
 import perception.ops.scan.native as native_scan
+import perception.ops.tensor_product as tensor_product
 import perception.training as training
 import pipeline.training.trainable as trainable
 from perception.data.arrays import open_dataset
@@ -68,7 +72,7 @@ from perception.layers.rope import apply_rope_ref
 from perception.ops.causal_conv import causal_conv1d_silu_ref
 from perception.ops.native import FASTMATH, compiled_library
 from perception.ops.serialization import deserialize, serialize_ref
-from perception.ops.tensor_product import tensor_product
+from perception.ops.tensor_product import tensor_product as fused_tensor_product
 from pipeline.config import load_config
 from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import prepare_points
@@ -91,7 +95,7 @@ VARIANTS = (
     "proximity_mamba-cross",  # four scan directions: serialisation's largest share
 )
 PREDICT_STEM = "test_fov_r64"  # the default's larger canvas, same field of view: 16x16 tokens
-SCAN_BEFORE = "b2d8c58"  # the last commit with the scan kernel before its backward's loops were mended
+KERNELS_BEFORE = "b2d8c58"  # the C kernels' sources before this version mended their loops
 
 
 _fast_predict = training.predict  # the inference-mode predict, whose body `no_grad` reruns under no_grad
@@ -107,25 +111,38 @@ def _e3nn_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
 
 
 def _kernel_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
-    return graphs.sum_by_target_ref(tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
+    return graphs.sum_by_target_ref(fused_tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
+
+
+def _source_before(path: str) -> str:
+    """The text of `path` (from the repository's root) at KERNELS_BEFORE."""
+    shown = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{KERNELS_BEFORE}:{path}"], capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        raise RuntimeError(f"timing before needs {path} at commit {KERNELS_BEFORE}: {shown.stderr.strip()}")
+    return shown.stdout
+
+
+def _bound(library: ctypes.CDLL, signatures: dict[str, list]) -> ctypes.CDLL:
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
+    return library
 
 
 @functools.cache
 def previous_scan_library(n: int) -> ctypes.CDLL:
-    """The native scan kernel for N = n states, compiled from its source at SCAN_BEFORE."""
-    path = "perception/ops/scan/native_scan.c"
-    shown = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{SCAN_BEFORE}:{path}"], capture_output=True, text=True
-    )
-    if shown.returncode != 0:
-        raise RuntimeError(
-            f"--before scan_backward needs {path} at commit {SCAN_BEFORE} from git: {shown.stderr.strip()}"
-        )
-    library = compiled_library(f"#define NS {n}\n" + FASTMATH.read_text() + shown.stdout)
-    for name, argtypes in native_scan._SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
-    return library
+    """The native scan kernel for N = n states, compiled from its source at KERNELS_BEFORE."""
+    source = f"#define NS {n}\n" + FASTMATH.read_text() + _source_before("perception/ops/scan/native_scan.c")
+    return _bound(compiled_library(source), native_scan._SIGNATURES)
+
+
+@functools.cache
+def previous_tensor_product_library() -> ctypes.CDLL:
+    """The fused tensor product kernel, compiled from its source at KERNELS_BEFORE."""
+    source = _source_before("perception/ops/tensor_product.c")
+    return _bound(compiled_library(source), tensor_product.KERNEL.signatures)
 
 
 # name -> the (owner, attribute, reference) swaps that time it as before. Applied in this order, so that
@@ -147,6 +164,10 @@ REFERENCE_PATHS: dict[str, list[tuple[object, str, object]]] = {
     "adamw": [(trainable, "adamw", training.adamw_ref)],
     "rope": [(attention, "apply_rope", apply_rope_ref)],
     "scan_backward": [(native_scan, "_native_lib", previous_scan_library)],
+    "tp_transposes": [
+        (tensor_product.KERNEL, "library", previous_tensor_product_library),
+        (tensor_product.KERNEL, "loaded", previous_tensor_product_library),
+    ],
 }
 REVERSIONS = tuple(REFERENCE_PATHS)
 

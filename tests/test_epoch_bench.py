@@ -13,9 +13,10 @@ import perception.models.equivariant as equivariant
 import perception.models.pointnet as pointnet
 import perception.ops.graphs as graphs
 import perception.ops.scan.native as native_scan
+import perception.ops.tensor_product as tensor_product
 import perception.training as training
 import pipeline.training.trainable as trainable
-from benchmarks.epoch import REPO, REVERSIONS, SCAN_BEFORE, before, main
+from benchmarks.epoch import KERNELS_BEFORE, REPO, REVERSIONS, before, main
 from perception.layers.rope import apply_rope_ref
 from perception.models.equivariant import SIZES, E3nnConfig, E3nnNet
 
@@ -71,13 +72,18 @@ def test_an_unknown_name_is_refused_before_any_work(capsys) -> None:
     assert "--before fused: unknown" in capsys.readouterr().err
 
 
-def _has_scan_before() -> bool:
-    shown = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", SCAN_BEFORE], capture_output=True)
+def _has_kernels_before() -> bool:
+    shown = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", KERNELS_BEFORE], capture_output=True)
     return shown.returncode == 0
 
 
+needs_history = pytest.mark.skipif(
+    not _has_kernels_before(), reason=f"needs commit {KERNELS_BEFORE} in this checkout's history"
+)
+
+
 @pytest.mark.skipif(not native_scan.native_available(), reason="needs a C compiler")
-@pytest.mark.skipif(not _has_scan_before(), reason=f"needs commit {SCAN_BEFORE} in this checkout's history")
+@needs_history
 def test_the_scan_kernel_before_its_mended_backward_gives_the_same_bits() -> None:
     """ "before" times the previous kernel, not other arithmetic: its output and gradients, bit for bit."""
     g = torch.Generator().manual_seed(3)
@@ -107,3 +113,36 @@ def test_the_scan_kernel_before_its_mended_backward_gives_the_same_bits() -> Non
     assert native_scan._native_lib(n) is native_scan._kernel(n).library()  # put back
     for got, want in zip(then, now, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not tensor_product.fused_available(), reason="needs a C compiler")
+@needs_history
+@pytest.mark.parametrize("k", [0, 8, 10])
+def test_the_tensor_product_kernel_before_its_tiled_transposes_gives_the_same_bits(k: int) -> None:
+    """Edge counts that leave a partial chunk and a partial tile, widths that leave partial tiles, and
+    (k = 10) targets whose edges straddle two chunks: the same output and gradients, bit for bit."""
+    torch.manual_seed(0)
+    terms = E3nnNet(E3nnConfig(**{**SIZES["tiny"], "num_classes": 4})).layers[0].conv.tp_terms
+    d1, d2, dw, dout = terms.dims
+    edges = k * 37 if k else 203  # 37 targets of k edges each
+    g = torch.Generator().manual_seed(k)
+    x1, x2, weight = (torch.randn(edges, width, generator=g) for width in (d1, d2, dw))
+    gout = torch.randn(edges // k if k else edges, dout, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in (x1, x2, weight)]
+        out = tensor_product._FusedUVU.apply(terms, *leaves, k)
+        out.backward(gout)
+        return [out.detach(), *(leaf.grad for leaf in leaves)]
+
+    now = run()
+    with before(["tp_transposes"]):
+        assert tensor_product.KERNEL.loaded() is not now_library()
+        then = run()
+    assert tensor_product.KERNEL.loaded() is now_library()  # put back
+    for got, want in zip(then, now, strict=True):
+        assert torch.equal(got, want)
+
+
+def now_library():
+    return type(tensor_product.KERNEL).library(tensor_product.KERNEL)
