@@ -114,13 +114,27 @@ def _kernel_products_summed(tp, terms, x1, x2, weight, edge_dst, num_targets):
     return graphs.sum_by_target_ref(fused_tensor_product(tp, terms, x1, x2, weight), edge_dst, num_targets)
 
 
+# The reversions whose "before" is a kernel's earlier source, read from git, and that source's path.
+KERNEL_SOURCES = {
+    "scan_backward": "perception/ops/scan/native_scan.c",
+    "tp_transposes": "perception/ops/tensor_product.c",
+}
+
+
 def _source_before(path: str) -> str:
     """The text of `path` (from the repository's root) at KERNELS_BEFORE."""
-    shown = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{KERNELS_BEFORE}:{path}"], capture_output=True, text=True
-    )
+    try:
+        shown = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{KERNELS_BEFORE}:{path}"], capture_output=True, text=True
+        )
+    except FileNotFoundError:  # no git on this machine
+        shown = subprocess.CompletedProcess([], 1, "", "git is not installed")
     if shown.returncode != 0:
-        raise RuntimeError(f"timing before needs {path} at commit {KERNELS_BEFORE}: {shown.stderr.strip()}")
+        detail = shown.stderr.strip().splitlines()[-1] if shown.stderr.strip() else "git show failed"
+        raise RuntimeError(
+            f"{path} at commit {KERNELS_BEFORE} is not in this checkout's git history ({detail}): run from a"
+            f" clone with its history, or leave {', '.join(KERNEL_SOURCES)} out of --before"
+        )
     return shown.stdout
 
 
@@ -134,14 +148,14 @@ def _bound(library: ctypes.CDLL, signatures: dict[str, list]) -> ctypes.CDLL:
 @functools.cache
 def previous_scan_library(n: int) -> ctypes.CDLL:
     """The native scan kernel for N = n states, compiled from its source at KERNELS_BEFORE."""
-    source = f"#define NS {n}\n" + FASTMATH.read_text() + _source_before("perception/ops/scan/native_scan.c")
+    source = f"#define NS {n}\n" + FASTMATH.read_text() + _source_before(KERNEL_SOURCES["scan_backward"])
     return _bound(compiled_library(source), native_scan._SIGNATURES)
 
 
 @functools.cache
 def previous_tensor_product_library() -> ctypes.CDLL:
     """The fused tensor product kernel, compiled from its source at KERNELS_BEFORE."""
-    source = _source_before("perception/ops/tensor_product.c")
+    source = _source_before(KERNEL_SOURCES["tp_transposes"])
     return _bound(compiled_library(source), tensor_product.KERNEL.signatures)
 
 
@@ -230,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_reversions(args.before)
-    except ValueError as error:
+        for name in set(args.before) & set(KERNEL_SOURCES):  # before any data are prepared
+            _source_before(KERNEL_SOURCES[name])
+    except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     torch.set_num_threads(1)
     config = load_config(REPO / "params.yaml")

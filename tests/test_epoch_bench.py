@@ -7,6 +7,7 @@ import subprocess
 import pytest
 import torch
 
+import benchmarks.epoch as epoch
 import perception.layers.attention as attention
 import perception.layers.rope as rope
 import perception.models.equivariant as equivariant
@@ -146,3 +147,13 @@ def test_the_tensor_product_kernel_before_its_tiled_transposes_gives_the_same_bi
 
 def now_library():
     return type(tensor_product.KERNEL).library(tensor_product.KERNEL)
+
+
+def test_a_kernel_source_missing_from_history_is_refused_before_any_work(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(epoch, "KERNELS_BEFORE", "0000000")
+    with pytest.raises(SystemExit):
+        main(["--before", "tp_transposes"])
+    err = capsys.readouterr().err
+    assert "perception/ops/tensor_product.c at commit 0000000 is not in this checkout's git history" in err
+    assert "leave scan_backward, tp_transposes out of --before" in err
+    assert "prepare" not in err  # refused before the datasets are prepared
