@@ -116,6 +116,11 @@ def test_the_scan_kernel_before_its_mended_backward_gives_the_same_bits() -> Non
         assert torch.equal(got, want)
 
 
+def _tensor_product_library_now():
+    """The kernel as compiled from today's source: the class's method, under any patch of the instance's."""
+    return type(tensor_product.KERNEL).library(tensor_product.KERNEL)
+
+
 @pytest.mark.skipif(not tensor_product.fused_available(), reason="needs a C compiler")
 @needs_history
 @pytest.mark.parametrize("k", [0, 8, 10])
@@ -138,15 +143,11 @@ def test_the_tensor_product_kernel_before_its_tiled_transposes_gives_the_same_bi
 
     now = run()
     with before(["tp_transposes"]):
-        assert tensor_product.KERNEL.loaded() is not now_library()
+        assert tensor_product.KERNEL.loaded() is not _tensor_product_library_now()
         then = run()
-    assert tensor_product.KERNEL.loaded() is now_library()  # put back
+    assert tensor_product.KERNEL.loaded() is _tensor_product_library_now()  # put back
     for got, want in zip(then, now, strict=True):
         assert torch.equal(got, want)
-
-
-def now_library():
-    return type(tensor_product.KERNEL).library(tensor_product.KERNEL)
 
 
 def test_a_kernel_source_missing_from_history_is_refused_before_any_work(monkeypatch, capsys) -> None:
