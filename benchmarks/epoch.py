@@ -70,7 +70,7 @@ import pipeline.training.trainable as trainable
 from perception.data.arrays import open_dataset
 from perception.layers.rope import apply_rope_ref
 from perception.ops.causal_conv import causal_conv1d_silu_ref
-from perception.ops.native import FASTMATH, compiled_library
+from perception.ops.native import Kernel
 from perception.ops.serialization import deserialize, serialize_ref
 from perception.ops.tensor_product import tensor_product as fused_tensor_product
 from pipeline.config import load_config
@@ -138,25 +138,27 @@ def _source_before(path: str) -> str:
     return shown.stdout
 
 
-def _bound(library: ctypes.CDLL, signatures: dict[str, list]) -> ctypes.CDLL:
-    for name, argtypes in signatures.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
-    return library
+def _compiled_before(kernel: Kernel) -> ctypes.CDLL:
+    """`kernel` compiled from its source at KERNELS_BEFORE, with its own prefix, headers, flags and
+    signatures."""
+    text = _source_before(kernel.source.relative_to(REPO).as_posix())
+    with tempfile.TemporaryDirectory(prefix="kernel-before-") as tmp:
+        source = Path(tmp) / kernel.source.name
+        source.write_text(text)
+        then = Kernel(source, kernel.signatures, kernel.fallback, kernel.prefix, kernel.headers, kernel.flags)
+        return then.loaded()
 
 
 @functools.cache
 def previous_scan_library(n: int) -> ctypes.CDLL:
     """The native scan kernel for N = n states, compiled from its source at KERNELS_BEFORE."""
-    source = f"#define NS {n}\n" + FASTMATH.read_text() + _source_before(KERNEL_SOURCES["scan_backward"])
-    return _bound(compiled_library(source), native_scan._SIGNATURES)
+    return _compiled_before(native_scan._kernel(n))
 
 
 @functools.cache
 def previous_tensor_product_library() -> ctypes.CDLL:
     """The fused tensor product kernel, compiled from its source at KERNELS_BEFORE."""
-    source = _source_before(KERNEL_SOURCES["tp_transposes"])
-    return _bound(compiled_library(source), tensor_product.KERNEL.signatures)
+    return _compiled_before(tensor_product.KERNEL)
 
 
 # name -> the (owner, attribute, reference) swaps that time it as before. Applied in this order, so that
