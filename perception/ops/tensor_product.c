@@ -46,12 +46,12 @@ static inline void transpose8(v8f r[8]) { /* r[i][j] -> r[j][i] */
     }
 }
 
-/* [n, D] -> [D, CHUNK], lanes from n on zeroed; edge s + e's row is row (s + e) / k of src (k = 1: its own) */
+/* [n, D] -> [D, CHUNK], lanes from n on zeroed; edge s + e's row is its own (k = 0) or row (s + e) / k of src */
 static void load_rows(const float *src, int64_t D, int64_t s, int64_t n, int64_t k, float *dst) {
     int64_t e = 0;
     for (; e + 8 <= n; e += 8) {
         const float *rows[8];
-        for (int i = 0; i < 8; i++) rows[i] = src + (s + e + i) / k * D;
+        for (int i = 0; i < 8; i++) rows[i] = src + (k > 0 ? (s + e + i) / k : s + e + i) * D;
         int64_t d = 0;
         for (; d + 8 <= D; d += 8) {
             v8f r[8];
@@ -63,7 +63,7 @@ static void load_rows(const float *src, int64_t D, int64_t s, int64_t n, int64_t
             for (int i = 0; i < 8; i++) dst[d * CHUNK + e + i] = rows[i][d];
     }
     for (; e < n; e++)
-        for (int64_t d = 0; d < D; d++) dst[d * CHUNK + e] = src[(s + e) / k * D + d];
+        for (int64_t d = 0; d < D; d++) dst[d * CHUNK + e] = src[(k > 0 ? (s + e) / k : s + e) * D + d];
     for (e = n; e < CHUNK; e++)
         for (int64_t d = 0; d < D; d++) dst[d * CHUNK + e] = 0.0f;
 }
@@ -104,9 +104,9 @@ void tp_fwd(int64_t d1, int64_t d2, int64_t dw, int64_t dout, int64_t nterms, co
     float *restrict O = W + dw * CHUNK;
     for (int64_t s = e0; s < e1; s += CHUNK) {
         const int64_t n = (e1 - s) < CHUNK ? (e1 - s) : CHUNK;
-        load_rows(x1, d1, s, n, 1, X1);
-        load_rows(x2, d2, s, n, 1, X2);
-        load_rows(w, dw, s, n, 1, W);
+        load_rows(x1, d1, s, n, 0, X1);
+        load_rows(x2, d2, s, n, 0, X2);
+        load_rows(w, dw, s, n, 0, W);
         memset(O, 0, sizeof(float) * CHUNK * dout);
         for (int64_t t = 0; t < nterms; t++) {
             const float c = coef[t];
@@ -132,10 +132,10 @@ void tp_bwd(int64_t d1, int64_t d2, int64_t dw, int64_t dout, int64_t nterms, co
     float *restrict GW = GX2 + d2 * CHUNK;
     for (int64_t s = e0; s < e1; s += CHUNK) {
         const int64_t n = (e1 - s) < CHUNK ? (e1 - s) : CHUNK;
-        load_rows(x1, d1, s, n, 1, X1);
-        load_rows(x2, d2, s, n, 1, X2);
-        load_rows(w, dw, s, n, 1, W);
-        load_rows(gout, dout, s, n, k > 0 ? k : 1, G);
+        load_rows(x1, d1, s, n, 0, X1);
+        load_rows(x2, d2, s, n, 0, X2);
+        load_rows(w, dw, s, n, 0, W);
+        load_rows(gout, dout, s, n, k, G);
         memset(GX1, 0, sizeof(float) * CHUNK * (d1 + d2 + dw));
         for (int64_t t = 0; t < nterms; t++) {
             const float c = coef[t];
