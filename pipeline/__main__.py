@@ -51,7 +51,7 @@ STAGES: dict[str, tuple[str, dict[str, str]]] = {
         "the verdict on each claim, as Markdown and HTML",
         {"evaluation": "data/evaluation", "train": "data/train", "out": "reports"},
     ),
-    "check-params": ("validate params.yaml and print the resolved config", {}),
+    "check-params": ("validate params.yaml, its model variants included, and print the resolved config", {}),
     "schema": ("write the JSON Schema of params.yaml (for editors)", {"out": "params.schema.json"}),
     "profiles": (
         "rewrite the benchmark profiles from params.yaml, keeping their points sections",
@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.params)
         base_dir = args.params.resolve().parent
         if args.stage == "check-params":
+            from pipeline.stages.train import check_variants
+
+            variants = check_variants(config)  # before anything is printed: a bad entry gets one line
             for key, value in config.flat().items():
                 print(f"{key}: {value}")
+            print("\n".join(variants))
         elif args.stage == "prepare-points":
             from pipeline.stages.prepare_points import prepare_points
 

@@ -401,6 +401,46 @@ def test_bad_params_fail_in_seconds_naming_the_key_and_writing_nothing(
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# The rows of model settings, which `python -m pipeline check-params` checks as the train stage does, before
+# any data are prepared.
+MODEL_ROWS = [
+    case for case in BAD_PARAMS if case.values[1] == "train" and "models" in case.values[0].get("train", {})
+]
+
+
+@pytest.mark.parametrize("override,stage,expected,via", MODEL_ROWS)
+def test_check_params_refuses_a_bad_model_entry_as_the_train_stage_does(
+    study: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    override: dict,
+    stage: str,
+    expected: list[str],
+    via: str,
+) -> None:
+    params = merge(yaml.safe_load((study / "params.yaml").read_text()), _fill(override, study))
+    argv = ["check-params", "--params", str(write_params(tmp_path / "params.yaml", params))]
+    assert_fails_cleanly(study, lambda: run_in_process(argv, capfd), expected)
+
+
+def test_check_params_lists_the_variants_the_train_stage_runs(
+    study: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.config import load_config
+    from pipeline.training import space
+
+    capfd.readouterr()
+    assert main(["check-params", "--params", str(study / "params.yaml")]) == 0
+    out = capfd.readouterr().out
+    config = load_config(study / "params.yaml")
+    variants = space.expand(config)
+    seeds, count = list(config.seeds), len(variants)
+    assert f"variants: {count}, each trained on seeds {seeds}: {count * len(seeds)} trials" in out
+    for variant in variants:
+        epochs = variant.fixed.get("epochs", config.train.epochs)
+        assert f"  {variant.name}: {variant.family} on {variant.dataset}, {epochs} epochs\n" in out
+
+
 # --- corrupted prepared data --------------------------------------------------------------------------------
 
 

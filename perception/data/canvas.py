@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+CHANNELS = ("depth", "normal_x", "normal_y", "normal_z")  # what every rendered pixel holds, in order
 PLACEMENTS = ("fov", "centre", "corner", "scaled")  # the paired test sets of every scale, (a) (b) (b) (c)
 CANVAS_PLACEMENTS = ("centre", "corner")  # (b): the canvas grows, the object keeps its training pixels
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from perception.data.arrays import open_dataset, unpack_mesh, write_dataset
-from perception.data.canvas import PLACEMENTS, paste, placement, random_offsets
+from perception.data.canvas import CHANNELS, PLACEMENTS, paste, placement, random_offsets
 from perception.data.points import instance_rng
 from perception.data.render import Camera, render_depth_normals
 from perception.data.splat import estimate_normals, point_spacing, render_points
@@ -121,7 +121,7 @@ def prepare_images(config: StudyConfig, points_dir: Path, out: Path) -> dict[str
         "seed": config.seed,
         "params": images.plain(),
         "classes": points.manifest["classes"],
-        "channels": ["depth", "normal_x", "normal_y", "normal_z"],
+        "channels": list(CHANNELS),
         "rendered_from": "points (splatted, normals estimated)" if from_points else "meshes (ray-cast)",
         "train_resolution": T,
         "object_size": S,

@@ -50,6 +50,18 @@ def check_resources(config: StudyConfig, address: str) -> None:
         )
 
 
+def check_variants(config: StudyConfig) -> list[str]:
+    """`python -m pipeline check-params`'s list of the variants this stage runs, each checked as `train`
+    checks it, before any data exist (`space.check_before_data`)."""
+    variants = space.check_before_data(config)
+    seeds = list(config.seeds)
+    lines = [f"variants: {len(variants)}, each trained on seeds {seeds}: {len(variants) * len(seeds)} trials"]
+    for variant in variants:
+        epochs = variant.fixed.get("epochs", config.train.epochs)
+        lines.append(f"  {variant.name}: {variant.family} on {variant.dataset}, {epochs} epochs")
+    return lines
+
+
 def train(
     config: StudyConfig,
     points_dir: Path,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from perception.data.arrays import open_dataset
+from perception.data.canvas import CHANNELS
 from perception.training import stratified_split
 from pipeline.config import StudyConfig
 from pipeline.training.trainable import TrialData
@@ -56,7 +57,7 @@ def open_inputs(config: StudyConfig, datasets: set[str], folders: dict[str, Path
     points = open_dataset(folders["points"], "points")
     images = open_dataset(folders["images"], "images") if "images" in datasets else None
     proximity = open_dataset(folders["proximity"], "images") if "proximity" in datasets else None
-    in_channels = len(images.manifest["channels"]) if images else 4
+    in_channels = len(images.manifest["channels"]) if images else len(CHANNELS)
     prepared = {"points": points, "images": images, "proximity": proximity}
     return prepared, len(points.manifest["classes"]), in_channels
 

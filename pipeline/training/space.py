@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from perception.data.canvas import CHANNELS
 from perception.models import FAMILIES, ModelConfigError
 from perception.rotations import MODES as AUGMENTS
 from pipeline.config import (
@@ -209,6 +210,15 @@ def check(config: StudyConfig, variants: list[Variant], num_classes: int, in_cha
             f"train.fault.model = {fault.model!r} is not allowed: expected one of "
             + ", ".join(sorted({v.model for v in variants}))
         )
+
+
+def check_before_data(config: StudyConfig) -> list[Variant]:
+    """Every variant, checked as the train stage checks it (`check`), before any data are prepared
+    (`python -m pipeline check-params`), with the channels the renders carry and two classes: the count
+    is the data's, and a model config asks only that it be at least two."""
+    variants = expand(config)
+    check(config, variants, 2, len(CHANNELS))
+    return variants
 
 
 def max_epochs(config: StudyConfig, variants: list[Variant]) -> int:
