@@ -363,6 +363,16 @@ BAD_PARAMS = [
 ]
 
 
+# `python -m pipeline check-params` checks the model entries as the train stage does, before any data exist:
+# every row of a model setting again, through it.
+CHECK = "check-params"
+BAD_PARAMS += [
+    pytest.param(*case.values[:3], CHECK, id=f"{case.id}, check-params")
+    for case in list(BAD_PARAMS)
+    if case.values[1] == "train" and "models" in case.values[0].get("train", {})
+]
+
+
 @pytest.mark.parametrize("override,stage,expected,via", BAD_PARAMS)
 def test_bad_params_fail_in_seconds_naming_the_key_and_writing_nothing(
     study: Path,
@@ -374,8 +384,9 @@ def test_bad_params_fail_in_seconds_naming_the_key_and_writing_nothing(
     via: str,
 ) -> None:
     params = merge(yaml.safe_load((study / "params.yaml").read_text()), _fill(override, study))
-    if via == MAIN:
-        argv = stage_argv(study, stage, write_params(tmp_path / "params.yaml", params))
+    if via in (MAIN, CHECK):
+        written = write_params(tmp_path / "params.yaml", params)
+        argv = stage_argv(study, stage, written) if via == MAIN else [CHECK, "--params", str(written)]
         assert_fails_cleanly(study, lambda: run_in_process(argv, capfd), expected)
         return
     # `dvc repro` runs dvc.yaml's command, which reads the repo's params.yaml: give it a copy of the repo.
@@ -399,28 +410,6 @@ def test_bad_params_fail_in_seconds_naming_the_key_and_writing_nothing(
         assert_fails_cleanly(repo, run, expected, ray_tmp)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-# The rows of model settings, which `python -m pipeline check-params` checks as the train stage does, before
-# any data are prepared.
-MODEL_ROWS = [
-    case for case in BAD_PARAMS if case.values[1] == "train" and "models" in case.values[0].get("train", {})
-]
-
-
-@pytest.mark.parametrize("override,stage,expected,via", MODEL_ROWS)
-def test_check_params_refuses_a_bad_model_entry_as_the_train_stage_does(
-    study: Path,
-    tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
-    override: dict,
-    stage: str,
-    expected: list[str],
-    via: str,
-) -> None:
-    params = merge(yaml.safe_load((study / "params.yaml").read_text()), _fill(override, study))
-    argv = ["check-params", "--params", str(write_params(tmp_path / "params.yaml", params))]
-    assert_fails_cleanly(study, lambda: run_in_process(argv, capfd), expected)
 
 
 def test_check_params_lists_the_variants_the_train_stage_runs(
