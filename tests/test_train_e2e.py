@@ -83,6 +83,14 @@ def test_the_live_status_replaces_rays_tables(trained):
     assert "Trial status" not in result.stdout
 
 
+def test_the_stages_print_no_profiler_chatter(trained):
+    # torch's profiler measures the cost sweep's and the deployed models' CPU peak memory; kineto would print
+    # "USDT: ... profiler_start" and "... profiler_stop" at every use.
+    _, result = trained
+    assert "evaluate: cost" in result.stdout  # the cost sweep ran, and with it the profiler
+    assert "profiler_start" not in result.stdout + result.stderr
+
+
 def test_a_failed_trial_is_retried_from_its_checkpoint_and_the_retry_is_recorded(trained):
     root, result = trained
     rows = _trials(root)

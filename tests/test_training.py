@@ -110,6 +110,15 @@ def test_a_model_entry_sets_its_own_epochs_and_the_others_keep_the_studys():
         assert trial_settings(flat)["epochs"] == expected == space.trial_epochs(config, trial)
 
 
+def test_the_run_line_names_the_studys_epochs_only_where_a_variant_trains_them():
+    from pipeline.training.session import epochs_text
+
+    some = _config({"models": {"vit": {"epochs": 20}, "pointnet": {}}, "epochs": 3})
+    assert epochs_text(some, space.expand(some)) == "3 epochs (vit 20)"
+    every = _config({"models": {"vit": {"epochs": 20}, "pointnet": {"epochs": 5}}, "epochs": 3})
+    assert epochs_text(every, space.expand(every)) == "epochs: vit 20, pointnet 5"
+
+
 BAD_TRAIN = [
     ({"models": {"resnet": {}}}, "train.models.resnet.family = 'resnet' is not allowed"),
     (

@@ -125,6 +125,10 @@ def evaluate(
 ) -> Results:
     """Measure the four claims on the checkpoints in `train_dir`; `parts` gets each part's wall seconds
     (rotation, resolution, serialisation, bootstraps, cost sweep, outputs and MLflow), which it prints."""
+    # torch's profiler, which measures the CPU peak memory of the cost sweep and the deployed models, prints
+    # two lines at every use below kineto's log level 6 (about 80 in a study); the stage's lines say what
+    # was measured. Set before the first use, and inherited by the processes the stage starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     points = open_dataset(points_dir, "points")
     images = open_dataset(images_dir, "images")
     proximity = open_dataset(proximity_dir, "images")

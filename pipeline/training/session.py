@@ -207,12 +207,15 @@ def use_asha(config: StudyConfig, variants: list[space.Variant]) -> bool:
 
 
 def epochs_text(config: StudyConfig, variants: list[space.Variant]) -> str:
-    """`8 epochs` or `8 epochs (vit 20)`: the study's epochs and the variants that set their own."""
+    """`8 epochs`, `8 epochs (vit 20)` or, where every variant sets its own, `epochs: e3nn 20, vit 16`: the
+    study's epochs and the variants that set their own."""
     own = [
         f"{v.name} {v.fixed['epochs']}"
         for v in variants
         if v.fixed.get("epochs", config.train.epochs) != config.train.epochs
     ]
+    if own and len(own) == len(variants):
+        return f"epochs: {', '.join(own)}"
     return f"{config.train.epochs} epochs" + (f" ({', '.join(own)})" if own else "")
 
 
