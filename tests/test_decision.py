@@ -39,6 +39,28 @@ def test_a_tie_within_intervals_picks_the_faster_model_as_fastest_within_the_int
     assert pareto_front(found) == ["far", "close_fast", "accurate_slow"]
 
 
+def test_a_tie_on_latency_too_picks_the_more_accurate_of_the_equally_fast() -> None:
+    # Two models the measurement cannot tell from the best, nor from each other on latency: the pick must
+    # not turn on which timed a few microseconds faster in this run.
+    found = [
+        model("best_slow", 0.87, 0.03, 2.0),
+        model("quick_less", 0.835, 0.03, 1.076),
+        model("quick_more", 0.854, 0.05, 1.078),
+        model("quick_apart", 0.86, 0.03, 1.5),  # within the best's interval, its latency apart from theirs
+    ]
+    row = decide("images", "in_distribution", found, budget_ms=1.5)
+    assert row.fastest_within_interval.name == "quick_more"
+    assert row.as_fast == ("quick_less", "quick_more")
+    # Apart on latency, the faster is the pick, however accurate the slower.
+    apart = [
+        model("best_slow", 0.87, 0.03, 2.0),
+        model("quick", 0.835, 0.03, 1.0),
+        model("less", 0.86, 0.03, 1.5),
+    ]
+    row = decide("images", "in_distribution", apart, budget_ms=1.5)
+    assert row.fastest_within_interval.name == "quick" and row.as_fast == ("quick",)
+
+
 def test_without_a_tie_the_best_is_also_the_fastest_within_its_interval() -> None:
     found = [model("best", 0.95, 0.01, 40.0), model("fast", 0.80, 0.01, 4.0)]
     row = decide("points", "so3", found, budget_ms=100.0)

@@ -4,8 +4,10 @@ For each task and condition (points unrotated and under arbitrary rotation; shap
 and on a larger canvas), among the models that learned their task:
 
 - **best**: the highest accuracy (point estimate; a tie goes to the faster);
-- **fastest within the best's interval**: the lowest median latency among the models whose accuracy
-  interval overlaps the best's, i.e. those the measurement cannot tell from the best;
+- **fastest within the best's interval**: among the models whose accuracy interval overlaps the best's
+  (those the measurement cannot tell from the best), the one with the lowest median latency, or the most
+  accurate of those whose latency interval overlaps its (as fast, within the measurement): a latency tie
+  is not broken by the microseconds that the next run reverses;
 - **within the budget**: the most accurate model whose median batch-1 latency is at most
   `report.latency_budget_ms`; none when no model is that fast, and the row says what the fastest takes.
 
@@ -41,6 +43,7 @@ class DecisionRow:
     best: Candidate | None
     fastest_within_interval: Candidate | None
     tied_with_best: tuple[str, ...]  # every candidate whose accuracy interval overlaps the best's
+    as_fast: tuple[str, ...]  # of those, every one whose latency interval overlaps the quickest's
     within_budget: Candidate | None
     budget_note: str  # why `within_budget` is what it is
     excluded: tuple[str, ...]  # did not learn the task: never chosen
@@ -68,20 +71,22 @@ def decide(task: str, condition: str, candidates: Sequence[Candidate], budget_ms
     excluded = tuple(sorted(c.name for c in candidates if not c.adequate))
     if not usable:
         note = "no model learned this task" if candidates else "no model was measured"
-        return DecisionRow(task, condition, None, None, (), None, note, excluded)
+        return DecisionRow(task, condition, None, None, (), (), None, note, excluded)
     best = min(usable, key=_by_accuracy)
     tied = [c for c in usable if overlaps(c.accuracy, best.accuracy)]
-    fastest = min(tied, key=_by_latency)
+    quickest = min(tied, key=_by_latency)
+    as_fast = [c for c in tied if overlaps(c.latency_ms, quickest.latency_ms)]
+    fastest = min(as_fast, key=_by_accuracy)
     affordable = [c for c in usable if c.latency_ms.value <= budget_ms]
     if affordable:
         within = min(affordable, key=_by_accuracy)
         note = f"{len(affordable)} of {len(usable)} models run within {budget_ms:g} ms"
     else:
         within = None
-        quickest = min(usable, key=_by_latency)
+        overall = min(usable, key=_by_latency)
         note = (
-            f"no model runs within {budget_ms:g} ms here; the fastest, {quickest.name}, takes "
-            f"{quickest.latency_ms.value:.3g} ms"
+            f"no model runs within {budget_ms:g} ms here; the fastest, {overall.name}, takes "
+            f"{overall.latency_ms.value:.3g} ms"
         )
     tied_names = tuple(sorted(c.name for c in tied))
     edge = [
@@ -91,7 +96,10 @@ def decide(task: str, condition: str, candidates: Sequence[Candidate], budget_ms
         and (within is None or _by_accuracy(c) < _by_accuracy(within))
     ]
     budget_edge = min(edge, key=_by_accuracy).name if edge else None
-    return DecisionRow(task, condition, best, fastest, tied_names, within, note, excluded, budget_edge)
+    as_fast_names = tuple(sorted(c.name for c in as_fast))
+    return DecisionRow(
+        task, condition, best, fastest, tied_names, as_fast_names, within, note, excluded, budget_edge
+    )
 
 
 def dominates(o: Candidate, c: Candidate) -> bool:
@@ -154,6 +162,7 @@ def decision_table(results: Results, budget_ms: float) -> Decision:
                     best=_choice(row.best),
                     fastest_within_interval=_choice(row.fastest_within_interval),
                     tied_with_best=list(row.tied_with_best),
+                    as_fast=list(row.as_fast),
                     within_budget=_choice(row.within_budget),
                     budget_note=row.budget_note,
                     budget_edge=row.budget_edge,

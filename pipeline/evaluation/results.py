@@ -407,6 +407,7 @@ class DecisionRecord(Contract):
     best: DecisionChoice | None
     fastest_within_interval: DecisionChoice | None
     tied_with_best: list[str]
+    as_fast: list[str] = []  # of those, as fast as the quickest within the measurement (the pick among them)
     within_budget: DecisionChoice | None
     budget_note: str
     budget_edge: str | None = None  # more accurate, over the budget, its latency interval reaching it

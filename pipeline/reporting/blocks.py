@@ -270,6 +270,11 @@ def _decision_blocks(decision: Decision, results: Results, figures: dict[str, Pa
                 f" (tied with the best: {', '.join(row.tied_with_best)})"
                 if len(row.tied_with_best) > 1
                 else ""
+            )
+            + (
+                f" (as fast, within the measurement: {', '.join(row.as_fast)}; the most accurate of them)"
+                if len(row.as_fast) > 1
+                else ""
             ),
             _choice_text(row.within_budget)
             + ("" if row.within_budget else f" ({row.budget_note})")
