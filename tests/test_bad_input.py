@@ -426,7 +426,7 @@ def test_check_params_lists_the_variants_the_train_stage_runs(
     seeds, count = list(config.seeds), len(variants)
     assert f"variants: {count}, each trained on seeds {seeds}: {count * len(seeds)} trials" in out
     for variant in variants:
-        epochs = variant.fixed.get("epochs", config.train.epochs)
+        epochs = space.variant_epochs(config, variant)
         assert f"  {variant.name}: {variant.family} on {variant.dataset}, {epochs} epochs\n" in out
 
 

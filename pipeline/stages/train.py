@@ -57,7 +57,7 @@ def check_variants(config: StudyConfig) -> list[str]:
     seeds = list(config.seeds)
     lines = [f"variants: {len(variants)}, each trained on seeds {seeds}: {len(variants) * len(seeds)} trials"]
     for variant in variants:
-        epochs = variant.fixed.get("epochs", config.train.epochs)
+        epochs = space.variant_epochs(config, variant)
         lines.append(f"  {variant.name}: {variant.family} on {variant.dataset}, {epochs} epochs")
     return lines
 

@@ -210,9 +210,9 @@ def epochs_text(config: StudyConfig, variants: list[space.Variant]) -> str:
     """`8 epochs`, `8 epochs (vit 20)` or, where every variant sets its own, `epochs: e3nn 20, vit 16`: the
     study's epochs and the variants that set their own."""
     own = [
-        f"{v.name} {v.fixed['epochs']}"
+        f"{v.name} {space.variant_epochs(config, v)}"
         for v in variants
-        if v.fixed.get("epochs", config.train.epochs) != config.train.epochs
+        if space.variant_epochs(config, v) != config.train.epochs
     ]
     if own and len(own) == len(variants):
         return f"epochs: {', '.join(own)}"

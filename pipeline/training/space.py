@@ -221,9 +221,14 @@ def check_before_data(config: StudyConfig) -> list[Variant]:
     return variants
 
 
+def variant_epochs(config: StudyConfig, variant: Variant) -> int:
+    """The epochs a checked variant trains: its entry's own `epochs`, else `train.epochs`."""
+    return int(variant.fixed.get("epochs", config.train.epochs))
+
+
 def max_epochs(config: StudyConfig, variants: list[Variant]) -> int:
-    """The most epochs any variant trains (an entry's own `epochs`, else `train.epochs`)."""
-    return max(int(v.fixed.get("epochs", config.train.epochs)) for v in variants)
+    """The most epochs any variant trains."""
+    return max(variant_epochs(config, v) for v in variants)
 
 
 def trial_epochs(config: StudyConfig, trial_config: dict[str, Any] | None) -> int:
