@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,15 @@ def test_dvc_repro_runs_the_data_stages_reproducibly(repo_copy):
     partial = run_command(["dvc", "repro", "prepare_images"], repo_copy)
     assert "Running stage 'prepare_images'" in partial.stdout
     assert "Running stage 'prepare_points'" not in partial.stdout
+
+
+def test_the_reports_retime_command_reruns_only_evaluate_and_report(repo_copy):
+    """The decision table's caveat tells a user to time the models again on the robot: the command it gives
+    must not train them again (`dvc repro -f evaluate report` ran every stage from prepare_points on)."""
+    from pipeline.evaluation.decision import RETIME_COMMAND
+
+    dry = run_command([*RETIME_COMMAND.split(), "--dry"], repo_copy).stdout
+    assert re.findall(r"Running stage '(\w+)'", dry) == ["evaluate", "report"]
 
 
 def test_dvc_repro_with_a_bad_param_fails_fast_naming_the_key(repo_copy):
