@@ -25,3 +25,14 @@ def test_every_link_between_the_docs_pages_exists() -> None:
     for page in sorted((REPO / "docs").glob("*.md")):
         missing = [link for link in _links(page) if not (page.parent / link).exists()]
         assert not missing, (page.name, missing)
+
+
+def test_the_docs_give_the_reports_retime_command() -> None:
+    # The README and docs/report.md write out the command the report prints for timing the models again;
+    # `dvc repro -f evaluate report` (without -s) would train every model again.
+    from pipeline.evaluation.decision import RETIME_COMMAND
+
+    for page in (REPO / "README.md", REPO / "docs" / "report.md"):
+        text = " ".join(page.read_text().split())
+        assert f"`{RETIME_COMMAND}`" in text, page.name
+        assert "`dvc repro -f evaluate report`" not in text, page.name
