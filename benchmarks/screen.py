@@ -9,21 +9,24 @@ A variant is a name `python -m pipeline check-params` lists (`e3nn`, `dgcnn`, `p
 `proximity_mamba-hilbert`...); each `--set key=value` (the value read as YAML) replaces or adds one of its
 entry's settings, as `train.models` would. The data are params.yaml's datasets, prepared into a temporary
 folder, or into `--data` (its `points/`, `images/`, `proximity/`, each prepared there once and reused by
-later screens). Training is the trial's: one thread, the same split, batches, schedule and seed; the test
-accuracy is the best validation epoch's on the in-distribution test set, as the evaluate stage measures it:
-the test clouds at the points the model trained on, the images at the training canvas, the proximity task's
-test images. Two screens at a time use a 2-core machine fully. With `--json`, the result is appended to
-that file as one line.
+later screens, and by screens started beside it). Training is the trial's: one thread, the same split,
+batches, schedule and seed; the test accuracy is the best validation epoch's on the in-distribution test
+set, as the evaluate stage measures it: the test clouds at the points the model trained on, the images at
+the training canvas, the proximity task's test images. Two screens at a time use a 2-core machine fully.
+With `--json`, the result is appended to that file as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +82,26 @@ def screened_config(params: Path, variant_name: str, settings: dict) -> tuple[St
 IMAGE_CHANNELS = 4  # the renders' depth and normal (perception.data.canvas)
 
 
+@contextlib.contextmanager
+def preparing(data: Path) -> Iterator[None]:
+    """Hold `data`'s preparation lock. Two screens started together on one `--data` would otherwise both
+    prepare a missing dataset, and each stage's writer clears the other's half-written folder as a killed
+    run's leftover (`pipeline.outputs.atomic_output_dir`): the second screen waits and reuses the first's."""
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
 def prepared_folder(config: StudyConfig, dataset: str, data: Path, root: Path) -> Path:
     """`data / dataset`, prepared there as its stage would (images from the prepared points) unless it
-    already holds a prepared dataset."""
+    already holds a prepared dataset; one screen at a time (`preparing`)."""
+    with preparing(data):
+        return prepare_missing(config, dataset, data, root)
+
+
+def prepare_missing(config: StudyConfig, dataset: str, data: Path, root: Path) -> Path:
+    """`prepared_folder` without the lock: what `data` lacks of `dataset`, prepared."""
     folders = {kind: data / kind for kind in ("points", "images", "proximity")}
     for kind in ("points", dataset) if dataset == "images" else (dataset,):
         if (folders[kind] / "manifest.json").is_file():

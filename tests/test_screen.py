@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from benchmarks.screen import screened_config
+from benchmarks.screen import prepare_missing, prepared_folder, preparing, screened_config
 from pipeline.config import ConfigError
 from tests.conftest import REPO
 
@@ -55,6 +56,26 @@ def test_an_image_or_proximity_screen_prepares_its_data_once_and_tests_in_distri
     assert first["val_curve"] == second["val_curve"] and len(first["val_curve"]) == 2  # same data, same seed
     wrong = round((1 - first["test_accuracy"]) * test_count)
     assert sum(first["confusions"].values()) == wrong  # every test image of the in-distribution set counted
+
+
+def test_a_screen_started_beside_another_waits_for_its_data_and_reuses_them(params, tmp_path):
+    """Two screens on one fresh `--data` prepared at once, and each stage's writer removed the other's
+    half-written folder as a killed run's leftover (FileNotFoundError in the second)."""
+    config, _ = screened_config(params, "vit-none", {})
+    data = tmp_path / "data"
+    returned: list = []
+    with preparing(data):  # the first screen, preparing
+        second = threading.Thread(
+            target=lambda: returned.append(prepared_folder(config, "images", data, REPO))
+        )
+        second.start()
+        second.join(timeout=2)
+        assert second.is_alive() and not (data / "points").exists()  # it waits, and writes nothing
+        prepared = prepare_missing(config, "images", data, REPO)  # the first screen's own preparation
+        stamps = {kind: (data / kind / "manifest.json").stat().st_mtime_ns for kind in ("points", "images")}
+    second.join(timeout=60)
+    assert returned == [prepared]
+    assert {kind: (data / kind / "manifest.json").stat().st_mtime_ns for kind in stamps} == stamps  # reused
 
 
 @pytest.mark.parametrize(
