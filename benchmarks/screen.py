@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from perception.evaluation.intervals import BootstrapSettings
 from perception.evaluation.plateau import plateau_gain
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
 from pipeline.evaluation.measurements import test_clouds, tested_points
+from pipeline.parallel import locked
 from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import prepare_points
 from pipeline.stages.prepare_proximity import prepare_proximity
@@ -87,9 +87,11 @@ def preparing(data: Path) -> Iterator[None]:
     """Hold `data`'s preparation lock. Two screens started together on one `--data` would otherwise both
     prepare a missing dataset, and each stage's writer clears the other's half-written folder as a killed
     run's leftover (`pipeline.outputs.atomic_output_dir`): the second screen waits and reuses the first's."""
-    data.mkdir(parents=True, exist_ok=True)
-    with open(data / ".prepare.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+
+    def waiting() -> None:
+        print(f"screen: another screen is preparing the data in {data}; waiting for it", flush=True)
+
+    with locked(data / ".prepare.lock", waiting):
         yield
 
 

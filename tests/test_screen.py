@@ -58,7 +58,7 @@ def test_an_image_or_proximity_screen_prepares_its_data_once_and_tests_in_distri
     assert sum(first["confusions"].values()) == wrong  # every test image of the in-distribution set counted
 
 
-def test_a_screen_started_beside_another_waits_for_its_data_and_reuses_them(params, tmp_path):
+def test_a_screen_started_beside_another_waits_for_its_data_and_reuses_them(params, tmp_path, capsys):
     """Two screens on one fresh `--data` prepared at once, and each stage's writer removed the other's
     half-written folder as a killed run's leftover (FileNotFoundError in the second)."""
     config, _ = screened_config(params, "vit-none", {})
@@ -71,6 +71,7 @@ def test_a_screen_started_beside_another_waits_for_its_data_and_reuses_them(para
         second.start()
         second.join(timeout=2)
         assert second.is_alive() and not (data / "points").exists()  # it waits, and writes nothing
+        assert f"another screen is preparing the data in {data}; waiting" in capsys.readouterr().out
         prepared = prepare_missing(config, "images", data, REPO)  # the first screen's own preparation
         stamps = {kind: (data / kind / "manifest.json").stat().st_mtime_ns for kind in ("points", "images")}
     second.join(timeout=60)
