@@ -85,8 +85,7 @@ IMAGE_CHANNELS = 4  # the renders' depth and normal (perception.data.canvas)
 @contextlib.contextmanager
 def preparing(data: Path) -> Iterator[None]:
     """Hold `data`'s preparation lock. Two screens started together on one `--data` would otherwise both
-    prepare a missing dataset, and each stage's writer clears the other's half-written folder as a killed
-    run's leftover (`pipeline.outputs.atomic_output_dir`): the second screen waits and reuses the first's."""
+    prepare a missing dataset, the same work twice: the second screen waits and reuses the first's."""
 
     def waiting() -> None:
         print(f"screen: another screen is preparing the data in {data}; waiting for it", flush=True)

@@ -30,17 +30,35 @@ def _temporary_siblings(final: Path) -> list[Path]:
     return sorted(final.parent.glob(f".{final.name}.tmp-*"))
 
 
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process whose pid ends `temporary`'s name (`.<name>.tmp-<pid>`) still runs, other than
+    this one: its folder is then being written, not left behind by a kill."""
+    pid = temporary.name.rpartition("-")[2]
+    if not pid.isdigit() or int(pid) in (0, os.getpid()):
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: checks that the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `final` by a rename, on error it is removed.
 
-    Leftovers of a run that was killed (`.<name>.tmp-<pid>`) are removed first, so a reader never sees a
-    partial output under the real name.
+    Leftovers of a run that was killed (`.<name>.tmp-<pid>` whose process is gone) are removed first, so a
+    reader never sees a partial output under the real name. A folder whose process still runs is another
+    writer's, started by hand beside this one (DVC's lock keeps its own stages apart): it is left to finish,
+    and the writer that renames last wins.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in _temporary_siblings(final):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _writer_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
     temporary.mkdir()
     try:

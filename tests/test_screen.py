@@ -59,8 +59,8 @@ def test_an_image_or_proximity_screen_prepares_its_data_once_and_tests_in_distri
 
 
 def test_a_screen_started_beside_another_waits_for_its_data_and_reuses_them(params, tmp_path, capsys):
-    """Two screens on one fresh `--data` prepared at once, and each stage's writer removed the other's
-    half-written folder as a killed run's leftover (FileNotFoundError in the second)."""
+    """Two screens on one fresh `--data` prepared it twice at once (and, before the stages' writer spared a
+    running writer's folder, the second died with FileNotFoundError)."""
     config, _ = screened_config(params, "vit-none", {})
     data = tmp_path / "data"
     returned: list = []

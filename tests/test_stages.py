@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -141,7 +144,9 @@ def test_a_class_with_no_usable_mesh_fails_and_writes_nothing(tmp_path, tiny_con
 def test_previous_output_survives_a_failed_run_and_stale_temporaries_are_removed(tmp_path, tiny_config):
     prepare_points(tiny_config(), tmp_path / "points")
     before = _files(tmp_path / "points")
-    stale = tmp_path / ".points.tmp-99999"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".points.tmp-{gone.pid}"  # a writer that is gone (killed) left it
     stale.mkdir()
     (stale / "train_points.npy").write_bytes(b"half")
     (tmp_path / "ds").mkdir()
@@ -155,6 +160,37 @@ def test_previous_output_survives_a_failed_run_and_stale_temporaries_are_removed
     prepare_points(tiny_config(), tmp_path / "points")  # the next run that writes clears what a kill left
     assert not stale.exists()
     assert _files(tmp_path / "points") == before
+
+
+WRITER_IN_ANOTHER_PROCESS = """
+import sys, time
+from pathlib import Path
+from pipeline.outputs import atomic_output_dir
+final, go = Path(sys.argv[1]), Path(sys.argv[2])
+with atomic_output_dir(final) as folder:
+    (folder / "written_by").write_text("the other writer")
+    while not go.exists():
+        time.sleep(0.01)
+"""
+
+
+def test_a_writer_leaves_a_running_writers_folder_alone_and_the_last_rename_wins(tmp_path, tiny_config):
+    """Two hand-run prepares on one output: the stage's writer removed the other's half-written folder as a
+    killed run's leftover, and the other died renaming it (FileNotFoundError)."""
+    out, go = tmp_path / "points", tmp_path / "go"
+    other = subprocess.Popen([sys.executable, "-c", WRITER_IN_ANOTHER_PROCESS, str(out), str(go)])
+    theirs = tmp_path / f".points.tmp-{other.pid}"
+    deadline = time.monotonic() + 60
+    while not (theirs / "written_by").exists():
+        assert other.poll() is None and time.monotonic() < deadline, "the other writer did not start"
+        time.sleep(0.01)
+    prepare_points(tiny_config(), out)  # this writer, while the other is halfway
+    assert (theirs / "written_by").read_text() == "the other writer"  # left alone
+    assert (out / "manifest.json").exists()
+    go.touch()
+    assert other.wait(timeout=60) == 0
+    assert _files(out) == {"written_by": b"the other writer"}  # it renamed last
+    assert not list(tmp_path.glob(".points.tmp-*"))
 
 
 def test_corrupted_or_partial_datasets_are_refused_by_name(tmp_path, tiny_config):

@@ -260,5 +260,5 @@ def test_an_unusable_checkpoint_fails_naming_the_file_and_runs_nothing(tmp_path,
         torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(DatasetError, match=rf"^{path}: not a usable checkpoint \(") as err:
         load_checkpoints(tmp_path / "train")
-    assert "\n" not in str(err.value) and "retrain: `dvc repro -f train`" in str(err.value)
+    assert "\n" not in str(err.value) and "retrain: `dvc repro -f -s train && dvc repro`" in str(err.value)
     assert not marker.exists()

@@ -83,7 +83,7 @@ def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
     found: dict[str, dict[int, Checkpoint]] = {}
     for path in sorted(folder.glob("*/*.pt")):
         try:
-            saved = load_checkpoint(path, retrain_hint="retrain: `dvc repro -f train`")
+            saved = load_checkpoint(path, retrain_hint="retrain: `dvc repro -f -s train && dvc repro`")
             model = saved.build()
             training = saved.training
             variant, seed, _dataset = training["variant"], int(training["seed"]), training["dataset"]
@@ -99,7 +99,7 @@ def load_checkpoints(train_dir: Path) -> dict[str, dict[int, Checkpoint]]:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             reason = " ".join(lines[:2])[:300] if lines else type(err).__name__
             raise DatasetError(
-                f"{path}: not a usable checkpoint ({reason}); retrain: `dvc repro -f train`"
+                f"{path}: not a usable checkpoint ({reason}); retrain: `dvc repro -f -s train && dvc repro`"
             ) from None
         found.setdefault(variant, {})[seed] = Checkpoint(variant, seed, saved, model, path)
     if not found:
