@@ -49,6 +49,25 @@ def _finished(results: dict[str, list[dict]]) -> set[str]:
     return {name for name, rows in results.items() if rows and rows[-1]["epoch"] == EPOCHS}
 
 
+@pytest.fixture
+def spawn():
+    """`subprocess.Popen` in a session of its own. Whatever is still running when the test ends, however it
+    ends, is killed with its whole group (dvc, the stage, Ray's processes): a test that failed while it
+    waited would otherwise leave a training running under the tests after it."""
+    started: list[subprocess.Popen] = []
+
+    def start(command: list[str], **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(command, start_new_session=True, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def _wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,21 +107,14 @@ TRIALS = 18  # make_study_repo's default study: 9 variants x 2 training seeds
 # --- 1. the driver dies ---------------------------------------------------------------------------------
 
 
-def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tmp_path, smoke_study):
+def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tmp_path, smoke_study, spawn):
     # e3nn's first attempts stop for a while after their first epoch (and its checkpoint), computing
     # nothing different: whatever else has run by then, they are mid-run when the driver dies.
     pause = {"model": "e3nn", "epoch": 2, "kind": "pause", "pause_seconds": 30}
     root = make_study_repo(tmp_path, {"train": {"fault": pause}})
     run_command(["dvc", "repro", "prepare_points", "prepare_images"], root)
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=root,
-        env=tool_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = spawn(["dvc", "repro"], cwd=root, env=tool_env(), stdout=log, stderr=subprocess.STDOUT)
 
     # Kill once some trials have finished and an e3nn trial is mid-run (Tune saves its state every second).
     def ready() -> bool:
@@ -220,9 +232,9 @@ def _epochs_per_run(uri: str, parent_id: str) -> dict[str, list[int]]:
     return {r.data.tags["variant"]: _steps(uri, r.info.run_id) for r in _nested_runs(uri, parent_id)}
 
 
-def test_a_short_tracking_outage_is_retried_without_losing_a_metric(prepared_repo, tmp_path, server):
+def test_a_short_tracking_outage_is_retried_without_losing_a_metric(prepared_repo, tmp_path, server, spawn):
     root = _copy(prepared_repo, tmp_path)
-    proc = subprocess.Popen(
+    proc = spawn(
         TRAIN_CMD, cwd=root, env=tool_env({"MLFLOW_TRACKING_URI": server.uri}), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -240,14 +252,12 @@ def test_a_short_tracking_outage_is_retried_without_losing_a_metric(prepared_rep
 
 
 def test_a_long_outage_is_reported_at_the_end_and_a_rerun_logs_without_training(
-    prepared_repo, tmp_path, server
+    prepared_repo, tmp_path, server, spawn
 ):
     root = _copy(prepared_repo, tmp_path)
     _set_params(root, "mlflow", wait_seconds=3)
     env = tool_env({"MLFLOW_TRACKING_URI": server.uri})
-    proc = subprocess.Popen(
-        TRAIN_CMD, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = spawn(TRAIN_CMD, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _results(root), 300, proc, "the first trial result")
     server.stop()
     output, errors = proc.communicate(timeout=600)
