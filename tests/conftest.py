@@ -10,6 +10,7 @@ import os
 if not os.environ.get("PERCEPTION_TRITON_NATIVE"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
 import json
 import shutil
 import signal
@@ -297,6 +298,26 @@ def comparable_metrics(root: Path) -> dict:
 
 
 # --- a real MLflow tracking server -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spawn():
+    """`subprocess.Popen` in a session of its own. When the test ends, however it ends, its whole group is
+    killed (dvc, the stage, its worker processes, Ray's): a test that failed while it waited would otherwise
+    leave a study running under the tests after it, and a leader that exited may leave children behind."""
+    started: list[subprocess.Popen] = []
+
+    def start(command: list[str], **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(command, start_new_session=True, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        # Linux does not reuse a group's id while any member lives: this reaches the test's group or nothing.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def free_port() -> int:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -92,7 +90,7 @@ def _still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def test_a_trial_whose_node_dies_resumes_from_its_checkpoint_on_the_surviving_node(
-    tmp_path, two_node_cluster
+    tmp_path, two_node_cluster, spawn
 ):
     root = make_study_repo(tmp_path, SLOW_TRIALS, models=SLOW_MODELS)
     run_command(["dvc", "repro", "prepare_points", "prepare_images"], root)  # the timing is the training's
@@ -100,46 +98,31 @@ def test_a_trial_whose_node_dies_resumes_from_its_checkpoint_on_the_surviving_no
     head_id = two_node_cluster.head_node.node_id
     env = tool_env({"RAY_ADDRESS": two_node_cluster.address})
     log = tmp_path / "repro.log"  # a file, not a pipe: a pipe nobody reads while we poll would fill and block
-    with open(log, "w") as out:
-        study = subprocess.Popen(
-            ["dvc", "repro", "train"],
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        # A trial on the worker node with a checkpoint (epoch >= 1) and epochs still to go, in the middle of
-        # its next epoch: kill the node. Tune logs a result, then fetches its checkpoint in a second round
-        # trip to the trial; a node lost between the two loses that checkpoint, and the retry redoes the
-        # epoch. Killing a fifth to three fifths of an epoch after the last report keeps clear of that window
-        # (milliseconds) and of the next report.
-        deadline, victim = time.monotonic() + 300, None
-        while victim is None:
-            assert study.poll() is None, (
-                f"dvc repro ended before a trial ran on the worker:\n{log.read_text()}"
-            )
-            assert time.monotonic() < deadline, f"no trial reached epoch 1 on the worker: {_reported(root)}"
-            time.sleep(0.02)
-            for folder, results in _reported(root).items():
-                last = results[-1] if results else {}
-                if last.get("node_id") == worker.node_id and 1 <= last["epoch"] < EPOCHS:
-                    if 0.2 <= (time.time() - last["reported_at"]) / last["epoch_seconds"] <= 0.6:
-                        victim, before_kill = folder, last
-        doomed = {process.pid: process for process in _processes_of(worker)}
-        assert before_kill["pid"] in doomed, f"trial process {before_kill['pid']} is not the worker node's"
-        assert _reported(root)[victim][-1]["epoch"] == before_kill["epoch"], (
-            "the trial reported again meanwhile"
-        )
-        # A dead host takes its workers at once. remove_node kills the raylet and leaves its workers to notice
-        # (2 s here), and until then the driver still gets the trial's results: kill the trial first.
-        doomed[before_kill["pid"]].kill()
-        two_node_cluster.remove_node(worker, allow_graceful=False)
-        assert study.wait(timeout=600) == 0, log.read_text()
-    finally:
-        if study.poll() is None:
-            os.killpg(study.pid, signal.SIGKILL)  # dvc and the Tune driver under it
+    with open(log, "w") as out:  # dvc and the Tune driver under it: killed when the test ends (`spawn`)
+        study = spawn(["dvc", "repro", "train"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    # A trial on the worker node with a checkpoint (epoch >= 1) and epochs still to go, in the middle of
+    # its next epoch: kill the node. Tune logs a result, then fetches its checkpoint in a second round
+    # trip to the trial; a node lost between the two loses that checkpoint, and the retry redoes the
+    # epoch. Killing a fifth to three fifths of an epoch after the last report keeps clear of that window
+    # (milliseconds) and of the next report.
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None:
+        assert study.poll() is None, f"dvc repro ended before a trial ran on the worker:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no trial reached epoch 1 on the worker: {_reported(root)}"
+        time.sleep(0.02)
+        for folder, results in _reported(root).items():
+            last = results[-1] if results else {}
+            if last.get("node_id") == worker.node_id and 1 <= last["epoch"] < EPOCHS:
+                if 0.2 <= (time.time() - last["reported_at"]) / last["epoch_seconds"] <= 0.6:
+                    victim, before_kill = folder, last
+    doomed = {process.pid: process for process in _processes_of(worker)}
+    assert before_kill["pid"] in doomed, f"trial process {before_kill['pid']} is not the worker node's"
+    assert _reported(root)[victim][-1]["epoch"] == before_kill["epoch"], "the trial reported again meanwhile"
+    # A dead host takes its workers at once. remove_node kills the raylet and leaves its workers to notice
+    # (2 s here), and until then the driver still gets the trial's results: kill the trial first.
+    doomed[before_kill["pid"]].kill()
+    two_node_cluster.remove_node(worker, allow_graceful=False)
+    assert study.wait(timeout=600) == 0, log.read_text()
 
     # Nothing of the dead node runs on: its agents and idle workers went with its raylet.
     assert not _still_running(list(doomed.values()))

@@ -99,18 +99,23 @@ def _snapshot(root: Path) -> dict[str, int]:
     }
 
 
-def _kill_when(command: list[str], root: Path, log: Path, ready: Callable[[], bool], what: str) -> int:
-    """Start `command` in its own process group, SIGKILL the whole group once `ready()`; returns its pid."""
+def _kill_when(
+    spawn: Callable[..., subprocess.Popen],
+    command: list[str],
+    root: Path,
+    log: Path,
+    ready: Callable[[], bool],
+    what: str,
+) -> int:
+    """Start `command` in its own process group (`spawn`), SIGKILL the whole group once `ready()`; returns its
+    pid. Should `ready` or a wait fail, `spawn` kills the group when the test ends."""
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            command, cwd=root, env=tool_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = spawn(command, cwd=root, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while not ready():
         if process.poll() is not None:
             raise AssertionError(f"{' '.join(command)} ended before {what}:\n{log.read_text()}")
         if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
             raise AssertionError(f"{what} did not happen within 600 s:\n{log.read_text()}")
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)  # the group: dvc, the stage and any worker processes
@@ -128,7 +133,7 @@ def _kill_when(command: list[str], root: Path, log: Path, ready: Callable[[], bo
 
 @pytest.mark.parametrize("stage", list(KILLED_STAGES))
 def test_a_data_stage_killed_mid_write_leaves_nothing_usable_and_reruns_to_the_same_bytes(
-    stage: str, tmp_path: Path
+    stage: str, tmp_path: Path, spawn
 ):
     case = KILLED_STAGES[stage]
     reference = make_study_repo(tmp_path / "uninterrupted", case.params)
@@ -139,6 +144,7 @@ def test_a_data_stage_killed_mid_write_leaves_nothing_usable_and_reruns_to_the_s
     output = root / case.output
 
     killed_pid = _kill_when(
+        spawn,
         ["dvc", "repro", stage],
         root,
         tmp_path / "killed.log",
@@ -199,15 +205,16 @@ AFTER_RENAME: dict[str, tuple[Callable[[Path], bool], tuple[str, ...]]] = {
 
 
 @pytest.mark.parametrize("moment", list(AFTER_RENAME))
-def test_a_kill_after_the_rename_but_before_dvc_records_the_stage_is_rerun(moment: str, tmp_path: Path):
+def test_a_kill_after_the_rename_but_before_dvc_records_the_stage_is_rerun(
+    moment: str, tmp_path: Path, spawn
+):
     from perception.data.arrays import open_dataset
 
     reached, outcomes = AFTER_RENAME[moment]
     root = make_study_repo(tmp_path, KILLED_STAGES["prepare_points"].params)
     output = root / "data/prepared/points"
-    _kill_when(
-        ["dvc", "repro", "prepare_points"], root, tmp_path / "killed.log", lambda: reached(root), moment
-    )
+    command = ["dvc", "repro", "prepare_points"]
+    _kill_when(spawn, command, root, tmp_path / "killed.log", lambda: reached(root), moment)
     assert not (root / "dvc.lock").exists(), "the kill landed after DVC recorded the stage"
     open_dataset(output, "points")  # whole, since the rename is atomic: the next stage may read it
     written = _file_hashes(root, ("data/prepared/points",))

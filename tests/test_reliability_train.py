@@ -49,25 +49,6 @@ def _finished(results: dict[str, list[dict]]) -> set[str]:
     return {name for name, rows in results.items() if rows and rows[-1]["epoch"] == EPOCHS}
 
 
-@pytest.fixture
-def spawn():
-    """`subprocess.Popen` in a session of its own. Whatever is still running when the test ends, however it
-    ends, is killed with its whole group (dvc, the stage, Ray's processes): a test that failed while it
-    waited would otherwise leave a training running under the tests after it."""
-    started: list[subprocess.Popen] = []
-
-    def start(command: list[str], **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(command, start_new_session=True, **kwargs)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def _wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
