@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import os
 import shutil
@@ -66,9 +67,34 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    _rename_into_place(temporary, final)
+
+
+def _rename_into_place(temporary: Path, final: Path) -> None:
+    """Rename the folder `temporary` to `final`, replacing the folder there.
+
+    A rename cannot replace a folder that holds files, so the one in place is first renamed aside (itself a
+    rename: readers see the old output or the new one, only missing for the instant between) and removed
+    after. Another writer may rename its own folder into place meanwhile (its temporary folder is spared,
+    above): that one is moved aside too, and this rename, the last, wins. Removing the old folder in place
+    instead raced with such a writer: two removals of one tree, or a rename onto the other's new folder."""
+    asides: list[Path] = []
+    try:
+        while True:
+            try:
+                os.replace(temporary, final)  # no folder, or an empty one, at `final`
+                return
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            # `.<name>.tmp-old<i>-<pid>`: a leftover of a killed writer, removed by the next one
+            aside = final.parent / f".{final.name}.tmp-old{len(asides)}-{os.getpid()}"
+            with contextlib.suppress(FileNotFoundError):  # another writer moved it aside first
+                os.replace(final, aside)
+                asides.append(aside)
+    finally:
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -197,6 +197,34 @@ def test_a_writer_leaves_a_running_writers_folder_alone_and_the_last_rename_wins
     assert not list(tmp_path.glob(".points.tmp-*"))
 
 
+WRITES_IN_A_LOOP = """
+import os, sys, time
+from pathlib import Path
+from pipeline.outputs import atomic_output_dir
+final, go, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+while not go.exists():
+    time.sleep(0.001)
+for write in range(count):
+    with atomic_output_dir(final) as folder:
+        for part in range(8):
+            (folder / f"part{part}").write_text(f"{os.getpid()} {write}")
+"""
+
+
+def test_writers_that_rename_at_the_same_moment_all_finish_and_one_whole_output_wins(tmp_path, spawn):
+    """Two writers of one output finishing together: removing the folder in place and then renaming raced
+    (both removing one tree: FileNotFoundError; a rename onto the other's new folder: ENOTEMPTY)."""
+    out, go = tmp_path / "out", tmp_path / "go"
+    command = [sys.executable, "-c", WRITES_IN_A_LOOP, str(out), str(go), "300"]
+    writers = [spawn(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    errors = [writer.communicate(timeout=300)[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], errors
+    parts = _files(out)
+    assert len(parts) == 8 and len(set(parts.values())) == 1, parts  # one writer's one write, whole
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
 def test_corrupted_or_partial_datasets_are_refused_by_name(tmp_path, tiny_config):
     prepare_points(tiny_config(), tmp_path / "points")
     target = tmp_path / "points" / "train_points.npy"
