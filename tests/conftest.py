@@ -297,7 +297,7 @@ def comparable_metrics(root: Path) -> dict:
     return metrics
 
 
-# --- a real MLflow tracking server -------------------------------------------------------------------------
+# --- processes a test starts --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -314,10 +314,13 @@ def spawn():
 
     yield start
     for process in started:
-        # Linux does not reuse a group's id while any member lives: this reaches the test's group or nothing.
+        # An exited leader's children run on in its group, whose id is not reused while any of them lives.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# --- a real MLflow tracking server -------------------------------------------------------------------------
 
 
 def free_port() -> int:
