@@ -174,25 +174,24 @@ with atomic_output_dir(final) as folder:
 """
 
 
-def test_a_writer_leaves_a_running_writers_folder_alone_and_the_last_rename_wins(tmp_path, tiny_config):
+def test_a_writer_leaves_a_running_writers_folder_alone_and_the_last_rename_wins(
+    tmp_path, tiny_config, spawn
+):
     """Two hand-run prepares on one output: the stage's writer removed the other's half-written folder as a
     killed run's leftover, and the other died renaming it (FileNotFoundError)."""
     out, go = tmp_path / "points", tmp_path / "go"
-    other = subprocess.Popen([sys.executable, "-c", WRITER_IN_ANOTHER_PROCESS, str(out), str(go)])
+    # `spawn` kills it when the test ends: a failed assertion must not leave it waiting for ever
+    other = spawn([sys.executable, "-c", WRITER_IN_ANOTHER_PROCESS, str(out), str(go)])
     theirs = tmp_path / f".points.tmp-{other.pid}"
-    try:
-        deadline = time.monotonic() + 60
-        while not (theirs / "written_by").exists():
-            assert other.poll() is None and time.monotonic() < deadline, "the other writer did not start"
-            time.sleep(0.01)
-        prepare_points(tiny_config(), out)  # this writer, while the other is halfway
-        assert (theirs / "written_by").read_text() == "the other writer"  # left alone
-        assert (out / "manifest.json").exists()
-        go.touch()
-        assert other.wait(timeout=60) == 0
-    finally:  # a failed assertion must not leave the other writer waiting for ever
-        other.kill()
-        other.wait()
+    deadline = time.monotonic() + 60
+    while not (theirs / "written_by").exists():
+        assert other.poll() is None and time.monotonic() < deadline, "the other writer did not start"
+        time.sleep(0.01)
+    prepare_points(tiny_config(), out)  # this writer, while the other is halfway
+    assert (theirs / "written_by").read_text() == "the other writer"  # left alone
+    assert (out / "manifest.json").exists()
+    go.touch()
+    assert other.wait(timeout=60) == 0
     assert _files(out) == {"written_by": b"the other writer"}  # it renamed last
     assert not list(tmp_path.glob(".points.tmp-*"))
 
