@@ -320,6 +320,26 @@ def spawn():
         process.wait()
 
 
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float,
+    process: subprocess.Popen | None = None,
+    what: str = "the condition",
+    poll: float = 0.2,
+) -> T:
+    """`condition()`'s first truthy value, polled every `poll` s; an AssertionError naming `what` if `timeout`
+    s pass first, or if `process` ends first (what it was to do will then never happen)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (rc {process.returncode}) before {what}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 # --- a real MLflow tracking server -------------------------------------------------------------------------
 
 

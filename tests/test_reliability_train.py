@@ -25,6 +25,7 @@ from tests.conftest import (
     make_study_repo,
     run_command,
     tool_env,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -47,18 +48,6 @@ def _results(root: Path) -> dict[str, list[dict]]:
 
 def _finished(results: dict[str, list[dict]]) -> set[str]:
     return {name for name, rows in results.items() if rows and rows[-1]["epoch"] == EPOCHS}
-
-
-def _wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _nested_runs(uri: str, parent_id: str) -> list:
@@ -103,7 +92,7 @@ def test_a_killed_driver_is_restored_not_restarted_and_gives_the_same_metrics(tm
         paused = any(name.startswith("e3nn") and len(rows) == 1 for name, rows in results.items())
         return paused and len(_finished(results)) >= 2
 
-    _wait_for(ready, 600, proc, "two trials finished and one paused mid-run")
+    wait_for(ready, 600, proc, "two trials finished and one paused mid-run")
     time.sleep(2.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -219,7 +208,7 @@ def test_a_short_tracking_outage_is_retried_without_losing_a_metric(prepared_rep
         TRAIN_CMD, cwd=root, env=tool_env({"MLFLOW_TRACKING_URI": server.uri}), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    _wait_for(lambda: _results(root), 300, proc, "the first trial result")
+    wait_for(lambda: _results(root), 300, proc, "the first trial result")
     server.stop()
     time.sleep(4)
     server.start()
@@ -239,7 +228,7 @@ def test_a_long_outage_is_reported_at_the_end_and_a_rerun_logs_without_training(
     _set_params(root, "mlflow", wait_seconds=3)
     env = tool_env({"MLFLOW_TRACKING_URI": server.uri})
     proc = spawn(TRAIN_CMD, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _results(root), 300, proc, "the first trial result")
+    wait_for(lambda: _results(root), 300, proc, "the first trial result")
     server.stop()
     output, errors = proc.communicate(timeout=600)
     assert proc.returncode == 2, output + errors

@@ -16,7 +16,7 @@ from pipeline.parallel import cpu_slots, in_use, locked, parallel_map, shared_po
 from pipeline.tracking.store import artifact_root, tracking_uri
 from pipeline.training import session
 from tests import processes
-from tests.conftest import TINY_PARAMS, merge
+from tests.conftest import TINY_PARAMS, merge, wait_for
 
 
 def test_a_queued_experiments_home_is_the_repository_dvc_runs_in(tmp_path, monkeypatch):
@@ -62,17 +62,10 @@ def _spawn(target, *args) -> multiprocessing.Process:
     return process
 
 
-def _wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_a_lock_is_seen_while_held_and_freed_when_its_holder_is_killed(tmp_path):
     path = tmp_path / "train-abc.lock"
     holder = _spawn(processes.hold, str(path), 60)
-    _wait_until(lambda: in_use(path))
+    wait_for(lambda: in_use(path), 30, poll=0.05)
     waits = []
     holder.kill()  # SIGKILL: no cleanup ran, the kernel releases the lock
     holder.join()
@@ -84,7 +77,7 @@ def test_a_lock_is_seen_while_held_and_freed_when_its_holder_is_killed(tmp_path)
 def test_a_second_driver_of_the_same_trials_waits_and_says_so(tmp_path, capsys):
     experiment = str(tmp_path / "train-abc")
     holder = _spawn(processes.hold, str(session.lock_path(experiment)), 1.5)
-    _wait_until(lambda: in_use(session.lock_path(experiment)))
+    wait_for(lambda: in_use(session.lock_path(experiment)), 30, poll=0.05)
     began = time.monotonic()
     with session.holding(experiment):
         waited = time.monotonic() - began
@@ -99,7 +92,7 @@ def test_clearing_old_runs_keeps_the_restored_one_and_those_in_use(tmp_path):
         (storage / name).mkdir(parents=True)
     holder = _spawn(processes.hold, str(session.lock_path(str(storage / "train-busy"))), 60)
     try:
-        _wait_until(lambda: in_use(session.lock_path(str(storage / "train-busy"))))
+        wait_for(lambda: in_use(session.lock_path(str(storage / "train-busy"))), 30, poll=0.05)
         session.clear_local_runs(str(storage), keep="train-mine")
     finally:
         holder.kill()
@@ -143,7 +136,7 @@ def test_a_holder_waiting_for_all_cores_holds_none_of_them(tmp_path):
     log = tmp_path / "log"
     with cpu_slots(1, tmp_path, poll_s=0.01):
         wanting_all = _spawn(processes.take, str(tmp_path), cores, str(log))
-        _wait_until(lambda: Path(str(log) + ".asking").exists())
+        wait_for(lambda: Path(str(log) + ".asking").exists(), 30, poll=0.05)
         time.sleep(0.5)
         assert not log.exists()  # it waits for the core held here...
         with cpu_slots(cores - 1, tmp_path, poll_s=0.01) as waited:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,15 @@ import pytest
 from perception.data.arrays import DatasetError, open_dataset
 from pipeline.stages.prepare_images import prepare_images
 from pipeline.stages.prepare_points import DataError, prepare_points
-from tests.conftest import CUBE_QUADS, CUBE_TRIANGLES, CUBE_VERTICES, off_text, ply_ascii_points, stl_binary
+from tests.conftest import (
+    CUBE_QUADS,
+    CUBE_TRIANGLES,
+    CUBE_VERTICES,
+    off_text,
+    ply_ascii_points,
+    stl_binary,
+    wait_for,
+)
 
 
 def _files(folder):
@@ -183,10 +190,7 @@ def test_a_writer_leaves_a_running_writers_folder_alone_and_the_last_rename_wins
     # `spawn` kills it when the test ends: a failed assertion must not leave it waiting for ever
     other = spawn([sys.executable, "-c", WRITER_IN_ANOTHER_PROCESS, str(out), str(go)])
     theirs = tmp_path / f".points.tmp-{other.pid}"
-    deadline = time.monotonic() + 60
-    while not (theirs / "written_by").exists():
-        assert other.poll() is None and time.monotonic() < deadline, "the other writer did not start"
-        time.sleep(0.01)
+    wait_for((theirs / "written_by").exists, 60, other, "the other writer's half-written folder", poll=0.01)
     prepare_points(tiny_config(), out)  # this writer, while the other is halfway
     assert (theirs / "written_by").read_text() == "the other writer"  # left alone
     assert (out / "manifest.json").exists()
