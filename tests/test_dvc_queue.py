@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import make_study_repo, run_command, tool_env
+from tests.conftest import make_study_repo, run_command, tool_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -160,10 +160,8 @@ def test_a_queued_experiment_whose_worker_dies_is_restored_when_it_runs_again(tm
         rows = next(iter(_results(root).values()), {})
         return any(name.startswith("vit") and len(r) == 1 for name, r in rows.items())
 
-    deadline = time.monotonic() + 600
-    while len(finished()) < 2 or not paused():
-        assert time.monotonic() < deadline, "no two trials finished and one paused mid-run in time"
-        time.sleep(0.2)  # (not `dvc queue status`: it takes seconds, the trials less)
+    # (polled on the files, not with `dvc queue status`: it takes seconds, the trials less)
+    wait_for(lambda: len(finished()) >= 2 and paused(), 600, what="two trials finished and one paused")
     time.sleep(2.5)  # Tune saves its run state every second
     driver = _stage_process(root, "train")
     assert driver is not None, "the queued experiment's train stage is not running"
