@@ -1,9 +1,9 @@
 """C kernels compiled on first use with the machine's C compiler, cached on disk, and called through ctypes.
 
-`compiled_library` builds one source with its flags into a shared library, once per machine, in a cache
-only this user can write; `run_parts` splits a call over contiguous ranges of its work, one per torch thread
-(ctypes drops the GIL, so they run in parallel); `Kernel` loads one source once per process, or warns and
-lets its caller take the reference path. Used by the selective scan (`perception.ops.scan.native`), e3nn's
+`compiled_library` builds one source with its flags into a shared library, once per machine and CPU, in a
+cache only this user can write; `run_parts` splits a call over contiguous ranges of its work, one per torch
+thread (ctypes drops the GIL, so they run in parallel); `Kernel` loads one source once per process, or warns
+and lets its caller take the reference path. Used by the selective scan (`perception.ops.scan.native`), e3nn's
 tensor product (`perception.ops.tensor_product`), DGCNN's neighbour max (`perception.ops.neighbour_reduce`),
 the k nearest neighbours (`perception.ops.graphs.smallest_k`) and Mamba's causal convolution
 (`perception.ops.causal_conv`).
@@ -11,7 +11,9 @@ the k nearest neighbours (`perception.ops.graphs.smallest_k`) and Mamba's causal
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -36,8 +38,22 @@ FASTMATH = Path(__file__).with_name("fastmath.h")  # vectorisable exp, sigmoid, 
 _pool: ThreadPoolExecutor | None = None
 
 
+@functools.cache
+def cpu_signature(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What `-march=native` compiles for: the model and instruction-set extensions of the first CPU in
+    `cpuinfo` (Linux: `model name` and `flags` on x86, `CPU part` and `Features` on ARM), else the
+    platform's processor name."""
+    with contextlib.suppress(OSError):
+        first = cpuinfo.read_text(errors="replace").split("\n\n")[0]
+        wanted = {"model name", "flags", "cpu part", "features", "isa"}
+        fields = [line for line in first.splitlines() if line.split(":")[0].strip().lower() in wanted]
+        if fields:
+            return "\n".join(fields)
+    return platform.processor()
+
+
 def compiled_library(source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
-    """`source` compiled with `flags` (once per machine: cached on disk) and loaded.
+    """`source` compiled with `flags` (once per machine: cached on disk, per CPU) and loaded.
 
     The cache is ~/.cache/perception-study/kernels (or $XDG_CACHE_HOME's, or $PERCEPTION_KERNEL_CACHE).
     Raises RuntimeError without a C compiler, subprocess.CalledProcessError (its stderr says why) when the
@@ -45,8 +61,10 @@ def compiled_library(source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    # The key covers the source, flags and machine (-march=native code must not cross machines).
-    key = "\n".join((source, cc, *flags, platform.node(), platform.machine()))
+    # The key covers the source, flags and CPU: -march=native code must not cross CPUs, and a cache that
+    # travels (a home folder on shared storage, or VMs that all answer to one hostname) would otherwise
+    # hand an AVX-512 build to an AVX2 machine, which dies of an illegal instruction.
+    key = "\n".join((source, cc, *flags, platform.node(), platform.machine(), cpu_signature()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     # A cache only this user can write: a shared /tmp would let another account plant a library here.
     home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
