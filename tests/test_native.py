@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from perception import machine
 from perception.ops import native
 
 pytestmark = pytest.mark.skipif(
@@ -31,12 +33,12 @@ def _cpuinfo(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_the_signature_is_the_first_cpus_model_and_extensions(tmp_path: Path) -> None:
-    avx2 = native.cpu_signature(_cpuinfo(tmp_path, "avx2", X86.format(extra="")))
-    assert avx2 == "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 "
-    assert native.cpu_signature(_cpuinfo(tmp_path, "avx512", X86.format(extra="avx512f"))) != avx2
-    arm = native.cpu_signature(_cpuinfo(tmp_path, "arm", ARM))
-    assert arm == "Features\t: fp asimd sve\nCPU part\t: 0xd40"
-    assert native.cpu_signature(tmp_path / "absent") == platform.processor()
+    avx2 = machine.cpu_signature(_cpuinfo(tmp_path, "avx2", X86.format(extra="")))
+    assert avx2 == "model name: AMD EPYC\nflags: fpu sse2 avx2"
+    assert machine.cpu_signature(_cpuinfo(tmp_path, "avx512", X86.format(extra="avx512f"))) != avx2
+    arm = machine.cpu_signature(_cpuinfo(tmp_path, "arm", ARM))
+    assert arm == "cpu part: 0xd40\nfeatures: fp asimd sve"
+    assert machine.cpu_signature(tmp_path / "absent") == platform.processor()
 
 
 def _library_files(cache: Path) -> set[str]:
@@ -48,8 +50,8 @@ def test_a_cache_shared_by_two_cpus_builds_once_for_each(tmp_path: Path, monkeyp
     monkeypatch.setenv("PERCEPTION_KERNEL_CACHE", str(cache))
     # One hostname, two CPUs: the AVX-512 machine's build must not be the AVX2 machine's.
     cpus = {
-        "avx2": native.cpu_signature(_cpuinfo(tmp_path, "avx2", X86.format(extra=""))),
-        "avx512": native.cpu_signature(_cpuinfo(tmp_path, "avx512", X86.format(extra="avx512f"))),
+        "avx2": machine.cpu_signature(_cpuinfo(tmp_path, "avx2", X86.format(extra=""))),
+        "avx512": machine.cpu_signature(_cpuinfo(tmp_path, "avx512", X86.format(extra="avx512f"))),
     }
     built = {}
     for name, signature in cpus.items():
@@ -64,3 +66,10 @@ def test_a_cache_shared_by_two_cpus_builds_once_for_each(tmp_path: Path, monkeyp
     monkeypatch.setattr(native, "cpu_signature", lambda: cpus["avx2"])
     native.compiled_library(SOURCE)
     assert _library_files(cache) == built["avx512"]
+
+
+def test_a_latency_names_the_cpu_and_the_vector_width_torch_runs_at() -> None:
+    name = machine.processor_name()
+    assert platform.machine() in name
+    width = torch.backends.cpu.get_cpu_capability()  # AVX512, AVX2, ... ("DEFAULT": none named)
+    assert (width in name) == (width != "DEFAULT"), name

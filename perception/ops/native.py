@@ -11,9 +11,7 @@ the k nearest neighbours (`perception.ops.graphs.smallest_k`) and Mamba's causal
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from perception.machine import cpu_signature
+
 FLAGS = (
     "-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
     "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast",
@@ -36,20 +36,6 @@ FLAGS = (
 STRICT_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 FASTMATH = Path(__file__).with_name("fastmath.h")  # vectorisable exp, sigmoid, softplus for the kernels
 _pool: ThreadPoolExecutor | None = None
-
-
-@functools.cache
-def cpu_signature(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """What `-march=native` compiles for: the model and instruction-set extensions of the first CPU in
-    `cpuinfo` (Linux: `model name` and `flags` on x86, `CPU part` and `Features` on ARM), else the
-    platform's processor name."""
-    with contextlib.suppress(OSError):
-        first = cpuinfo.read_text(errors="replace").split("\n\n")[0]
-        wanted = {"model name", "flags", "cpu part", "features", "isa"}
-        fields = [line for line in first.splitlines() if line.split(":")[0].strip().lower() in wanted]
-        if fields:
-            return "\n".join(fields)
-    return platform.processor()
 
 
 def compiled_library(source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:

@@ -58,10 +58,11 @@ def hardware() -> list[str]:
     """The machine the report runs on: platform, Python, torch, cores and GPU."""
     import torch
 
+    from perception.machine import processor_name
+
     lines = [
         f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}",
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"{torch.get_num_threads()} torch threads",
+        f"{os.cpu_count()} CPU cores ({processor_name()}), {torch.get_num_threads()} torch threads",
     ]
     lines.append(f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "GPU: none")
     return lines

@@ -30,6 +30,7 @@ import torch
 
 from perception.data.arrays import open_dataset
 from perception.evaluation.intervals import BootstrapSettings
+from perception.machine import processor_name
 from pipeline.config import StudyConfig
 from pipeline.evaluation import evidence
 from pipeline.evaluation.measurements import (
@@ -108,8 +109,7 @@ def _deployment_timing(config, checkpoints, points, images, proximity) -> Deploy
 def _machine() -> str:
     """The machine the latencies were measured on, as a reader would name it."""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    cpu = platform.processor() or platform.machine()
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPU cores{gpu})"
+    return f"{platform.node()} ({processor_name()}, {os.cpu_count()} CPU cores{gpu})"
 
 
 def evaluate(
