@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from perception.machine import processor_name
 from perception.models import build
 from perception.ops.scan import SCAN_BACKENDS, resolve_backend
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": processor_name(),
         "auto_backend": resolve_backend("auto"),
         "scan": bench_scan(args.quick),
     }

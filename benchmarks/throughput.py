@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from perception.machine import processor_name
 from perception.models import FAMILIES, build
 
 IMAGE_SHAPE = (4, 32, 32)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            "processor": processor_name(),
             "threads": torch.get_num_threads(),
         },
         "batch": args.batch,
