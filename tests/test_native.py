@@ -4,41 +4,20 @@ shared storage, or VMs that all answer to one hostname) never hands a machine co
 from __future__ import annotations
 
 import ctypes
-import platform
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from perception import machine
 from perception.ops import native
+from tests.test_machine import X86, cpuinfo_file
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here"
 )
 
 SOURCE = "int answer(void) { return 42; }\n"
-X86 = (
-    "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 {extra}\n"
-    "bugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2\n"
-)
-ARM = "processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n\nprocessor\t: 1\nFeatures\t: fp\n"
-
-
-def _cpuinfo(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def test_the_signature_is_the_first_cpus_model_and_extensions(tmp_path: Path) -> None:
-    avx2 = machine.cpu_signature(_cpuinfo(tmp_path, "avx2", X86.format(extra="")))
-    assert avx2 == "model name: AMD EPYC\nflags: fpu sse2 avx2"
-    assert machine.cpu_signature(_cpuinfo(tmp_path, "avx512", X86.format(extra="avx512f"))) != avx2
-    arm = machine.cpu_signature(_cpuinfo(tmp_path, "arm", ARM))
-    assert arm == "cpu part: 0xd40\nfeatures: fp asimd sve"
-    assert machine.cpu_signature(tmp_path / "absent") == platform.processor()
 
 
 def _library_files(cache: Path) -> set[str]:
@@ -50,8 +29,8 @@ def test_a_cache_shared_by_two_cpus_builds_once_for_each(tmp_path: Path, monkeyp
     monkeypatch.setenv("PERCEPTION_KERNEL_CACHE", str(cache))
     # One hostname, two CPUs: the AVX-512 machine's build must not be the AVX2 machine's.
     cpus = {
-        "avx2": machine.cpu_signature(_cpuinfo(tmp_path, "avx2", X86.format(extra=""))),
-        "avx512": machine.cpu_signature(_cpuinfo(tmp_path, "avx512", X86.format(extra="avx512f"))),
+        "avx2": machine.cpu_signature(cpuinfo_file(tmp_path, "avx2", X86.format(extra=""))),
+        "avx512": machine.cpu_signature(cpuinfo_file(tmp_path, "avx512", X86.format(extra="avx512f"))),
     }
     built = {}
     for name, signature in cpus.items():
@@ -66,10 +45,3 @@ def test_a_cache_shared_by_two_cpus_builds_once_for_each(tmp_path: Path, monkeyp
     monkeypatch.setattr(native, "cpu_signature", lambda: cpus["avx2"])
     native.compiled_library(SOURCE)
     assert _library_files(cache) == built["avx512"]
-
-
-def test_a_latency_names_the_cpu_and_the_vector_width_torch_runs_at() -> None:
-    name = machine.processor_name()
-    assert platform.machine() in name
-    width = torch.backends.cpu.get_cpu_capability()  # AVX512, AVX2, ... ("DEFAULT": none named)
-    assert (width in name) == (width != "DEFAULT"), name
