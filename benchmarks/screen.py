@@ -12,8 +12,11 @@ folder, or into `--data` (its `points/`, `images/`, `proximity/`, each prepared 
 later screens, and by screens started beside it). Training is the trial's: one thread, the same split,
 batches, schedule and seed; the test accuracy is the best validation epoch's on the in-distribution test
 set, as the evaluate stage measures it: the test clouds at the points the model trained on, the images at
-the training canvas, the proximity task's test images. Two screens at a time use a 2-core machine fully.
-With `--json`, the result is appended to that file as one line.
+the training canvas, the proximity task's test images. A point model is also tested under the evaluate
+stage's own rotations of the test clouds (`evaluate.rotation_draws` draws about z and in SO(3), seeded by
+`seed`), so that a baseline trained with rotation augmentation compares with e3nn where claim 4 does.
+Two screens at a time use a 2-core machine fully. With `--json`, the result is appended to that file as
+one line.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from perception.allocator import keep_freed_blocks
 from perception.data.arrays import PreparedDataset, open_dataset
 from perception.evaluation.intervals import BootstrapSettings
 from perception.evaluation.plateau import plateau_gain
+from perception.evaluation.rotation import evaluate_rotations
 from pipeline.config import ConfigError, StudyConfig, load_config, parse_config, read_params
 from pipeline.evaluation.measurements import test_clouds, tested_points
 from pipeline.parallel import locked
@@ -132,9 +136,20 @@ def trial_inputs(
     return flat, data, dataset
 
 
+def rotated_accuracy(
+    model: torch.nn.Module, clouds: torch.Tensor, labels: torch.Tensor, config: StudyConfig
+) -> dict[str, float]:
+    """Test accuracy of a point model on clouds float[N, P, 3] under the evaluate stage's own rotations:
+    `evaluate.rotation_draws` draws about z and in SO(3), seeded by the data seed. {mode: accuracy}."""
+    ev = config.evaluate
+    modes = ("z", "so3")
+    results = evaluate_rotations(model, clouds, labels, modes, ev.rotation_draws, config.seed, ev.batch_size)
+    return {mode: round(results[mode].accuracy, 4) for mode in modes}
+
+
 def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path) -> dict:
     """Train `variant` at training seed `seed` on its prepared dataset in `folder`; its curve and test
-    accuracy on the in-distribution test set."""
+    accuracy on the in-distribution test set (a point model's also under z and SO(3) rotations)."""
     flat, data, dataset = trial_inputs(config, variant, seed, folder)
     stem = array_stems(config)[variant.dataset]
     classes = [str(c) for c in dataset.manifest["classes"]]
@@ -180,6 +195,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
     seconds = time.perf_counter() - began
     model.load_state_dict(best_state)
     predicted = training.predict(model, test_x, config.evaluate.batch_size, cpu)
+    rotated = rotated_accuracy(model, test_x, test_y, config) if variant.dataset == "points" else {}
     wrong = Counter(
         f"{classes[truth]} -> {classes[guess]}"
         for truth, guess in zip(test_y.tolist(), predicted.tolist(), strict=True)
@@ -191,6 +207,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
         "variant": variant.name,
         "seed": seed,
         "test_accuracy": round(float((predicted == test_y).float().mean()), 4),
+        "rotated_test_accuracy": rotated,
         "best_val_accuracy": round(max(curve), 4),
         "last_quarter_gain_points": round(100 * training.last_quarter_gain(curve), 2),
         "last_quarter_gain_interval": [round(gain.lo, 2), round(gain.hi, 2)] if gain else None,
@@ -205,6 +222,13 @@ def _interval(result: dict) -> str:
     """The gain's interval over validation samples, as printed."""
     ends = result["last_quarter_gain_interval"]
     return f"[{ends[0]:+.2f}, {ends[1]:+.2f}] over validation samples" if ends else ""
+
+
+def _rotated(result: dict) -> str:
+    """A point model's test accuracy under rotation, as printed."""
+    names = {"z": "about z", "so3": "under SO(3)"}
+    rotated = result["rotated_test_accuracy"]
+    return "".join(f", {100 * accuracy:.1f}% {names[mode]}" for mode, accuracy in rotated.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] = settings
     print(
         f"screen: {args.variant} seed {args.seed} {settings or 'as in params'}: test "
-        f"{100 * result['test_accuracy']:.1f}%, best val {100 * result['best_val_accuracy']:.1f}%, "
+        f"{100 * result['test_accuracy']:.1f}%{_rotated(result)}, "
+        f"best val {100 * result['best_val_accuracy']:.1f}%, "
         f"last-quarter gain {result['last_quarter_gain_points']:+.2f} points {_interval(result)}, "
         f"{result['train_seconds']:.0f} s"
     )

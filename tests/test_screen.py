@@ -9,8 +9,9 @@ import sys
 import threading
 
 import pytest
+import torch
 
-from benchmarks.screen import prepare_missing, prepared_folder, preparing, screened_config
+from benchmarks.screen import prepare_missing, prepared_folder, preparing, rotated_accuracy, screened_config
 from pipeline.config import ConfigError
 from tests.conftest import REPO
 
@@ -32,6 +33,20 @@ def test_a_screen_trains_the_variant_with_its_settings_and_reports_its_test_accu
     wrong = round((1 - result["test_accuracy"]) * test_count)
     assert sum(result["confusions"].values()) == wrong
     assert "test" in done.stdout.splitlines()[-2]
+    rotated = result["rotated_test_accuracy"]  # a point model: also under the evaluate stage's rotations
+    assert set(rotated) == {"z", "so3"} and all(0 <= a <= 1 for a in rotated.values())
+    assert f"{100 * rotated['so3']:.1f}% under SO(3)" in done.stdout.splitlines()[-2]
+
+
+def test_an_equivariant_screen_scores_the_same_under_rotation(params, tmp_path):
+    """The rotated test clouds are the unrotated ones turned, at the same points: e3nn's answers stay."""
+    out = tmp_path / "screen.jsonl"
+    command = [sys.executable, "-m", "benchmarks.screen", "e3nn", "--params", str(params)]
+    command += ["--set", "epochs=2", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    e3nn = json.loads(out.read_text())
+    assert e3nn["rotated_test_accuracy"] == {"z": e3nn["test_accuracy"], "so3": e3nn["test_accuracy"]}
 
 
 @pytest.mark.parametrize(
@@ -105,3 +120,22 @@ def test_the_cli_stops_on_bad_settings_and_writes_nothing(params, tmp_path):
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "lmax = 9" in done.stderr
     assert not out.exists()
+
+
+class _UpOrDown(torch.nn.Module):
+    """Class 1 where a cloud's mean height is above zero: blind to turns about z, not to other rotations."""
+
+    def forward(self, clouds: torch.Tensor) -> torch.Tensor:  # [B, P, 3] -> logits [B, 2]
+        up = clouds[..., 2].mean(dim=1)
+        return torch.stack([-up, up], dim=1)
+
+
+def test_the_rotated_accuracy_turns_the_test_clouds_as_the_evaluate_stage_does(params):
+    config, _ = screened_config(params, "pointnet-none", {})
+    generator = torch.Generator().manual_seed(0)
+    clouds = torch.randn(64, 32, 3, generator=generator) + torch.tensor([0.0, 0.0, 1.0])
+    clouds[32:, :, 2] -= 2.0  # half above the floor, half below
+    labels = (torch.arange(64) < 32).long()
+    rotated = rotated_accuracy(_UpOrDown(), clouds, labels, config)
+    assert rotated["z"] == 1.0  # a turn about z keeps every height
+    assert 0.2 < rotated["so3"] < 0.8  # anywhere in SO(3): the height is a coin toss
