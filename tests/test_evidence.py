@@ -29,13 +29,16 @@ def _correct(accuracy: float, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((SEEDS, CLOUDS, DRAWS)) < accuracy
 
 
-def _study(e3nn_accuracy: float) -> tuple[dict, dict]:
-    """Two un-augmented baselines that fail under SO(3) and an e3nn model that does not."""
+def _study(e3nn_accuracy: float, augmented: bool = False) -> tuple[dict, dict]:
+    """Two un-augmented baselines that fail under SO(3) and an e3nn model that does not; with `augmented`,
+    two baselines trained with SO(3) augmentation besides, each about as good under SO(3) as unrotated."""
     accuracies = {  # variant -> (none, z, so3)
         "pointnet-none": (0.85, 0.6, 0.2),
         "dgcnn": (0.9, 0.7, 0.3),
         "e3nn": (e3nn_accuracy, e3nn_accuracy, e3nn_accuracy),
     }
+    if augmented:
+        accuracies |= {"pointnet-so3": (0.65, 0.64, 0.63), "dgcnn-so3": (0.83, 0.82, 0.82)}
     correct = {
         name: {
             mode: _correct(a, 10 * i + j)
@@ -43,7 +46,10 @@ def _study(e3nn_accuracy: float) -> tuple[dict, dict]:
         }
         for i, (name, acc) in enumerate(accuracies.items())
     }
-    infos = {name: VariantInfo(name, name.split("-")[0]) for name in accuracies}
+    infos = {
+        name: VariantInfo(name, name.split("-")[0], "so3" if name.endswith("-so3") else "none")
+        for name in accuracies
+    }
     return correct, infos
 
 
@@ -66,6 +72,26 @@ def test_the_equivariant_gap_is_e3nn_against_the_best_unaugmented_baseline_paire
     line = next(line for line in verdict.measured if line.startswith("unrotated accuracy, e3nn - dgcnn"))
     assert f"{100 * gap.value:+.1f} points" in line
     assert v.render_effect(verdict).startswith(f"{100 * evidence.effect.value:+.1f}")
+    assert evidence.augmented_gap is None  # no baseline trained with SO(3) augmentation: no line
+    assert not any(line.startswith("under SO(3)") for line in verdict.measured)
+
+
+@pytest.mark.parametrize("e3nn_accuracy", [0.6, 0.88])
+def test_the_augmented_gap_is_e3nn_against_the_best_so3_augmented_baseline_under_so3(e3nn_accuracy):
+    correct, infos = _study(e3nn_accuracy, augmented=True)
+    fits = model_fits(rotation_tables(correct, infos, SETTINGS), infos, 13, "rotation")
+    evidence = rotation_evidence(correct, infos, fits, SETTINGS)
+
+    assert evidence.best_augmented == "dgcnn-so3"  # the higher accuracy under SO(3)
+    assert evidence.best_baseline == "dgcnn"  # the augmented ones are not un-augmented baselines
+    under_so3 = {name: correct[name]["so3"].mean() for name in correct}
+    gap = evidence.augmented_gap
+    assert gap.value == pytest.approx(under_so3["e3nn"] - under_so3["dgcnn-so3"])
+    assert gap.lo < gap.value < gap.hi
+    assert (gap.value > 0) == (e3nn_accuracy > 0.82)
+    line = next(line for line in v.claim_rotation(evidence).measured if line.startswith("under SO(3)"))
+    assert line.startswith("under SO(3), e3nn - dgcnn-so3 (the best baseline trained with SO(3) augmentation")
+    assert f"{100 * gap.value:+.1f} points" in line
 
 
 # ------------------------------------------------------------------------------ claims 1 and 2

@@ -176,6 +176,10 @@ class RotationEvidence:
     # (an equivariant model far below the baselines would make the comparison a strawman's).
     equivariant_gap: Estimate | None = None
     best_baseline: str = ""
+    # Context, never decides: e3nn's accuracy under SO(3) - the best SO(3)-augmented baseline's, paired,
+    # fraction: the baselines' answer to rotation, trained for every pose, without the canonical pose's help.
+    augmented_gap: Estimate | None = None
+    best_augmented: str = ""
 
 
 # ------------------------------------------------------------------------------------------ the verdict
@@ -522,6 +526,11 @@ def claim_rotation(ev: RotationEvidence) -> Verdict:
         measured.append(
             f"unrotated accuracy, {e3nn_names} - {ev.best_baseline} (the best un-augmented baseline; "
             f"context, never decides): {_estimate_text(_points(ev.equivariant_gap), 'points')}"
+        )
+    if ev.augmented_gap is not None:
+        measured.append(
+            f"under SO(3), {e3nn_names} - {ev.best_augmented} (the best baseline trained with SO(3) "
+            f"augmentation; context, never decides): {_estimate_text(_points(ev.augmented_gap), 'points')}"
         )
     measured += _accuracies(gated)
     context = [f for f in ev.models if f.name not in needed]

@@ -80,6 +80,9 @@ def headline_metrics(results: Results) -> dict[str, Any]:
     gap = evidence.rotation.equivariant_gap
     if gap is not None:  # context: e3nn unrotated - the best un-augmented baseline
         effects.setdefault("rotation", {}).update(_with_interval("equivariant_gap", gap))
+    augmented_gap = evidence.rotation.augmented_gap
+    if augmented_gap is not None:  # context: e3nn under SO(3) - the best SO(3)-augmented baseline there
+        effects.setdefault("rotation", {}).update(_with_interval("augmented_gap", augmented_gap))
     orders, position = evidence.serialisation, evidence.position_embedding
     named = {
         ("serialisation", "effects"): orders.effects if orders else {},
