@@ -139,6 +139,29 @@ def test_best_checkpoints_rebuild_with_perception_alone(trained):
     assert f"rebuilt {len(VARIANTS) * len(SEEDS)}" in result.stdout
 
 
+def test_the_recorded_best_epoch_is_the_exported_weights_epoch(trained):
+    """study.json, the trials table and the exported weights name one best epoch, ties included (two epochs
+    on tiny data tie often). tests/test_trial_table.py has the tie that Ray's eviction resolves later."""
+    import torch
+
+    root, _ = trained
+    study = json.loads((root / "data/train/study.json").read_text())
+    tied = 0
+    for name, by_seed in study["variants"].items():
+        for seed, row in by_seed.items():
+            saved = torch.load(root / "data/train" / row["checkpoint_file"], weights_only=True)["metrics"]
+            assert (saved["epoch"], saved["val_accuracy"]) == (row["best_epoch"], row["val_accuracy"]), (
+                name,
+                seed,
+            )
+            tied += row["val_curve"].count(max(row["val_curve"])) > 1
+    assert tied, "no tie in this run: the test would not tell"
+    rows = {(r["variant"], int(r["seed"])): r for r in _trials(root)}
+    for name, by_seed in study["variants"].items():
+        for seed, row in by_seed.items():
+            assert int(rows[name, int(seed)]["best_epoch"]) == row["best_epoch"], (name, seed)
+
+
 def test_each_epochs_per_sample_validation_record_gives_its_curve_and_the_plateau_call(trained):
     # Also across the pointnet trials' retry from their checkpoint (train.fault): one record per epoch.
     from perception.evaluation.plateau import PLATEAU_CALLS

@@ -46,6 +46,13 @@ def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
             curve = [float(v) for v in by_epoch[METRIC].last().sort_index()]
             if "val_correct" in history:
                 correct = [str(v) for v in by_epoch["val_correct"].last().sort_index()]
+        if best_ckpt is not None:
+            # Epochs tied for the best accuracy: Ray keeps `num_to_keep` checkpoints and the latest, so the
+            # one it returns can be a later epoch of the tie than the history's first. Name the epoch whose
+            # weights are exported.
+            kept = [m for c, m in result.best_checkpoints if c.path == best_ckpt.path and "epoch" in m]
+            if kept:
+                best_epoch, best_acc = int(kept[0]["epoch"]), float(kept[0][METRIC])
         status = "ERROR" if result.error else "TERMINATED"
         rows.append(
             {
