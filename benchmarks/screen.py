@@ -11,7 +11,8 @@ entry's settings, as `train.models` would. The data are params.yaml's datasets, 
 folder, or into `--data` (its `points/`, `images/`, `proximity/`, each prepared there once and reused by
 later screens, and by screens started beside it). Training is the trial's: one thread, the same split,
 batches, schedule and seed; the test accuracy is the best validation epoch's on the in-distribution test
-set, as the evaluate stage measures it: the test clouds at the points the model trained on, the images at
+set (where epochs tie for the best, the one the study's checkpoints keep: `exported_epoch`), as the evaluate
+stage measures it: the test clouds at the points the model trained on, the images at
 the training canvas, the proximity task's test images. A point model is also tested under the evaluate
 stage's own rotations of the test clouds (`evaluate.rotation_draws` draws about z and in SO(3), seeded by
 `seed`), so that a baseline trained with rotation augmentation compares with e3nn where claim 4 does.
@@ -50,6 +51,8 @@ from pipeline.stages.prepare_points import prepare_points
 from pipeline.stages.prepare_proximity import prepare_proximity
 from pipeline.training import space
 from pipeline.training.inputs import array_stems, split_data
+from pipeline.training.session import CHECKPOINTS_KEPT
+from pipeline.training.table import exported_epoch
 from pipeline.training.trainable import TrialData, build_model, step_settings, trial_optimizer, trial_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,21 +182,25 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
     curve: list[float] = []
     losses: list[float] = []  # mean training loss per epoch: near 0 with a low curve is overfitting
     right: list[np.ndarray] = []  # bool[N] per epoch: which validation samples it got right
-    best_state: dict[str, torch.Tensor] = {}
+    tied_states: dict[int, dict[str, torch.Tensor]] = {}  # epoch -> weights: the last tied bests so far
     began = time.perf_counter()
     for epoch in range(epochs):
         losses.append(training.train_one_epoch(model, optimizer, train_x, train_y, step, generator, cpu))
         schedule.step()
         right.append(training.correct(model, val_x, val_y, step.batch_size, cpu).numpy())
         curve.append(float(right[-1].mean(dtype=np.float32)))  # as the trial reports it
-        if curve[-1] > max(curve[:-1], default=-1.0):  # the first of equal bests
-            best_state = {k: t.clone() for k, t in model.state_dict().items()}
+        if curve[-1] == max(curve):  # as Ray keeps checkpoints: the last CHECKPOINTS_KEPT of equal bests
+            if curve[-1] > max(curve[:-1], default=-1.0):
+                tied_states = {}
+            tied_states[epoch + 1] = {k: t.clone() for k, t in model.state_dict().items()}
+            tied_states = dict(list(tied_states.items())[-CHECKPOINTS_KEPT:])
         print(
             f"screen: {variant.name} seed {seed} epoch {epoch + 1}/{epochs} "
             f"train loss {losses[-1]:.3f} val {curve[-1]:.3f}"
         )
     seconds = time.perf_counter() - began
-    model.load_state_dict(best_state)
+    best_epoch = exported_epoch(curve)  # the epoch whose weights the study would export
+    model.load_state_dict(tied_states[best_epoch])
     predicted = training.predict(model, test_x, config.evaluate.batch_size, cpu)
     rotated = rotated_accuracy(model, test_x, test_y, config) if variant.dataset == "points" else {}
     wrong = Counter(
@@ -209,6 +216,7 @@ def screen(config: StudyConfig, variant: space.Variant, seed: int, folder: Path)
         "test_accuracy": round(float((predicted == test_y).float().mean()), 4),
         "rotated_test_accuracy": rotated,
         "best_val_accuracy": round(max(curve), 4),
+        "best_epoch": best_epoch,
         "last_quarter_gain_points": round(100 * training.last_quarter_gain(curve), 2),
         "last_quarter_gain_interval": [round(gain.lo, 2), round(gain.hi, 2)] if gain else None,
         "train_seconds": round(seconds, 1),
@@ -255,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"screen: {args.variant} seed {args.seed} {settings or 'as in params'}: test "
         f"{100 * result['test_accuracy']:.1f}%{_rotated(result)}, "
-        f"best val {100 * result['best_val_accuracy']:.1f}%, "
+        f"best val {100 * result['best_val_accuracy']:.1f}% (epoch {result['best_epoch']}), "
         f"last-quarter gain {result['last_quarter_gain_points']:+.2f} points {_interval(result)}, "
         f"{result['train_seconds']:.0f} s"
     )

@@ -28,6 +28,7 @@ from pipeline.parallel import in_use, locked
 from pipeline.training import space
 
 METRIC, MODE = "val_accuracy", "max"
+CHECKPOINTS_KEPT = 2  # Ray keeps a trial's this many best checkpoints, and its latest
 
 
 def storage_path(config: StudyConfig, repo: Path) -> str:
@@ -260,7 +261,7 @@ def new_tuner(
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+                num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             verbose=0,
         ),

@@ -15,7 +15,7 @@ import torch
 from perception.models.checkpoint import ModelCheckpoint, save_checkpoint
 from pipeline.errors import TrainingError
 from pipeline.training import space
-from pipeline.training.session import METRIC, MODE
+from pipeline.training.session import CHECKPOINTS_KEPT, METRIC, MODE
 from pipeline.training.trainable import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 def results_of(grid: ResultGrid) -> list[Result]:
     """The grid's results in trial order (a ResultGrid indexes, but declares no iteration)."""
     return [grid[i] for i in range(len(grid))]
+
+
+def exported_epoch(curve: list[float], kept: int = CHECKPOINTS_KEPT) -> int:
+    """The epoch (from 1) whose weights a trial with this validation curve exports: its best, and where
+    several epochs tie for it, the one Ray's checkpoint manager returns. Ray ranks checkpoints by score, a
+    later one of equal score above an earlier one, deletes all but the top `kept` (and the latest), and
+    `Result.get_best_checkpoint` returns the first of the best it kept: of n tied epochs, the (n - kept +
+    1)-th, or the first where n <= kept. The screen (`benchmarks/screen.py`) keeps the same one."""
+    if not curve:
+        raise ValueError("an empty validation curve has no best epoch")
+    best = max(curve)
+    tied = [epoch for epoch, accuracy in enumerate(curve, start=1) if accuracy == best]
+    return tied[max(0, len(tied) - kept)]
 
 
 def trial_rows(results, mlflow_callback) -> list[dict[str, Any]]:
