@@ -74,16 +74,22 @@ def _look_at(eye: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return right, _cross(right, forward), forward
 
 
-def _pixel_steps(fov_deg: float, resolution: int) -> np.ndarray:
-    """float64[resolution]: the pixel centres in [-1, 1], left to right, times tan(fov / 2)."""
-    half = math.tan(math.radians(fov_deg) / 2)
-    return ((np.arange(resolution) + 0.5) / resolution * 2 - 1) * half
+def half_width(fov_deg: float) -> float:
+    """tan(fov / 2), the image plane's half-width at depth 1: from `math`, as all of the camera's trig is."""
+    return math.tan(math.radians(fov_deg) / 2)
 
 
 def pinhole_rays(eye: np.ndarray, fov_deg: float, resolution: int) -> np.ndarray:
     """float32[H*W, 6]: rays of a square pinhole at `eye` looking at the origin, +z up, row 0 at the top."""
-    right, up, forward = _look_at(eye)
-    steps = _pixel_steps(fov_deg, resolution)
+    return _pinhole_rays(eye, _look_at(eye), half_width(fov_deg), resolution)
+
+
+def _pinhole_rays(
+    eye: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray], half: float, resolution: int
+) -> np.ndarray:
+    """`pinhole_rays` from the camera's axes (right, up, forward) and `half_width`, which its caller has."""
+    right, up, forward = axes
+    steps = ((np.arange(resolution) + 0.5) / resolution * 2 - 1) * half  # (W,): pixel centres, left to right
     x, y = np.meshgrid(steps, -steps)  # each (H, W)
     directions = _unit(forward + x[..., None] * right + y[..., None] * up)  # (H, W, 3)
     origins = np.broadcast_to(np.asarray(eye, dtype=np.float64), directions.shape)
@@ -131,12 +137,12 @@ def cast_pinhole(
     int64[H*W] (-1)). Each triangle is tested only against the pixel centres inside its projected bounding
     box, grown by a margin far above any rounding; the test itself is `_ray_triangle`'s, on the float32
     rays."""
-    rays = pinhole_rays(eye, fov_deg, resolution)
+    right, up, forward = axes = _look_at(eye)
+    half = half_width(fov_deg)
+    rays = _pinhole_rays(eye, axes, half, resolution)
     origins, directions = rays[:, :3].astype(np.float64), rays[:, 3:].astype(np.float64)
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
-    right, up, forward = _look_at(eye)
-    half = math.tan(math.radians(fov_deg) / 2)
     relative = vertices - np.asarray(eye, dtype=np.float64)  # (V, 3)
     ahead = _dot(relative, forward)  # (V,): > 0 in front of the camera
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from perception._open3d import import_open3d
-from perception.data.render import Camera
+from perception.data.render import Camera, half_width
 
 # Disc radius / median nearest-neighbour spacing. Against ray-cast images of the 13 procedural classes at
 # 16-64 px: 1.0 leaves 12% of the silhouette as holes (IoU 0.83), 1.5 overgrows it by 10%; 1.3 gives IoU
@@ -62,7 +62,7 @@ def render_points(
     eye, right, up, forward = camera.frame()
     relative = np.asarray(points, dtype=np.float64) - eye  # (N, 3)
     z = relative @ forward  # (N,): depth along the optical axis, > 0 in front of the camera
-    half = np.tan(np.radians(camera.fov_deg) / 2)
+    half = half_width(camera.fov_deg)  # the caster's, from `math`
     pixels_per_unit = resolution / (2 * half)  # at depth 1
     # Pixel coordinates of the centres, as `pinhole_rays` lays them out: row 0 at the top.
     col = (relative @ right) / z * pixels_per_unit + resolution / 2 - 0.5  # (N,)
